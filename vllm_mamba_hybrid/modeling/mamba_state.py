@@ -1,0 +1,21 @@
+"""Per-layer recurrent state of a Mamba mixer during incremental decoding."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MambaLayerState:
+    """conv: the last ``d_conv - 1`` conv inputs, (batch, conv_dim, d_conv - 1);
+    ssm: the SSM state in float32 ((batch, d_inner, d_state) for Mamba1,
+    (batch, nheads, headdim, d_state) for Mamba2). Mixers replace both tensors
+    after every forward, so one object follows a sequence through its decode."""
+
+    conv: torch.Tensor | None = None
+    ssm: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> "MambaLayerState":
+        """Keep only the batch rows in ``index`` (sequences still decoding)."""
+        return MambaLayerState(self.conv[index], self.ssm[index])

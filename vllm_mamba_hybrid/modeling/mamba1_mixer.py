@@ -13,9 +13,10 @@ from torch import nn
 from transformers import initialization as init
 
 from ..config import LlamaMambaHybridConfig
-from ..ops import causal_conv1d_fn, causal_conv1d_update, selective_scan_fn, selective_state_update
+from ..ops import selective_scan_fn, selective_state_update
 from .mamba2_mixer import inverse_softplus_dt
 from .mamba_state import MambaLayerState
+from .short_conv import apply_short_conv
 
 
 class Mamba1Mixer(nn.Module):
@@ -66,15 +67,8 @@ class Mamba1Mixer(nn.Module):
             x = self._repeat(x)
         if mask is not None:
             x = x * mask.unsqueeze(-1).to(x.dtype)
-        conv_weight = self.conv1d.weight.squeeze(1)
         step = state is not None and state.conv is not None and l == 1
-        if step:
-            x, new_conv = causal_conv1d_update(x[:, 0], state.conv, conv_weight, self.conv1d.bias)
-            x = x.unsqueeze(1)
-        else:
-            x, new_conv = causal_conv1d_fn(x.transpose(1, 2), conv_weight, self.conv1d.bias,
-                                           None if state is None else state.conv)
-            x = x.transpose(1, 2)
+        x, new_conv = apply_short_conv(x, self.conv1d, None if state is None else state.conv)
         if not self.repeat_kv_before_conv:
             x = self._repeat(x)
         if mask is not None:

@@ -16,9 +16,9 @@ from torch import nn
 from transformers import initialization as init
 
 from ..config import LlamaMambaHybridConfig
-from ..ops import (causal_conv1d_fn, causal_conv1d_update, gated_rms_norm, ssd_chunk_scan,
-                   ssd_state_update)
+from ..ops import gated_rms_norm, ssd_chunk_scan, ssd_state_update
 from .mamba_state import MambaLayerState
+from .short_conv import apply_short_conv
 
 
 def inverse_softplus_dt(n: int, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4) -> torch.Tensor:
@@ -78,16 +78,8 @@ class Mamba2Mixer(nn.Module):
             [self.d_inner, self.d_inner + 2 * self.d_xb, self.nheads], dim=-1)
         if mask is not None:
             xBC = xBC * mask.unsqueeze(-1).to(xBC.dtype)
-        conv_weight = self.conv1d.weight.squeeze(1)
         step = state is not None and state.conv is not None and l == 1
-        if step:
-            xBC, new_conv = causal_conv1d_update(xBC[:, 0], state.conv, conv_weight, self.conv1d.bias)
-            xBC = xBC.unsqueeze(1)
-        else:
-            init_conv = None if state is None else state.conv
-            xBC, new_conv = causal_conv1d_fn(xBC.transpose(1, 2), conv_weight, self.conv1d.bias,
-                                             init_conv)
-            xBC = xBC.transpose(1, 2)
+        xBC, new_conv = apply_short_conv(xBC, self.conv1d, None if state is None else state.conv)
         x, B, C = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
         if mask is not None:
             x = x * mask.unsqueeze(-1).to(x.dtype)

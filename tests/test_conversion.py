@@ -125,8 +125,14 @@ def test_cli_init_tiny_teacher_and_generate(tiny_teacher, tmp_path, capsys):
                 "--attn-layers", "0,2", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["attn_layers"] == [0, 2]
     assert (out / "tokenizer.json").is_file()
-    assert cli(["generate", str(out), "--prompt", "hello there", "--max-new-tokens", "5"]) == 0
-    assert "### hello there" in capsys.readouterr().out
+    capsys.readouterr()
+    args = ["generate", str(out), "--prompt", "hello there", "--prompt", "a longer prompt, padded left",
+            "--max-new-tokens", "6"]
+    assert cli(args) == 0
+    plain = capsys.readouterr().out
+    assert "### hello there" in plain
+    assert cli(args + ["--fast"]) == 0
+    assert capsys.readouterr().out == plain
 
 
 def test_cli_unknown_variant(tiny_teacher, tmp_path, capsys):

@@ -62,10 +62,17 @@ def cmd_generate(args) -> int:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                  add_generation_prompt=True) for p in prompts]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=args.raw)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                  temperature=args.temperature or None, top_p=args.top_p)
     with torch.no_grad():
-        out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
-                             max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                             temperature=args.temperature or None, top_p=args.top_p)
+        if args.fast or args.draft:
+            from .runtime import fast_generate
+            draft = (AutoModelForCausalLM.from_pretrained(args.draft, dtype=_dtype(args.dtype)).eval()
+                     if args.draft else None)
+            out = fast_generate(model, batch["input_ids"], batch["attention_mask"], draft_model=draft,
+                                num_draft_tokens=args.num_draft_tokens, **kwargs)
+        else:
+            out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
     for prompt, seq in zip(args.prompt, out):
         text = tokenizer.decode(seq[batch["input_ids"].shape[1]:], skip_special_tokens=True)
         print(f"### {prompt}\n{text.strip()}\n")
@@ -112,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--raw", action="store_true", help="no chat template")
-    s.add_argument("--dtype", default="float32")
+    s.add_argument("--dtype", default="float32", help="bfloat16 on a GPU")
+    s.add_argument("--fast", action="store_true",
+                   help="static-cache runtime (CUDA graphs + Triton kernels on a GPU)")
+    s.add_argument("--draft", help="draft model directory for speculative decoding (implies --fast)")
+    s.add_argument("--num-draft-tokens", type=int, default=4)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("convert-paper", help="MambaInLlama release format -> this project's format")

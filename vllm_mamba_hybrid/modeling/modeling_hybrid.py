@@ -161,12 +161,16 @@ class LlamaMambaHybridForCausalLM(LlamaMambaHybridPreTrainedModel, GenerationMix
                  temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id=None, pad_token_id=None,
                  generation_config: GenerationConfig | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, fast: bool = False,
+                 draft_model=None, num_draft_tokens: int = 4) -> torch.Tensor:
         """Batched incremental decoding (left-padded prompts), HF ``generate`` semantics for
         the common arguments: returns prompt + new tokens, pad after a row's EOS.
 
         Attention layers append to a KV cache; Mamba layers carry their conv/SSM
         state, so each new token costs O(1) in them.
+
+        ``fast=True`` runs the static-cache runtime instead (CUDA graphs and Triton
+        kernels on a GPU; optional speculative decoding with ``draft_model``).
         """
         gc = generation_config or self.generation_config or GenerationConfig()
         max_new_tokens = max_new_tokens if max_new_tokens is not None else (gc.max_new_tokens or 20)
@@ -174,13 +178,15 @@ class LlamaMambaHybridForCausalLM(LlamaMambaHybridPreTrainedModel, GenerationMix
         temperature = gc.temperature if temperature is None else temperature
         top_k = gc.top_k if top_k is None else top_k
         top_p = gc.top_p if top_p is None else top_p
-        eos = eos_token_id if eos_token_id is not None else (gc.eos_token_id or self.config.eos_token_id)
-        eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-                           device=input_ids.device, dtype=torch.long)
-        pad = pad_token_id if pad_token_id is not None else (
-            gc.pad_token_id if gc.pad_token_id is not None else (int(eos[0]) if len(eos) else 0))
+        eos, pad = resolve_eos_and_pad(self, eos_token_id, pad_token_id, input_ids.device, gc)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if fast or draft_model is not None:
+            from ..runtime import fast_generate
+            return fast_generate(self, input_ids, attention_mask, max_new_tokens,
+                                 draft_model=draft_model, num_draft_tokens=num_draft_tokens,
+                                 do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, eos_token_id=eos.tolist(), pad_token_id=pad, generator=generator)
         self.eval()
         cache = HybridCache(self.config)
         logits = self(input_ids, attention_mask=attention_mask, past_key_values=cache,
@@ -189,7 +195,7 @@ class LlamaMambaHybridForCausalLM(LlamaMambaHybridPreTrainedModel, GenerationMix
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         pieces = [input_ids]
         for step in range(max_new_tokens):
-            token = _choose(logits, do_sample, temperature, top_k, top_p, generator)
+            token = choose_next_token(logits, do_sample, temperature, top_k, top_p, generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
             pieces.append(token[:, None])
             finished |= torch.isin(token, eos)
@@ -202,7 +208,18 @@ class LlamaMambaHybridForCausalLM(LlamaMambaHybridPreTrainedModel, GenerationMix
         return torch.cat(pieces, dim=1)
 
 
-def _choose(logits, do_sample, temperature, top_k, top_p, generator):
+def resolve_eos_and_pad(model, eos_token_id, pad_token_id, device, generation_config=None):
+    """EOS ids (a tensor, possibly empty) and the pad id, with HF generate()'s defaults."""
+    gc = generation_config or model.generation_config or GenerationConfig()
+    eos = eos_token_id if eos_token_id is not None else (gc.eos_token_id or model.config.eos_token_id)
+    eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+                       device=device, dtype=torch.long)
+    pad = pad_token_id if pad_token_id is not None else (
+        gc.pad_token_id if gc.pad_token_id is not None else (int(eos[0]) if len(eos) else 0))
+    return eos, pad
+
+
+def choose_next_token(logits, do_sample, temperature, top_k, top_p, generator):
     if not do_sample:
         return logits.argmax(-1)
     logits = logits.float() / max(temperature or 1.0, 1e-5)

@@ -1,0 +1,383 @@
+"""Triton kernels of the verify ops (semantics: :mod:`.verify`).
+
+One program per (sequence, head / channel block). Its fp32 state tile is loaded
+once, advanced over the replayed tokens, stored once (the new checkpoint), then
+advanced over the new tokens in registers while their outputs are written: the
+state crosses device memory exactly twice per call, whatever k is. Inputs may
+be bf16/fp16/fp32 with any strides; arithmetic is fp32.
+
+Runs on CPU under ``TRITON_INTERPRET=1`` (set before triton is imported); that
+is how the tests check these kernels on a machine without a GPU.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dt_eff(dt, dt_bias, DT_SOFTPLUS: tl.constexpr):
+    """dt + bias, then softplus (threshold 20, as torch's)."""
+    v = dt.to(tl.float32) + dt_bias
+    if DT_SOFTPLUS:
+        v = tl.where(v <= 20.0, tl.log(1.0 + tl.exp(v)), v)
+    return v
+
+
+@triton.jit
+def _mamba2_verify_kernel(
+    state_ptr, idx_ptr, nrep_ptr, rx_ptr, rdt_ptr, rB_ptr,
+    x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr, A_ptr, D_ptr, dtb_ptr,
+    T, P, N, heads_per_gB, heads_per_gC,
+    s_st, s_st_h, s_st_p, s_st_n,
+    s_rx_b, s_rx_t, s_rx_h, s_rx_p,
+    s_rdt_b, s_rdt_t, s_rdt_h,
+    s_rB_b, s_rB_t, s_rB_g, s_rB_n,
+    s_x_b, s_x_t, s_x_h, s_x_p,
+    s_dt_b, s_dt_t, s_dt_h,
+    s_B_b, s_B_t, s_B_g, s_B_n,
+    s_C_b, s_C_t, s_C_g, s_C_n,
+    s_y_b, s_y_t, s_y_h, s_y_p,
+    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    slot = tl.load(idx_ptr + b).to(tl.int64)
+    active = slot >= 0
+    slot = tl.maximum(slot, 0)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mp = offs_p < P
+    mn = offs_n < N
+    # masks as bounds: the interpreter rejects block & scalar masks
+    ms = (offs_p < tl.where(active, P, 0))[:, None] & mn[None, :]
+    st_ptrs = (state_ptr + slot * s_st + h * s_st_h
+               + offs_p[:, None] * s_st_p + offs_n[None, :] * s_st_n)
+    S = tl.load(st_ptrs, mask=ms, other=0.0)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    dtb = 0.0
+    if HAS_DT_BIAS:
+        dtb = tl.load(dtb_ptr + h).to(tl.float32)
+    gB = h // heads_per_gB
+    gC = h // heads_per_gC
+
+    n_rep = tl.load(nrep_ptr + b)
+    for t in range(0, n_rep):
+        d = _dt_eff(tl.load(rdt_ptr + b * s_rdt_b + t * s_rdt_t + h * s_rdt_h), dtb, DT_SOFTPLUS)
+        xv = tl.load(rx_ptr + b * s_rx_b + t * s_rx_t + h * s_rx_h + offs_p * s_rx_p,
+                     mask=mp, other=0.0).to(tl.float32)
+        Bv = tl.load(rB_ptr + b * s_rB_b + t * s_rB_t + gB * s_rB_g + offs_n * s_rB_n,
+                     mask=mn, other=0.0).to(tl.float32)
+        S = S * tl.exp(d * A) + (d * xv)[:, None] * Bv[None, :]
+    tl.store(st_ptrs, S, mask=ms)
+
+    Dh = 0.0
+    if HAS_D:
+        Dh = tl.load(D_ptr + h).to(tl.float32)
+    for t in range(0, T):
+        d = _dt_eff(tl.load(dt_ptr + b * s_dt_b + t * s_dt_t + h * s_dt_h), dtb, DT_SOFTPLUS)
+        xv = tl.load(x_ptr + b * s_x_b + t * s_x_t + h * s_x_h + offs_p * s_x_p,
+                     mask=mp, other=0.0).to(tl.float32)
+        Bv = tl.load(B_ptr + b * s_B_b + t * s_B_t + gB * s_B_g + offs_n * s_B_n,
+                     mask=mn, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + b * s_C_b + t * s_C_t + gC * s_C_g + offs_n * s_C_n,
+                     mask=mn, other=0.0).to(tl.float32)
+        S = S * tl.exp(d * A) + (d * xv)[:, None] * Bv[None, :]
+        yv = tl.sum(S * Cv[None, :], axis=1) + Dh * xv
+        yv = tl.where(active, yv, 0.0)
+        tl.store(y_ptr + b * s_y_b + t * s_y_t + h * s_y_h + offs_p * s_y_p,
+                 yv.to(y_ptr.dtype.element_ty), mask=mp)
+
+
+@triton.jit
+def _mamba2_verify_dot_kernel(
+    state_ptr, idx_ptr, nrep_ptr, rx_ptr, rdt_ptr, rB_ptr,
+    x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr, A_ptr, D_ptr, dtb_ptr,
+    T, P, N, heads_per_gB, heads_per_gC,
+    s_st, s_st_h, s_st_p, s_st_n,
+    s_rx_b, s_rx_t, s_rx_h, s_rx_p,
+    s_rdt_b, s_rdt_t, s_rdt_h,
+    s_rB_b, s_rB_t, s_rB_g, s_rB_n,
+    s_x_b, s_x_t, s_x_h, s_x_p,
+    s_dt_b, s_dt_t, s_dt_h,
+    s_B_b, s_B_t, s_B_g, s_B_n,
+    s_C_b, s_C_t, s_C_g, s_C_n,
+    s_y_b, s_y_t, s_y_h, s_y_p,
+    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, T_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The same function in SSD block form: the scalar decay per head makes the replay
+    one rank-R update ``S = e^{sum dA} S0 + (w x)^T B`` and the outputs
+    ``Y = e^{cum} C S^T + (L o C B^T) x``: matrix products instead of a token loop,
+    so the per-element work no longer grows with k."""
+    pid_p = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    slot = tl.load(idx_ptr + b).to(tl.int64)
+    active = slot >= 0
+    slot = tl.maximum(slot, 0)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mp = offs_p < P
+    mn = offs_n < N
+    ms = (offs_p < tl.where(active, P, 0))[:, None] & mn[None, :]
+    st_ptrs = (state_ptr + slot * s_st + h * s_st_h
+               + offs_p[:, None] * s_st_p + offs_n[None, :] * s_st_n)
+    S = tl.load(st_ptrs, mask=ms, other=0.0)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    dtb = 0.0
+    if HAS_DT_BIAS:
+        dtb = tl.load(dtb_ptr + h).to(tl.float32)
+    gB = h // heads_per_gB
+    gC = h // heads_per_gC
+
+    # replay: S <- exp(sum dA) S + sum_s dt_s exp(sum_{s'>s} dA) x_s (outer) B_s
+    offs_r = tl.arange(0, R_PAD)
+    mr = offs_r < tl.load(nrep_ptr + b)
+    d_r = _dt_eff(tl.load(rdt_ptr + b * s_rdt_b + offs_r * s_rdt_t + h * s_rdt_h, mask=mr,
+                          other=0.0), dtb, DT_SOFTPLUS)
+    dA_r = tl.where(mr, d_r * A, 0.0)
+    total = tl.sum(dA_r, axis=0)
+    w_r = tl.where(mr, d_r * tl.exp(total - tl.cumsum(dA_r, axis=0)), 0.0)
+    Xr = tl.load(rx_ptr + b * s_rx_b + offs_r[:, None] * s_rx_t + h * s_rx_h
+                 + offs_p[None, :] * s_rx_p, mask=mr[:, None] & mp[None, :], other=0.0)
+    Br = tl.load(rB_ptr + b * s_rB_b + offs_r[:, None] * s_rB_t + gB * s_rB_g
+                 + offs_n[None, :] * s_rB_n, mask=mr[:, None] & mn[None, :], other=0.0)
+    Xw = tl.where(mr[:, None], Xr.to(tl.float32) * w_r[:, None], 0.0)
+    S = S * tl.exp(total) + tl.dot(tl.trans(Xw), tl.where(mr[:, None], Br.to(tl.float32), 0.0),
+                                   input_precision=DOT_PRECISION)
+    tl.store(st_ptrs, S, mask=ms)
+
+    # new tokens: y_t = e^{cum_t} C_t.S + sum_{s<=t} e^{cum_t - cum_s} dt_s (C_t.B_s) x_s + D x_t
+    offs_t = tl.arange(0, T_PAD)
+    mt = offs_t < T
+    d_t = tl.where(mt, _dt_eff(tl.load(dt_ptr + b * s_dt_b + offs_t * s_dt_t + h * s_dt_h,
+                                       mask=mt, other=0.0), dtb, DT_SOFTPLUS), 0.0)
+    cum = tl.cumsum(d_t * A, axis=0)
+    Xt = tl.load(x_ptr + b * s_x_b + offs_t[:, None] * s_x_t + h * s_x_h + offs_p[None, :] * s_x_p,
+                 mask=mt[:, None] & mp[None, :], other=0.0).to(tl.float32)
+    Xt = tl.where(mt[:, None], Xt, 0.0)
+    Bt = tl.load(B_ptr + b * s_B_b + offs_t[:, None] * s_B_t + gB * s_B_g + offs_n[None, :] * s_B_n,
+                 mask=mt[:, None] & mn[None, :], other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + b * s_C_b + offs_t[:, None] * s_C_t + gC * s_C_g + offs_n[None, :] * s_C_n,
+                 mask=mt[:, None] & mn[None, :], other=0.0).to(tl.float32)
+    Bt = tl.where(mt[:, None], Bt, 0.0)
+    Ct = tl.where(mt[:, None], Ct, 0.0)
+    Y = tl.dot(Ct, tl.trans(S), input_precision=DOT_PRECISION) * tl.exp(cum)[:, None]
+    causal = offs_t[:, None] >= offs_t[None, :]
+    L = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf"))) * d_t[None, :]
+    L = L * tl.dot(Ct, tl.trans(Bt), input_precision=DOT_PRECISION)
+    Y += tl.dot(L, Xt, input_precision=DOT_PRECISION)
+    if HAS_D:
+        Y += tl.load(D_ptr + h).to(tl.float32) * Xt
+    Y = tl.where(active, Y, 0.0)
+    tl.store(y_ptr + b * s_y_b + offs_t[:, None] * s_y_t + h * s_y_h + offs_p[None, :] * s_y_p,
+             Y.to(y_ptr.dtype.element_ty), mask=mt[:, None] & mp[None, :])
+
+
+@triton.jit
+def _mamba1_verify_kernel(
+    state_ptr, idx_ptr, nrep_ptr, rx_ptr, rdt_ptr, rB_ptr,
+    x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, y_ptr, A_ptr, D_ptr, dtb_ptr,
+    T, DIM, N, ch_per_gB, ch_per_gC,
+    s_st, s_st_d, s_st_n,
+    s_rx_b, s_rx_t, s_rx_d,
+    s_rdt_b, s_rdt_t, s_rdt_d,
+    s_rB_b, s_rB_t, s_rB_g, s_rB_n,
+    s_x_b, s_x_t, s_x_d,
+    s_dt_b, s_dt_t, s_dt_d,
+    s_B_b, s_B_t, s_B_g, s_B_n,
+    s_C_b, s_C_t, s_C_g, s_C_n,
+    s_z_b, s_z_t, s_z_d,
+    s_y_b, s_y_t, s_y_d,
+    s_A_d, s_A_n,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    slot = tl.load(idx_ptr + b).to(tl.int64)
+    active = slot >= 0
+    slot = tl.maximum(slot, 0)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    md = offs_d < DIM
+    mn = offs_n < N
+    mdn = md[:, None] & mn[None, :]
+    ms = (offs_d < tl.where(active, DIM, 0))[:, None] & mn[None, :]
+    st_ptrs = state_ptr + slot * s_st + offs_d[:, None] * s_st_d + offs_n[None, :] * s_st_n
+    S = tl.load(st_ptrs, mask=ms, other=0.0)
+    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n,
+                mask=mdn, other=0.0).to(tl.float32)
+    dtb = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_DT_BIAS:
+        dtb = tl.load(dtb_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    gB = offs_d // ch_per_gB
+    gC = offs_d // ch_per_gC
+
+    n_rep = tl.load(nrep_ptr + b)
+    for t in range(0, n_rep):
+        d = _dt_eff(tl.load(rdt_ptr + b * s_rdt_b + t * s_rdt_t + offs_d * s_rdt_d,
+                            mask=md, other=0.0), dtb, DT_SOFTPLUS)
+        xv = tl.load(rx_ptr + b * s_rx_b + t * s_rx_t + offs_d * s_rx_d,
+                     mask=md, other=0.0).to(tl.float32)
+        Bv = tl.load(rB_ptr + b * s_rB_b + t * s_rB_t + gB[:, None] * s_rB_g
+                     + offs_n[None, :] * s_rB_n, mask=mdn, other=0.0).to(tl.float32)
+        S = S * tl.exp(d[:, None] * A) + (d * xv)[:, None] * Bv
+    tl.store(st_ptrs, S, mask=ms)
+
+    Dc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dc = tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    for t in range(0, T):
+        d = _dt_eff(tl.load(dt_ptr + b * s_dt_b + t * s_dt_t + offs_d * s_dt_d,
+                            mask=md, other=0.0), dtb, DT_SOFTPLUS)
+        xv = tl.load(x_ptr + b * s_x_b + t * s_x_t + offs_d * s_x_d,
+                     mask=md, other=0.0).to(tl.float32)
+        Bv = tl.load(B_ptr + b * s_B_b + t * s_B_t + gB[:, None] * s_B_g
+                     + offs_n[None, :] * s_B_n, mask=mdn, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + b * s_C_b + t * s_C_t + gC[:, None] * s_C_g
+                     + offs_n[None, :] * s_C_n, mask=mdn, other=0.0).to(tl.float32)
+        S = S * tl.exp(d[:, None] * A) + (d * xv)[:, None] * Bv
+        yv = tl.sum(S * Cv, axis=1) + Dc * xv
+        if HAS_Z:
+            zv = tl.load(z_ptr + b * s_z_b + t * s_z_t + offs_d * s_z_d,
+                         mask=md, other=0.0).to(tl.float32)
+            yv = yv * zv * tl.sigmoid(zv)
+        yv = tl.where(active, yv, 0.0)
+        tl.store(y_ptr + b * s_y_b + t * s_y_t + offs_d * s_y_d,
+                 yv.to(y_ptr.dtype.element_ty), mask=md)
+
+
+@triton.jit
+def _conv_verify_kernel(
+    x_ptr, buf_ptr, w_ptr, bias_ptr, idx_ptr, nacc_ptr, out_ptr,
+    T, DIM,
+    s_x_b, s_x_t, s_x_d, s_buf, s_buf_d, s_buf_l, s_w_d, s_w_k, s_o_b, s_o_t, s_o_d,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    slot = tl.load(idx_ptr + b).to(tl.int64)
+    active = slot >= 0
+    slot = tl.maximum(slot, 0)
+    start = tl.maximum(tl.load(nacc_ptr + b).to(tl.int64) - 1, 0)
+    offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    md = offs < DIM
+    lim = tl.where(active, DIM, 0)                 # channels this row may touch in its buffer
+    buf_row = buf_ptr + slot * s_buf + offs * s_buf_d
+    x_row = x_ptr + b * s_x_b + offs * s_x_d
+    # seq[i] = window column start+i for i < W-1, else new input i-(W-1)
+    for t in range(0, T):
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs, mask=md, other=0.0).to(tl.float32)
+        for j in tl.static_range(W):
+            i = t + j
+            v = (tl.load(buf_row + (start + i) * s_buf_l, mask=offs < tl.where(i < W - 1, lim, 0),
+                         other=0.0).to(tl.float32)
+                 + tl.load(x_row + (i - (W - 1)) * s_x_t, mask=offs < tl.where(i >= W - 1, DIM, 0),
+                           other=0.0).to(tl.float32))
+            acc += tl.load(w_ptr + offs * s_w_d + j * s_w_k, mask=md, other=0.0).to(tl.float32) * v
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        acc = tl.where(active, acc, 0.0)
+        tl.store(out_ptr + b * s_o_b + t * s_o_t + offs * s_o_d,
+                 acc.to(out_ptr.dtype.element_ty), mask=md)
+    tl.debug_barrier()
+    # keep the last W-2+T inputs: column c <- seq[c+1]. Column c is written after
+    # window column start+c+1 > c was read, by the thread that owns the channel.
+    for c in range(0, W - 2 + T):
+        i = c + 1
+        v = (tl.load(buf_row + (start + i) * s_buf_l, mask=offs < tl.where(i < W - 1, lim, 0),
+                     other=0.0)
+             + tl.load(x_row + (i - (W - 1)) * s_x_t, mask=offs < tl.where(i >= W - 1, DIM, 0),
+                       other=0.0).to(buf_ptr.dtype.element_ty))
+        tl.store(buf_row + c * s_buf_l, v, mask=offs < lim)
+
+
+def _replay_or_new(replay, new):
+    """With no replay tokens (R = 0) num_replay is all 0 and nothing is read: pass a real tensor."""
+    return new if replay.shape[1] == 0 else replay
+
+
+def _block(n: int, cap: int) -> int:
+    return min(triton.next_power_of_2(n), cap)
+
+
+def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_replay, x, dt, A, B,
+                         C, D, dt_bias, dt_softplus, out=None, block_p: int | None = None,
+                         num_warps: int = 4, algo: str = "auto", dot_precision: str = "tf32x3"):
+    """algo "loop": token loop on the register state; "dot": SSD block form (matrix
+    products; R and T padded to powers of two >= 16, BLOCK_P >= 16); "auto": "dot"
+    only where it measured faster on an H100 (batch <= 2 with T >= 5, batch <= 8 with
+    T >= 9: its cost does not grow with k but its fixed cost is 1.4-2.4x the loop's)."""
+    batch, T, H, P = x.shape
+    if algo == "auto":
+        algo = "dot" if (batch <= 2 and T >= 5) or (batch <= 8 and T >= 9) else "loop"
+    N = B.shape[-1]
+    assert state.dtype == torch.float32, "the verify kernels keep an fp32 state"
+    rx, rdt, rB = (_replay_or_new(r, n) for r, n in ((replay_x, x), (replay_dt, dt), (replay_B, B)))
+    y = torch.empty_like(x) if out is None else out
+    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_P = block_p or _block(P, max(1, 4096 // BLOCK_N))   # 32 x 128: best of the H100 sweep
+    extra = {}
+    kernel = _mamba2_verify_kernel
+    if algo == "dot":
+        BLOCK_P = max(BLOCK_P, 16)
+        kernel = _mamba2_verify_dot_kernel
+        extra = dict(R_PAD=max(16, triton.next_power_of_2(replay_x.shape[1])),
+                     T_PAD=max(16, triton.next_power_of_2(T)), DOT_PRECISION=dot_precision)
+    grid = (triton.cdiv(P, BLOCK_P), H, batch)
+    kernel[grid](
+        state, state_idx, num_replay, rx, rdt, rB, x, dt, B, C, y, A,
+        D if D is not None else A, dt_bias if dt_bias is not None else A,
+        T, P, N, H // B.shape[2], H // C.shape[2],
+        *state.stride(), *rx.stride(), *rdt.stride(), *rB.stride(), *x.stride(), *dt.stride(),
+        *B.stride(), *C.stride(), *y.stride(),
+        HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
+        BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=num_warps, **extra)
+    return y
+
+
+def mamba1_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_replay, x, dt, A, B,
+                         C, D, z, dt_bias, dt_softplus, out=None, block_d: int | None = None,
+                         num_warps: int = 4):
+    batch, T, DIM = x.shape
+    N = A.shape[-1]
+    assert state.dtype == torch.float32, "the verify kernels keep an fp32 state"
+    rx, rdt, rB = (_replay_or_new(r, n) for r, n in ((replay_x, x), (replay_dt, dt), (replay_B, B)))
+    y = torch.empty_like(x) if out is None else out
+    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_D = block_d or _block(DIM, max(1, 1024 // BLOCK_N))
+    zz = z if z is not None else x
+    grid = (triton.cdiv(DIM, BLOCK_D), batch)
+    _mamba1_verify_kernel[grid](
+        state, state_idx, num_replay, rx, rdt, rB, x, dt, B, C, zz, y, A,
+        D if D is not None else A, dt_bias if dt_bias is not None else A,
+        T, DIM, N, DIM // B.shape[2], DIM // C.shape[2],
+        *state.stride(), *rx.stride(), *rdt.stride(), *rB.stride(), *x.stride(), *dt.stride(),
+        *B.stride(), *C.stride(), *zz.stride(), *y.stride(), *A.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
+        DT_SOFTPLUS=dt_softplus, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, num_warps=num_warps)
+    return y
+
+
+def conv_verify_triton(x, conv_state, state_idx, num_accepted, weight, bias, activation, out=None,
+                       block_d: int = 256):
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"unsupported activation {activation!r}")
+    batch, T, DIM = x.shape
+    out = torch.empty_like(x) if out is None else out
+    BLOCK_D = _block(DIM, block_d)
+    grid = (triton.cdiv(DIM, BLOCK_D), batch)
+    _conv_verify_kernel[grid](
+        x, conv_state, weight, bias if bias is not None else weight, state_idx, num_accepted, out,
+        T, DIM, *x.stride(), *conv_state.stride(), *weight.stride(), *out.stride(),
+        W=weight.shape[-1], HAS_BIAS=bias is not None, SILU=activation is not None,
+        BLOCK_D=BLOCK_D, num_warps=4)
+    return out

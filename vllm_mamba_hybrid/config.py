@@ -117,6 +117,16 @@ class LlamaMambaHybridConfig(LlamaConfig):
         return idx in self.attn_layers
 
     @property
+    def mamba_chunk_size(self) -> int:
+        """The name vLLM's Mamba metadata builder reads the scan chunk size under."""
+        return self.ssm_chunk_size
+
+    @property
+    def layers_block_type(self) -> list[str]:
+        """Per-layer "attention" / "mamba", the field vLLM's hybrid helpers count layers by."""
+        return ["attention" if i in self.attn_layers else "mamba" for i in range(self.num_hidden_layers)]
+
+    @property
     def mamba_nheads(self) -> int:
         """Mamba2: number of SSM heads (= attention heads, each head_dim x d_state)."""
         return self.d_inner // self.d_state

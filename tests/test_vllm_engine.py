@@ -1,0 +1,162 @@
+"""vLLM (CPU engine, real plugin) against the reference hybrid model, both variants.
+
+One engine per case serves several checks: greedy continuations of 8 prompts of very
+different lengths submitted together, with a token budget that splits long prompts
+across chunked-prefill steps, then prompt logprobs; a second engine with a cache too
+small for all sequences, which must preempt (recompute) and still match.
+"""
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.utils import make_random_hybrid
+from vllm_mamba_hybrid import LlamaMambaHybridForCausalLM
+
+# Lengths cross the 128-token attention block boundary while decoding, so a small cache
+# must preempt; 901 tokens need 15 prefill steps at 64 tokens per step.
+PROMPT_LENS = (1, 6, 23, 90, 120, 230, 500, 901)
+NEW_TOKENS = 48
+VOCAB = 512
+MODEL_KW = dict(hidden_size=128, heads=4, kv_heads=2, intermediate_size=256, vocab_size=VOCAB)
+ENGINE_KW = dict(skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
+                 gpu_memory_utilization=0.2, max_model_len=1024, max_num_seqs=8,
+                 max_num_batched_tokens=64, disable_log_stats=False)
+# Tied embeddings for mamba1, an lm_head of its own for mamba2. Seeds and weight scales
+# picked so that no greedy decision is a near-tie (checked below).
+VARIANTS = {
+    "mamba2": dict(tie_word_embeddings=False, seed=7, scale=3.0),
+    "mamba1": dict(tie_word_embeddings=True, seed=8, scale=4.0),
+}
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def case(request, tmp_path_factory):
+    """Checkpoint dir + the reference model's greedy tokens and prompt logprobs."""
+    variant = request.param
+    ckpt = tmp_path_factory.mktemp(f"hybrid_{variant}")
+    make_random_hybrid(ckpt, variant, **MODEL_KW, **VARIANTS[variant])
+    ref = LlamaMambaHybridForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    prompts = _prompts()
+    greedy, logprobs = [], []
+    with torch.no_grad():
+        for p in prompts:
+            seq = ref.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                               eos_token_id=[])[0]
+            greedy.append(seq[len(p):].tolist())
+            logits = ref(seq[None]).logits[0].float()
+            # Greedy decisions must not be near-ties, or the comparison is meaningless.
+            top2 = logits[len(p) - 1:-1].topk(2, dim=-1).values
+            assert (top2[:, 0] - top2[:, 1]).min() > 1e-3, "reference has a near-tie"
+            lp = torch.log_softmax(logits[:len(p) - 1], dim=-1)
+            logprobs.append(lp.gather(1, torch.tensor(p[1:])[:, None])[:, 0])
+    del ref
+    return dict(variant=variant, ckpt=str(ckpt), prompts=prompts, greedy=greedy,
+                logprobs=logprobs)
+
+
+def _run_engine(case, order=tuple(range(len(PROMPT_LENS))), **engine_kw):
+    """Greedy outputs (in prompt order), prompt logprobs and preemption count of one
+    engine instance; prompts are submitted in ``order``."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(case["ckpt"], **ENGINE_KW, **engine_kw)
+    try:
+        # vLLM enables prefix caching by default; the plugin must have turned it off.
+        assert not llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+        inputs = [{"prompt_token_ids": p} for p in case["prompts"]]
+        outs = llm.generate([inputs[i] for i in order],
+                            SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
+        greedy = [None] * len(order)
+        for i, o in zip(order, outs):
+            greedy[i] = list(o.outputs[0].token_ids)
+        preemptions = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+        lp_outs = llm.generate(inputs, SamplingParams(max_tokens=1, temperature=0,
+                                                      prompt_logprobs=0))
+        prompt_logprobs = [
+            torch.tensor([pos[tok].logprob for pos, tok in zip(o.prompt_logprobs[1:], p[1:])])
+            for o, p in zip(lp_outs, case["prompts"])]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    return greedy, prompt_logprobs, preemptions
+
+
+def _assert_greedy_equal(case, greedy):
+    for n, ref, got in zip(PROMPT_LENS, case["greedy"], greedy):
+        assert got == ref, f"{case['variant']}: prompt of {n} tokens diverged:\nref {ref}\nvllm {got}"
+
+
+def test_chunked_prefill_batch_matches_reference(case):
+    greedy, prompt_logprobs, _ = _run_engine(case)
+    _assert_greedy_equal(case, greedy)
+    for n, ref, got in zip(PROMPT_LENS, case["logprobs"], prompt_logprobs):
+        assert got.shape == ref.shape
+        if n > 1:
+            err = (got - ref).abs().max().item()
+            assert err < 1e-3, f"{case['variant']}: prompt logprobs of {n}-token prompt off by {err}"
+
+
+def test_preemption_matches_reference(case):
+    # 11 cache blocks of 128 tokens: one request of 949 tokens fits (8 attention + 1 Mamba
+    # block), the eight together do not. Prompts that cross a block boundary while
+    # decoding go first, so running requests must grow into a full cache and get
+    # preempted (and recomputed later).
+    greedy, _, preemptions = _run_engine(case, order=(6, 5, 4, 3, 7, 2, 1, 0),
+                                         num_gpu_blocks_override=11)
+    assert preemptions >= 1, "the small cache did not force a preemption"
+    _assert_greedy_equal(case, greedy)
+
+
+# ---- strict weight loading ---------------------------------------------------------
+_LOAD = textwrap.dedent("""
+    import sys
+    from vllm import LLM
+    if __name__ == "__main__":
+        LLM(sys.argv[1], skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
+            gpu_memory_utilization=0.2, max_model_len=256)
+""")
+
+
+@pytest.fixture(scope="module")
+def mamba1_ckpt(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("load_mamba1")
+    make_random_hybrid(ckpt, "mamba1", hidden_size=128, heads=4, kv_heads=2,
+                       intermediate_size=256)
+    return ckpt
+
+
+def _load_error(ckpt) -> str:
+    proc = subprocess.run([sys.executable, "-c", _LOAD, str(ckpt)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0, "loading a broken checkpoint succeeded"
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["missing", "wrong_shape"])
+def test_broken_checkpoint_names_the_tensor(mamba1_ckpt, tmp_path, damage):
+    name = "model.layers.2.mamba.dt_proj.bias"
+    tensors = load_file(mamba1_ckpt / "model.safetensors")
+    if damage == "missing":
+        del tensors[name]
+        expected = f"lacks 1 tensor(s): {name}"
+    else:
+        tensors[name] = tensors[name][:-1].contiguous()
+        expected = f"Tensor '{name}' in checkpoint {tmp_path} has shape (127,), expected (128,)"
+    for f in mamba1_ckpt.iterdir():
+        if f.suffix == ".json":
+            (tmp_path / f.name).write_text(f.read_text())
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert expected in _load_error(tmp_path)

@@ -1,0 +1,131 @@
+"""`mamba-hybrid serve` as a real server process: OpenAI completions and chat,
+streaming, concurrency, and malformed requests, all against one server."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.utils import make_random_hybrid
+
+MAX_MODEL_LEN = 512
+STARTUP_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("served_hybrid")
+    make_random_hybrid(ckpt, "mamba2", hidden_size=128, heads=4, kv_heads=2,
+                       intermediate_size=256, scale=3.0, seed=7, tokenizer=True)
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("server_log") / "server.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_mamba_hybrid.cli", "serve", str(ckpt),
+         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+         "--gpu-memory-utilization", "0.2", "--max-model-len", str(MAX_MODEL_LEN),
+         "--max-num-seqs", "16", "--served-model-name", "hybrid"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-5000:]}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("server did not become healthy in time")
+            time.sleep(1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _complete(base, prompt, max_tokens=16, **extra):
+    r = httpx.post(f"{base}/v1/completions", timeout=120, json={
+        "model": "hybrid", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        **extra})
+    r.raise_for_status()
+    return r.json()["choices"][0]["text"]
+
+
+def _stream_text(base, path, body) -> str:
+    pieces = []
+    with httpx.stream("POST", f"{base}{path}", json={**body, "stream": True}, timeout=120) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[len("data: "):])["choices"][0]
+            pieces.append(choice.get("text") or choice.get("delta", {}).get("content") or "")
+    return "".join(pieces)
+
+
+def test_completion_streaming_equals_non_streaming(server):
+    body = {"model": "hybrid", "prompt": "The history of the river", "max_tokens": 24,
+            "temperature": 0, "ignore_eos": True}
+    r = httpx.post(f"{server}/v1/completions", json=body, timeout=120)
+    r.raise_for_status()
+    out = r.json()
+    assert out["usage"]["completion_tokens"] == 24
+    text = out["choices"][0]["text"]
+    assert text
+    assert _stream_text(server, "/v1/completions", body) == text
+
+
+def test_chat_streaming_equals_non_streaming(server):
+    body = {"model": "hybrid", "messages": [{"role": "user", "content": "Tell me about rivers."}],
+            "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=120)
+    r.raise_for_status()
+    out = r.json()
+    assert out["choices"][0]["message"]["role"] == "assistant"
+    assert out["usage"]["completion_tokens"] == 24
+    text = out["choices"][0]["message"]["content"]
+    assert text
+    assert _stream_text(server, "/v1/chat/completions", body) == text
+
+
+def test_concurrent_requests_equal_sequential(server):
+    prompts = [f"Essay {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i)
+               for i in range(16)]
+    sequential = [_complete(server, p, ignore_eos=True) for p in prompts]
+    with ThreadPoolExecutor(16) as pool:
+        concurrent = list(pool.map(lambda p: _complete(server, p, ignore_eos=True), prompts))
+    assert concurrent == sequential
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"model": "hybrid", "prompt": "hi", ', "json"),
+    (json.dumps({"model": "hybrid", "prompt": "hi", "max_tokens": -5}), "max_tokens"),
+    (json.dumps({"model": "hybrid", "prompt": "word " * (2 * MAX_MODEL_LEN), "max_tokens": 4}),
+     "context length"),
+])
+def test_malformed_request_gets_4xx_and_server_keeps_serving(server, content, needle):
+    r = httpx.post(f"{server}/v1/completions", content=content, timeout=60,
+                   headers={"Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text
+    assert needle in r.text.lower()
+    assert _complete(server, "Still there?", max_tokens=4)

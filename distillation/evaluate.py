@@ -1,0 +1,165 @@
+"""Held-out evaluation of a student (or any Llama dir) against its teacher.
+
+* perplexity on held-out prose (the last essays of ``essays/``, never trained on);
+* forward KL(teacher || model) per answer token and greedy-token agreement, teacher
+  forced on the teacher's own greedy answers to held-out prompts (the prompts
+  training never sees, see ``splits.py``);
+* a few answers of both models side by side.
+
+``mamba-hybrid eval DIR --teacher TDIR [--out JSON]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig, EvalConfig
+from .generation import generate_answers
+from .losses import greedy_agreement_count, kd_loss_sums
+from .models import load_causal_lm, load_tokenizer
+from .paths import resolve_data_dir
+from .prompts import load_prompts
+from .splits import heldout_essays
+from .tokens import chat_prompt_ids, collate_lm, pad_id_of
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], *, max_tokens: int, seq_len: int) -> float:
+    """exp(mean NLL) over consecutive ``seq_len`` windows of the concatenated texts."""
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"][:max_tokens]
+    windows = [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
+    nll, count = 0.0, 0
+    for w in windows:
+        if len(w) < 2:
+            continue
+        x = torch.tensor([w])
+        logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+        nll -= float(logp.gather(-1, x[0, 1:, None]).sum())
+        count += len(w) - 1
+    return math.exp(nll / count)
+
+
+class TeacherReference:
+    """The teacher's greedy answers and logits on held-out prompts, computed once and
+    reused for every model compared against it."""
+
+    def __init__(self, teacher_dir: Path, prompts: list[dict], cfg: EvalConfig) -> None:
+        self.tokenizer = load_tokenizer(teacher_dir)
+        self.teacher = load_causal_lm(teacher_dir, torch.float32).eval()
+        tok = self.tokenizer
+        self.pad_id = pad_id_of(tok)
+        self.prompts = prompts
+        self.prompt_ids = [chat_prompt_ids(tok, p["instruction"]) for p in prompts]
+        answers = generate_answers(self.teacher, self.prompt_ids, eos_id=tok.eos_token_id,
+                                   pad_id=self.pad_id, max_new_tokens=cfg.max_new_tokens)
+        self.examples = [{"prompt_ids": p, "answer_ids": a}
+                         for p, a in zip(self.prompt_ids, answers)]
+        self.batches = [collate_lm(self.examples[i:i + 8], self.pad_id, 10 ** 9)
+                        for i in range(0, len(self.examples), 8)]
+        self.logits = [self.teacher(input_ids=b["input_ids"],
+                                    attention_mask=b["attention_mask"]).logits for b in self.batches]
+        self.answers = answers
+
+    @torch.no_grad()
+    def compare(self, model) -> dict:
+        kl_sum, tokens, agree = 0.0, 0, 0
+        for b, t_logits in zip(self.batches, self.logits):
+            s_logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            kl, _, n = kd_loss_sums(s_logits, t_logits, b["input_ids"], b["loss_mask"], "forward")
+            a, _ = greedy_agreement_count(s_logits, t_logits, b["input_ids"], b["loss_mask"])
+            kl_sum, tokens, agree = kl_sum + float(kl), tokens + n, agree + a
+        return {"kl_to_teacher": kl_sum / tokens, "greedy_agreement": agree / tokens,
+                "answer_tokens": tokens, "num_prompts": len(self.examples)}
+
+
+def evaluate_models(model_dirs: dict[str, Path], teacher_dir: Path, *, data: DataConfig,
+                    cfg: EvalConfig, log=print) -> dict:
+    """Metrics for each named model dir (and the teacher's own perplexity)."""
+    t0 = time.perf_counter()
+    data_dir = resolve_data_dir(data.data_dir)
+    _, heldout = load_prompts(data)
+    heldout = heldout[: cfg.num_prompts]
+    essays = heldout_essays(data_dir, cfg.num_essays)
+    texts = [p.read_text() for p in essays]
+    log(f"eval: teacher answers {len(heldout)} held-out prompts")
+    ref = TeacherReference(teacher_dir, heldout, cfg)
+    tok = ref.tokenizer
+    result = {
+        "teacher": str(teacher_dir),
+        "heldout_prompts": [p["index"] for p in heldout],
+        "heldout_essays": [p.name for p in essays],
+        "teacher_perplexity": perplexity(ref.teacher, tok, texts, max_tokens=cfg.ppl_max_tokens,
+                                         seq_len=cfg.ppl_seq_len),
+        "models": {},
+    }
+    sample_ids = ref.prompt_ids[: cfg.num_samples]
+    for name, model_dir in model_dirs.items():
+        log(f"eval: {name} ({model_dir})")
+        model = load_causal_lm(model_dir, torch.float32).eval()
+        metrics = ref.compare(model)
+        metrics["perplexity"] = perplexity(model, tok, texts, max_tokens=cfg.ppl_max_tokens,
+                                           seq_len=cfg.ppl_seq_len)
+        answers = generate_answers(model, sample_ids, eos_id=tok.eos_token_id, pad_id=ref.pad_id,
+                                   max_new_tokens=cfg.max_new_tokens)
+        metrics["samples"] = [
+            {"prompt": p["instruction"],
+             "teacher": tok.decode(t, skip_special_tokens=True).strip(),
+             "model": tok.decode(a, skip_special_tokens=True).strip()}
+            for p, t, a in zip(heldout, ref.answers, answers)]
+        metrics["dir"] = str(model_dir)
+        result["models"][name] = metrics
+    result["eval_time_s"] = time.perf_counter() - t0
+    return result
+
+
+def format_table(result: dict) -> str:
+    rows = [f"{'model':<12} {'KL(teacher||model)':>19} {'greedy agree':>13} {'perplexity':>11}",
+            f"{'teacher':<12} {0.0:>19.4f} {1.0:>13.3f} {result['teacher_perplexity']:>11.2f}"]
+    for name, m in result["models"].items():
+        rows.append(f"{name:<12} {m['kl_to_teacher']:>19.4f} {m['greedy_agreement']:>13.3f} "
+                    f"{m['perplexity']:>11.2f}")
+    return "\n".join(rows)
+
+
+def eval_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mamba-hybrid eval", description=__doc__.splitlines()[0])
+    p.add_argument("model", help="hybrid (or plain Llama) model directory")
+    p.add_argument("--teacher", required=True, help="teacher directory")
+    p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--data-dir", help="directory with alpaca_eval_prompts.jsonl and essays/ "
+                                      "(default: <repo>/../shared/data or $MAMBA_HYBRID_SHARED/data)")
+    p.add_argument("--prompts", help="prompt dataset (default: alpaca_eval_prompts.jsonl)")
+    p.add_argument("--prompt-column", default="instruction")
+    p.add_argument("--heldout-every", type=int, default=DataConfig.heldout_every)
+    p.add_argument("--num-prompts", type=int, default=EvalConfig.num_prompts)
+    p.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens)
+    p.add_argument("--num-essays", type=int, default=EvalConfig.num_essays)
+    p.add_argument("--ppl-max-tokens", type=int, default=EvalConfig.ppl_max_tokens)
+    p.add_argument("--num-samples", type=int, default=EvalConfig.num_samples)
+    args = p.parse_args(argv)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    data = DataConfig(data_dir=args.data_dir, prompts=args.prompts, prompt_column=args.prompt_column,
+                      heldout_every=args.heldout_every)
+    cfg = EvalConfig(num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+                     num_essays=args.num_essays, ppl_max_tokens=args.ppl_max_tokens,
+                     num_samples=args.num_samples)
+    try:
+        result = evaluate_models({"model": Path(args.model)}, Path(args.teacher), data=data, cfg=cfg,
+                                 log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mamba-hybrid eval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    for s in result["models"]["model"]["samples"]:
+        print(f"\n### {s['prompt']}\n--- teacher:\n{s['teacher']}\n--- model:\n{s['model']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0

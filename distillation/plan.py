@@ -1,0 +1,43 @@
+"""Which layers are attention at each stage of progressive replacement.
+
+Layers are replaced in increasing index order (the paper's stepwise runs replace
+0, 2, 4, ... one per stage), so each stage's Mamba layers contain the previous
+stage's and the final stage has exactly the student's layout.
+"""
+from __future__ import annotations
+
+from .config import ConfigError
+
+
+def final_attention_layers(num_layers: int, attn_layers: list[int] | None,
+                           attn_fraction: float) -> list[int]:
+    from vllm_mamba_hybrid.config import paper_attention_layers
+    if attn_layers is not None:
+        bad = [i for i in attn_layers if not 0 <= i < num_layers]
+        if bad:
+            raise ConfigError(f"`student.attn_layers` {bad} out of range: the teacher has "
+                              f"{num_layers} layers (0..{num_layers - 1})")
+        return sorted(set(attn_layers))
+    return paper_attention_layers(num_layers, attn_fraction)
+
+
+def progressive_layouts(num_layers: int, final_attn: list[int],
+                        schedule: list[float] | str) -> list[list[int]]:
+    """Attention layers of each progressive stage; the last equals ``final_attn``."""
+    order = [i for i in range(num_layers) if i not in final_attn]
+    if not order:
+        raise ConfigError("the student keeps every layer as attention: nothing to replace")
+    if schedule == "stepwise":
+        counts = list(range(1, len(order) + 1))
+    else:
+        counts = [round((1.0 - f) * num_layers) for f in schedule]
+        if counts[-1] != len(order):
+            raise ConfigError(
+                f"`stages.progressive.schedule` ends at attention fraction {schedule[-1]} "
+                f"({counts[-1]} Mamba layers) but the student has {len(order)} Mamba layers "
+                f"of {num_layers}: end the schedule at the student's fraction")
+        if counts[0] < 1 or any(b <= a for a, b in zip(counts, counts[1:])):
+            raise ConfigError(
+                f"`stages.progressive.schedule` {schedule} must replace at least one more layer "
+                f"per stage (Mamba layer counts {counts} for {num_layers} layers)")
+    return [sorted(set(range(num_layers)) - set(order[:m])) for m in counts]

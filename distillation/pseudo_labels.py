@@ -1,0 +1,128 @@
+"""Teacher answers (pseudo-labels) generated with vLLM and cached on disk.
+
+The engine runs in a child process (``python -m distillation.pseudo_labels``): vLLM
+starts its workers with spawn, and a child keeps the engine's memory away from
+the training that follows. The cache is a ``datasets`` dataset (save_to_disk)
+next to ``settings.json``; any change of teacher, prompts or generation settings
+makes the settings differ and the answers are generated again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from . import fingerprint
+from .config import PseudoLabelConfig
+from .paths import REPO_ROOT
+from .tokens import chat_prompt_ids
+
+SETTINGS = "settings.json"
+
+
+def _settings(teacher_dir: Path, prompts: list[dict], gen: PseudoLabelConfig,
+              max_model_len: int) -> dict:
+    return {
+        "teacher": str(teacher_dir),
+        "teacher_fingerprint": fingerprint.of_model_dir(teacher_dir),
+        "prompts_fingerprint": fingerprint.of_json([p["instruction"] for p in prompts]),
+        "num_prompts": len(prompts),
+        "max_new_tokens": gen.max_new_tokens,
+        "temperature": gen.temperature,
+        "top_p": gen.top_p,
+        "seed": gen.seed,
+        "max_model_len": max_model_len,
+        "dtype": gen.dtype,
+        "engine": "vllm",
+    }
+
+
+def _max_model_len(teacher_dir: Path, gen: PseudoLabelConfig) -> int:
+    cfg = json.loads((teacher_dir / "config.json").read_text())
+    return min(gen.max_model_len, int(cfg.get("max_position_embeddings", gen.max_model_len)))
+
+
+def ensure_pseudo_labels(teacher_dir: Path, tokenizer, prompts: list[dict],
+                         gen: PseudoLabelConfig, cache_dir: Path, log=print):
+    """Return the cached dataset (columns index, instruction, prompt_ids, answer_ids,
+    answer, finish_reason), generating it first if absent or stale."""
+    import datasets
+
+    max_len = _max_model_len(teacher_dir, gen)
+    want = _settings(teacher_dir, prompts, gen, max_len)
+    settings_file = cache_dir / SETTINGS
+    if settings_file.is_file():
+        have = json.loads(settings_file.read_text())
+        if have == want:
+            log(f"pseudo-labels: reusing {cache_dir} ({have['num_prompts']} answers)")
+            return datasets.load_from_disk(str(cache_dir / "dataset"))
+        changed = sorted(k for k in want if have.get(k) != want[k])
+        log(f"pseudo-labels: settings changed ({', '.join(changed)}); regenerating")
+
+    prompt_ids = [chat_prompt_ids(tokenizer, p["instruction"]) for p in prompts]
+    budget = max_len - gen.max_new_tokens
+    too_long = [p["index"] for p, ids in zip(prompts, prompt_ids) if len(ids) > budget]
+    if too_long:
+        log(f"pseudo-labels: skipping {len(too_long)} prompts longer than {budget} tokens")
+    keep = [(p, ids) for p, ids in zip(prompts, prompt_ids) if len(ids) <= budget]
+
+    tmp = cache_dir.parent / f".tmp-{cache_dir.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    request = {"teacher_dir": str(teacher_dir), "prompt_ids": [ids for _, ids in keep],
+               "gen": {**want, "gpu_memory_utilization": gen.gpu_memory_utilization,
+                       "enforce_eager": gen.enforce_eager}}
+    (tmp / "request.json").write_text(json.dumps(request))
+    log(f"pseudo-labels: teacher answers {len(keep)} prompts with vLLM "
+        f"(max_new_tokens={gen.max_new_tokens}, temperature={gen.temperature})")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    rc = subprocess.run([sys.executable, "-m", "distillation.pseudo_labels",
+                         str(tmp / "request.json"), str(tmp / "answers.jsonl")], env=env).returncode
+    if rc != 0:
+        raise RuntimeError(f"pseudo-label generation with vLLM failed (exit {rc}); "
+                           f"request kept in {tmp}")
+    answers = [json.loads(ln) for ln in (tmp / "answers.jsonl").read_text().splitlines()]
+    rows = {
+        "index": [p["index"] for p, _ in keep],
+        "instruction": [p["instruction"] for p, _ in keep],
+        "prompt_ids": [ids for _, ids in keep],
+        "answer_ids": [a["token_ids"] for a in answers],
+        "answer": [a["text"] for a in answers],
+        "finish_reason": [a["finish_reason"] for a in answers],
+    }
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp / "dataset"))
+    (tmp / SETTINGS).write_text(json.dumps(want, indent=1))
+    (tmp / "request.json").unlink()
+    if cache_dir.exists():
+        shutil.rmtree(cache_dir)
+    os.replace(tmp, cache_dir)
+    return datasets.load_from_disk(str(cache_dir / "dataset"))
+
+
+def _generate(request_file: str, out_file: str) -> None:
+    """Child process: one vLLM engine, all prompts as token ids, greedy or sampled."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    req = json.loads(Path(request_file).read_text())
+    gen = req["gen"]
+    llm = LLM(model=req["teacher_dir"], dtype=gen["dtype"], seed=gen["seed"],
+              max_model_len=gen["max_model_len"], enforce_eager=gen["enforce_eager"],
+              gpu_memory_utilization=gen["gpu_memory_utilization"], enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=gen["max_new_tokens"], temperature=gen["temperature"],
+                            top_p=gen["top_p"], seed=gen["seed"])
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in req["prompt_ids"]], params)
+    with open(out_file + ".part", "w") as f:
+        for o in outs:
+            c = o.outputs[0]
+            f.write(json.dumps({"token_ids": list(c.token_ids), "text": c.text,
+                                "finish_reason": c.finish_reason}) + "\n")
+    os.replace(out_file + ".part", out_file)
+
+
+if __name__ == "__main__":
+    _generate(sys.argv[1], sys.argv[2])

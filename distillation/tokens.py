@@ -1,0 +1,56 @@
+"""Chat-formatted token sequences and their padded batches.
+
+A training example is ``prompt_ids + answer_ids``; only answer tokens are
+learned (the loss mask), so prompts and padding never count.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def chat_prompt_ids(tokenizer, instruction: str) -> list[int]:
+    """Token ids of a one-turn user chat, ending with the assistant header."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    """Answer text as the model would emit it after the header, closed by EOS."""
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id]
+
+
+def pad_id_of(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def collate_lm(examples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch with ``loss_mask`` = 1 on answer tokens.
+
+    ``examples``: dicts with ``prompt_ids`` and ``answer_ids`` (lists of ints).
+    Right padding keeps every real token's causal context identical to the
+    unpadded sequence, for attention and Mamba layers alike.
+    """
+    seqs, masks = [], []
+    for ex in examples:
+        ids = (list(ex["prompt_ids"]) + list(ex["answer_ids"]))[:max_length]
+        mask = ([0] * len(ex["prompt_ids"]) + [1] * len(ex["answer_ids"]))[:max_length]
+        seqs.append(ids)
+        masks.append(mask)
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention_mask[i, : len(s)] = 1
+        loss_mask[i, : len(m)] = torch.tensor(m)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def collate_pairs(examples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Preference pairs as one batch: rows [chosen_0..chosen_n, rejected_0..rejected_n]."""
+    chosen = [{"prompt_ids": e["prompt_ids"], "answer_ids": e["chosen_ids"]} for e in examples]
+    rejected = [{"prompt_ids": e["prompt_ids"], "answer_ids": e["rejected_ids"]} for e in examples]
+    return collate_lm(chosen + rejected, pad_id, max_length)

@@ -1,0 +1,259 @@
+"""The training loop every worker runs (Ray Train, torchrun or a single process).
+
+Determinism is what makes resume exact: the examples of step ``s`` are a pure
+function of (seed, s, rank, world), so a checkpoint needs only the step to
+restore the data position; together with the model, optimizer, scheduler and RNG
+states a resumed run continues the same loss curve.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+    set_optimizer_state_dict)
+
+from . import checkpoint as ckpt
+from .job import TrainJob
+from .losses import dpo_losses, kd_loss_sums, sequence_logps
+from .models import DTYPES, is_mamba_param, load_causal_lm
+from .tokens import collate_lm, collate_pairs
+
+PROGRESS = "progress.jsonl"
+FAULT_MARKER = ".fault_injected"
+
+
+class _Dist:
+    """Rank, world and collectives; degenerate (no process group) for one process."""
+
+    def __init__(self) -> None:
+        self.on = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.on else 0
+        self.world = dist.get_world_size() if self.on else 1
+
+    def barrier(self) -> None:
+        if self.on:
+            dist.barrier()
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if self.on:
+            dist.all_reduce(t)
+        return t.tolist()
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, n: int, epoch: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(n, generator=g).tolist())
+
+
+def batch_indices(step: int, micro: int, rank: int, *, n: int, world: int, batch: int,
+                  accum: int, seed: int) -> list[int]:
+    """Example indices of one micro-batch: a fixed walk through seeded per-epoch shuffles."""
+    global_batch = world * batch * accum
+    start = step * global_batch + (micro * world + rank) * batch
+    return [_epoch_order(seed, n, pos // n)[pos % n] for pos in range(start, start + batch)]
+
+
+def _wrap(model: torch.nn.Module, job: TrainJob, d: _Dist, device: torch.device):
+    if d.world == 1:
+        return model
+    if job.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _scheduler(optimizer, job: TrainJob):
+    from transformers import get_scheduler
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[job.scheduler]
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=job.warmup_steps,
+                         num_training_steps=job.steps)
+
+
+def _frozen_model(path: str, dtype: torch.dtype, device: torch.device):
+    m = load_causal_lm(path, dtype).to(device).eval()
+    m.requires_grad_(False)
+    return m
+
+
+def _inject_fault(job: TrainJob, d: _Dist, stage_dir: Path) -> None:
+    """Test hook: the last worker dies once, right after the checkpoint of this step."""
+    marker = stage_dir / FAULT_MARKER
+    if d.rank != d.world - 1 or marker.exists():
+        return
+    marker.write_text(str(job.fail_once_at_step))
+    if job.fail_mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected failure after step {job.fail_once_at_step} (fail_once_at_step)")
+
+
+def _rewind_progress(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step, so the curve continues without duplicates."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def train_worker(job_dict: dict) -> None:
+    """Run (or resume) one stage on this worker; rank 0 writes logs, checkpoints, model."""
+    job = TrainJob(**job_dict)
+    transformers.utils.logging.disable_progress_bar()
+    d = _Dist()
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    if job.device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    torch.manual_seed(job.seed + d.rank)
+    dtype = DTYPES[job.dtype]
+    stage_dir = Path(job.stage_dir)
+    ckpt_root = stage_dir / "checkpoints"
+
+    student = load_causal_lm(job.init_dir, dtype).to(device)
+    student.train()
+    if job.freeze_mlp:
+        for name, p in student.named_parameters():
+            p.requires_grad_(is_mamba_param(name))
+    if not any(p.requires_grad for p in student.parameters()):
+        raise RuntimeError(f"stage {job.stage}: no trainable parameters (freeze_mlp on a model "
+                           f"without Mamba layers?)")
+    other = _frozen_model(job.teacher_dir if job.objective == "kd" else job.ref_dir, dtype, device)
+    model = _wrap(student, job, d, device)
+    # After wrapping: FSDP replaces the parameters with sharded ones.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=job.lr, betas=(0.9, 0.98),
+                                  weight_decay=job.weight_decay)
+    scheduler = _scheduler(optimizer, job)
+    examples = torch.load(job.data_file, weights_only=False)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    step, tokens_seen = 0, 0
+    last = ckpt.latest_checkpoint(ckpt_root)
+    if last is not None:
+        state = ckpt.load(last, rank=d.rank, world=d.world)
+        set_model_state_dict(model, state["model"], options=full)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        step, tokens_seen = state["meta"]["step"], state["meta"]["tokens_seen"]
+    if d.rank == 0:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        _rewind_progress(stage_dir / PROGRESS, step)
+    d.barrier()
+
+    collate = collate_lm if job.objective == "kd" else collate_pairs
+    n = len(examples)
+    while step < job.steps:
+        t0 = time.perf_counter()
+        micro = [collate([examples[i] for i in batch_indices(
+                    step, j, d.rank, n=n, world=d.world, batch=job.batch_size,
+                    accum=job.grad_accum, seed=job.seed)], job.pad_id, job.max_length)
+                 for j in range(job.grad_accum)]
+        if job.objective == "kd":
+            local_count = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)
+        else:
+            local_count = sum(b["input_ids"].shape[0] // 2 for b in micro)
+        (global_count,) = d.sum([local_count], device)
+        sums = torch.zeros(4, dtype=torch.float64)  # kd: kl, ce, tokens; dpo: loss, margin, acc
+        for j, b in enumerate(micro):
+            b = {k: v.to(device) for k, v in b.items()}
+            sync = j == job.grad_accum - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                with torch.no_grad():
+                    other_logits = other(input_ids=b["input_ids"],
+                                         attention_mask=b["attention_mask"]).logits
+                if job.objective == "kd":
+                    kl, ce, _ = kd_loss_sums(out, other_logits, b["input_ids"], b["loss_mask"],
+                                             job.kl_direction)
+                    loss = (job.kl_weight * kl + job.ce_weight * ce) / global_count * d.world
+                    sums += torch.tensor([kl.item(), ce.item(), 0, 0], dtype=torch.float64)
+                else:
+                    pol = sequence_logps(out, b["input_ids"], b["loss_mask"])
+                    ref = sequence_logps(other_logits, b["input_ids"], b["loss_mask"])
+                    half = pol.shape[0] // 2
+                    losses, margins = dpo_losses(pol[:half], pol[half:], ref[:half], ref[half:],
+                                                 job.beta)
+                    loss = losses.sum() / global_count * d.world
+                    sums += torch.tensor([losses.sum().item(), margins.sum().item(),
+                                          (margins > 0).sum().item(), 0], dtype=torch.float64)
+                loss.backward()
+            sums[3] += float(b["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, job.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        totals = d.sum(sums.tolist(), device)
+        tokens_seen += int(totals[3])
+        if d.rank == 0 and (step % job.log_every == 0 or step == job.steps):
+            dt = time.perf_counter() - t0
+            rec = {"step": step, "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": float(grad_norm), "tokens_seen": tokens_seen,
+                   "tokens_per_s": totals[3] / dt, "tokens_per_s_per_worker": totals[3] / dt / d.world,
+                   "step_time_s": dt, "time": time.time()}
+            if job.objective == "kd":
+                rec.update(kl=totals[0] / global_count, ce=totals[1] / global_count,
+                           loss=(job.kl_weight * totals[0] + job.ce_weight * totals[1]) / global_count,
+                           answer_tokens=int(global_count))
+            else:
+                rec.update(loss=totals[0] / global_count, reward_margin=totals[1] / global_count,
+                           reward_accuracy=totals[2] / global_count, pairs=int(global_count))
+            with open(stage_dir / PROGRESS, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+        if step % job.checkpoint_every == 0 or step == job.steps:
+            msd = get_model_state_dict(model, options=full)
+            osd = get_optimizer_state_dict(model, optimizer, options=full)
+            ckpt.save(ckpt_root, step, rank=d.rank, world=d.world, barrier=d.barrier,
+                      model_state=msd if d.rank == 0 else None,
+                      optim_state=osd if d.rank == 0 else None,
+                      sched_state=scheduler.state_dict(),
+                      meta={"stage": job.stage, "tokens_seen": tokens_seen}, keep=job.keep_checkpoints)
+            if job.fail_once_at_step == step:
+                _inject_fault(job, d, stage_dir)
+
+    msd = get_model_state_dict(model, options=full)
+    if d.rank == 0:
+        student.save_pretrained(stage_dir / "model", state_dict=msd)
+        (stage_dir / "model" / "train_state.json").write_text(
+            json.dumps({"steps": step, "tokens_seen": tokens_seen}))
+    d.barrier()
+
+
+def main(argv: list[str]) -> int:
+    """torchrun entry: ``python -m distillation.trainer JOB.json``."""
+    job = json.loads(Path(argv[0]).read_text())
+    backend = "nccl" if job["device"] == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    try:
+        train_worker(job)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,120 @@
+"""Bad inputs stop `mamba-hybrid distill` before any work, with a message naming the culprit."""
+import json
+
+import pytest
+import yaml
+from transformers import GPT2Config
+
+from distillation.cli import distill_main
+from distillation.config import ConfigError, load_config
+from tests.utils import make_random_llama
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cfg") / "teacher"
+    make_random_llama(d, num_layers=4, hidden_size=64, heads=2, kv_heads=1)
+    return d
+
+
+def _write(tmp_path, cfg: dict):
+    p = tmp_path / "distill.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _base(tmp_path, teacher, **over):
+    cfg = {"output_dir": str(tmp_path / "run"), "teacher": {"path": str(teacher)},
+           "backend": {"kind": "local", "num_workers": 1},
+           "stages": {"distill": {"steps": 2}, "export": {"enabled": False}}}
+    for dotted, value in over.items():
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    return cfg
+
+
+def _run(tmp_path, cfg, capsys):
+    rc = distill_main([str(_write(tmp_path, cfg))])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    # nothing was trained or generated
+    run = tmp_path / "run"
+    assert not (run / "stages").exists() and not (run / "pseudo_labels").exists()
+    return err
+
+
+def test_unknown_key(tmp_path, teacher, capsys):
+    cfg = _base(tmp_path, teacher)
+    cfg["stages"]["distill"]["stepz"] = 3
+    err = _run(tmp_path, cfg, capsys)
+    assert "unknown config key `stages.distill.stepz`" in err and "steps" in err
+
+
+def test_wrong_type_and_choice(tmp_path, teacher, capsys):
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"stages.distill.kl_direction": "sideways"}),
+               capsys)
+    assert "`stages.distill.kl_direction` must be one of ['forward', 'reverse']" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"training.batch_size": "four"}), capsys)
+    assert "`training.batch_size` must be an integer" in err
+
+
+def test_non_llama_teacher(tmp_path, capsys):
+    gpt2 = tmp_path / "gpt2"
+    GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(gpt2)
+    err = _run(tmp_path, _base(tmp_path, gpt2), capsys)
+    assert "teacher.path" in err and "gpt2" in err and "Llama" in err
+
+
+def test_dataset_without_column(tmp_path, teacher, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"text": f"question {i}"}) + "\n" for i in range(5)))
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"data.prompts": str(data)}), capsys)
+    assert "no column 'instruction'" in err and str(data) in err and "['text']" in err
+
+
+def test_dpo_dataset_without_column(tmp_path, teacher, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "p", "chosen": "a", "worse": "b"}) + "\n")
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"stages.dpo.enabled": True,
+                                                     "stages.dpo.dataset": str(pairs)}), capsys)
+    assert "stages.dpo.dataset" in err and "no column 'rejected'" in err
+
+
+def test_unwritable_output_dir(tmp_path, teacher, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    cfg = _base(tmp_path, teacher)
+    cfg["output_dir"] = str(blocker / "run")
+    rc = distill_main([str(_write(tmp_path, cfg))])
+    err = capsys.readouterr().err
+    assert rc == 2 and "`output_dir`: cannot write to" in err and str(blocker / "run") in err
+
+
+def test_backend_and_schedule_rules(tmp_path, teacher, capsys):
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"backend.num_workers": 2}), capsys)
+    assert "backend.kind: local" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"backend.num_workers": 0,
+                                                     "backend.kind": "ray"}), capsys)
+    assert "`backend.num_workers` must be >= 1" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{
+        "stages.progressive.enabled": True, "stages.progressive.schedule": [0.75]}), capsys)
+    assert "schedule" in err and "student's fraction" in err
+
+
+def test_examples_parse():
+    from distillation.paths import REPO_ROOT
+    for path in sorted((REPO_ROOT / "examples").glob("*.yaml")):
+        load_config(path)  # raises ConfigError on any schema problem
+
+
+def test_overrides_are_checked(tmp_path, teacher, monkeypatch):
+    p = _write(tmp_path, _base(tmp_path, teacher))
+    assert load_config(p, {"stages.distill.steps": 7}).stages.distill.steps == 7
+    monkeypatch.chdir(tmp_path / "..")  # command-line paths are relative to the cwd
+    assert load_config(p, {"output_dir": "elsewhere"}).output_dir == str(
+        (tmp_path / ".." / "elsewhere").resolve())
+    with pytest.raises(ConfigError, match="unknown config key `stages.distil`"):
+        load_config(p, {"stages.distil.steps": 7})

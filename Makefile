@@ -4,10 +4,10 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-RUNS   ?= runs/demo
+RUNS   ?= runs/demo-distill
 export MAMBA_HYBRID_SHARED ?= $(abspath ../shared)
 
-.PHONY: venv test test-gpu demo clean-demo
+.PHONY: venv test demo
 
 venv: $(VENV)/.stamp
 
@@ -25,11 +25,8 @@ $(VENV)/.stamp: requirements-cpu.txt setup.py
 test: venv
 	$(BIN)/python -m pytest tests -q -ra
 
+# teacher import -> distillation to a 50% Mamba2 hybrid on Ray (CPU) -> export + eval
+# -> both served by vLLM, answers side by side, eval table.
 demo: venv
-	$(BIN)/mamba-hybrid import-teacher $(RUNS)/teacher --overwrite
-	$(BIN)/mamba-hybrid init --teacher $(RUNS)/teacher --variant mamba2 --attn-fraction 0.5 \
-		$(RUNS)/hybrid-mamba2-50 --overwrite
-	$(BIN)/mamba-hybrid generate $(RUNS)/teacher --max-new-tokens 32 \
-		--prompt "What is the capital of France?" --prompt "Name three primary colors."
-	$(BIN)/mamba-hybrid generate $(RUNS)/hybrid-mamba2-50 --max-new-tokens 32 \
-		--prompt "What is the capital of France?" --prompt "Name three primary colors."
+	$(BIN)/mamba-hybrid distill examples/demo_cpu.yaml --set output_dir=$(RUNS)
+	$(BIN)/python examples/demo_serve.py $(RUNS)

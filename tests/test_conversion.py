@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaForCausalLM)
 
-from tests.utils import make_random_hybrid, make_random_llama
+from tests.utils import make_random_hybrid, make_random_llama, write_paper_checkpoint
 from vllm_mamba_hybrid import LlamaMambaHybridForCausalLM
 from vllm_mamba_hybrid.cli import main as cli
 from vllm_mamba_hybrid.conversion.paper import convert_paper
@@ -49,29 +49,6 @@ def test_init_on_smollm2_loads_through_auto(smollm2_teacher, tmp_path, variant):
 
 
 # ---- paper format ------------------------------------------------------------------
-
-def write_paper_checkpoint(model: LlamaMambaHybridForCausalLM, out, *, fmt="bin"):
-    """The layout MambaInLlama's training scripts release: teacher config + mamba_config.json."""
-    cfg = model.config
-    out.mkdir()
-    teacher = {k: v for k, v in cfg.to_dict().items() if k in LlamaForCausalLM.config_class().to_dict()
-               or k in ("head_dim",)}
-    teacher.update(model_type="llama", architectures=["LlamaForCausalLM"])
-    (out / "config.json").write_text(json.dumps(teacher))
-    ssm_cfg = ({"expand": 1, "ngroups": cfg.num_attention_heads, "d_state": cfg.head_dim}
-               if cfg.mamba_variant == "mamba2" else {"expand": 1})
-    (out / "mamba_config.json").write_text(json.dumps({
-        "d_model": cfg.hidden_size, "ssm_cfg": ssm_cfg, "rms_norm_eps": cfg.rms_norm_eps,
-        "vocab_size": cfg.vocab_size, "d_inner": cfg.d_inner, "d_xb": cfg.d_xb,
-        "intermediate_size": cfg.intermediate_size, "hidden_act": cfg.hidden_act,
-        "n_layer": cfg.num_hidden_layers, "attn_layers": cfg.attn_layers}))
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    if fmt == "bin":
-        torch.save(state, out / "pytorch_model.bin")
-    else:
-        save_file(state, out / "model.safetensors")
-    return out
-
 
 @pytest.mark.parametrize("variant,fmt", [("mamba1", "bin"), ("mamba2", "safetensors"), ("mamba2", "bin")])
 def test_convert_paper_preserves_numerics(tmp_path, variant, fmt):

@@ -1,10 +1,12 @@
 """Builders of small real checkpoints for the tests (random weights, real files)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from vllm_mamba_hybrid import LlamaMambaHybridConfig, LlamaMambaHybridForCausalLM
@@ -84,3 +86,26 @@ def make_random_hybrid(out_dir, variant: str, *, num_layers=4, attn_layers=(1, 3
     if tokenizer:
         make_tokenizer(out_dir, vocab_size=cfg.vocab_size)
     return model
+
+
+def write_paper_checkpoint(model: LlamaMambaHybridForCausalLM, out, *, fmt="bin"):
+    """The layout MambaInLlama's training scripts release: teacher config + mamba_config.json."""
+    cfg = model.config
+    out.mkdir()
+    teacher = {k: v for k, v in cfg.to_dict().items() if k in LlamaForCausalLM.config_class().to_dict()
+               or k in ("head_dim",)}
+    teacher.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (out / "config.json").write_text(json.dumps(teacher))
+    ssm_cfg = ({"expand": 1, "ngroups": cfg.num_attention_heads, "d_state": cfg.head_dim}
+               if cfg.mamba_variant == "mamba2" else {"expand": 1})
+    (out / "mamba_config.json").write_text(json.dumps({
+        "d_model": cfg.hidden_size, "ssm_cfg": ssm_cfg, "rms_norm_eps": cfg.rms_norm_eps,
+        "vocab_size": cfg.vocab_size, "d_inner": cfg.d_inner, "d_xb": cfg.d_xb,
+        "intermediate_size": cfg.intermediate_size, "hidden_act": cfg.hidden_act,
+        "n_layer": cfg.num_hidden_layers, "attn_layers": cfg.attn_layers}))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if fmt == "bin":
+        torch.save(state, out / "pytorch_model.bin")
+    else:
+        save_file(state, out / "model.safetensors")
+    return out

@@ -153,3 +153,14 @@ def test_import_teacher_from_hf_directory(tiny_teacher, tmp_path):
     b = LlamaForCausalLM.from_pretrained(tmp_path / "imported")
     assert b.dtype == torch.bfloat16
     assert torch.equal(a.model.layers[0].mlp.up_proj.weight.bfloat16(), b.model.layers[0].mlp.up_proj.weight)
+
+
+def test_cli_draft_keeps_the_named_teacher_layers(tiny_teacher, tmp_path):
+    out = tmp_path / "draft"
+    assert cli(["draft", str(tiny_teacher), str(out), "--layers", "0,3"]) == 0
+    teacher = LlamaForCausalLM.from_pretrained(tiny_teacher)
+    draft = LlamaForCausalLM.from_pretrained(out)
+    assert draft.config.num_hidden_layers == 2 and (out / "tokenizer.json").is_file()
+    assert torch.equal(draft.model.layers[1].mlp.up_proj.weight,
+                       teacher.model.layers[3].mlp.up_proj.weight.to(draft.dtype))
+    assert cli(["draft", str(tiny_teacher), str(tmp_path / "bad"), "--layers", "0,9"]) == 2

@@ -86,6 +86,13 @@ def cmd_convert_paper(args) -> int:
     return 0
 
 
+def cmd_draft(args) -> int:
+    from .conversion.draft import make_layer_subset_draft
+    out = make_layer_subset_draft(args.teacher, args.out, layers=args.layers, overwrite=args.overwrite)
+    print(f"draft with teacher layers {args.layers} written to {out} (distil it before use)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mamba-hybrid", description="Llama -> hybrid Mamba/attention models: import, initialise, generate, convert, serve, distil.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -131,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dst")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_convert_paper)
+
+    s = sub.add_parser("draft", help="speculative-decoding draft: a subset of the teacher's layers")
+    s.add_argument("teacher")
+    s.add_argument("out")
+    s.add_argument("--layers", type=_layer_list, required=True, help="teacher layers to keep, e.g. 0,1,2,29")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_draft)
 
     # Subcommands whose arguments belong to another module (vLLM's, the distiller's).
     for name, help_text in (("serve", "serve DIR with vLLM's OpenAI-compatible server"),

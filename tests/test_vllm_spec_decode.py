@@ -1,0 +1,277 @@
+"""Speculative decoding of hybrid targets on the real vLLM CPU engine.
+
+Greedy speculative outputs must equal the reference model's greedy outputs (which
+tests/test_vllm_engine.py shows equal vLLM's plain decoding), token for token,
+under chunked prefill (64-token budget) and preemption (a cache too small for
+all eight requests). Every case runs one engine:
+
+* n-gram proposals (vLLM's ``ngram``) on tiny random targets of both variants,
+  k = 2 and 4, prompts with repeats; a 64-token vocabulary makes greedy outputs
+  fall into loops, so proposals get accepted at every draft position (partial
+  acceptance exercises the rollback: start state / conv column a-1).
+* the project's draft proposer (``custom_class``) with the target itself as the
+  draft (near-full acceptance: checks the proposer's prefix-keyed state), and
+  on a SmolLM2-derived hybrid with a layer-subset draft of the teacher.
+* ``mamba-hybrid serve`` with n-gram speculation and concurrent requests.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from tests.test_vllm_engine import ENGINE_KW, MODEL_KW, VARIANTS
+from tests.test_vllm_server import _free_port
+from tests.utils import make_random_hybrid
+from vllm_mamba_hybrid import LlamaMambaHybridForCausalLM
+
+VOCAB = 64
+NEW_TOKENS = 64
+# 90, 120, 230 and 500 cross a 128-token block boundary while decoding.
+PROMPT_LENS = (3, 7, 20, 50, 90, 120, 230, 500)
+DRAFT_CLASS = "vllm_mamba_hybrid.spec_decode.HybridDraftProposer"
+# Long prompts first so the running requests grow into a full cache.
+ORDER = (7, 6, 5, 4, 3, 2, 1, 0)
+# Seeds/scales with no near-tie in the reference's greedy choices on these prompts.
+TINY_VARIANTS = {**VARIANTS, "mamba2": dict(tie_word_embeddings=False, seed=10, scale=3.0)}
+
+
+def _repeating_prompts(vocab: int, seed: int = 5) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in PROMPT_LENS:
+        base = torch.randint(3, vocab, (max(2, n // 3),), generator=g).tolist()
+        out.append((base * 4)[:n])
+    return out
+
+
+def _reference_greedy(ckpt, prompts, dtype=torch.float32, min_gap=1e-3):
+    """Greedy continuations of the reference model; each is cut before the first
+    near-tie (a top-2 logit gap < min_gap), where fp32 rounding may pick either."""
+    ref = LlamaMambaHybridForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            seq = ref.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                               eos_token_id=[])[0]
+            logits = ref(seq[None]).logits[0, len(p) - 1:-1].float()
+            top2 = logits.topk(2, dim=-1).values
+            ties = ((top2[:, 0] - top2[:, 1]) < min_gap).nonzero()
+            cut = int(ties[0]) + 1 if len(ties) else NEW_TOKENS
+            out.append(seq[len(p):len(p) + cut].tolist())
+    del ref
+    gc.collect()
+    return out
+
+
+def _run(ckpt, prompts, spec: dict, **engine_kw):
+    """Greedy outputs (prompt order), spec-decode metrics and preemption count."""
+    from vllm import LLM, SamplingParams
+
+    from vllm_mamba_hybrid.spec_decode import spec_decode_metrics
+
+    llm = LLM(ckpt, **{**ENGINE_KW, **engine_kw}, speculative_config=spec)
+    try:
+        outs = llm.generate([{"prompt_token_ids": prompts[i]} for i in ORDER],
+                            SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
+        greedy = [None] * len(prompts)
+        for i, o in zip(ORDER, outs):
+            greedy[i] = list(o.outputs[0].token_ids)
+        metrics = spec_decode_metrics(llm)
+        preemptions = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    return greedy, metrics, preemptions
+
+
+def _assert_matches(ref, got, label):
+    for i, (r, g) in enumerate(zip(ref, got)):
+        assert len(g) == NEW_TOKENS, f"{label}: prompt {i} produced {len(g)} tokens"
+        assert g[:len(r)] == r, (f"{label}: prompt of {len(_PROMPTS[i])} tokens diverged at "
+                                 f"{next(j for j, (a, b) in enumerate(zip(r, g)) if a != b)}"
+                                 f":\nref  {r}\nspec {g}")
+
+
+_PROMPTS = _repeating_prompts(VOCAB)
+
+
+def _blocks(k: int) -> int:
+    """Cache blocks (128 tokens) for the two longest requests as admitted (4 + 2
+    attention blocks, 1+k Mamba blocks each) plus one: both cross a block boundary
+    while decoding, so the second must be preempted."""
+    return 2 * (1 + k) + 4 + 2 + 1
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_VARIANTS))
+def tiny(request, tmp_path_factory):
+    variant = request.param
+    ckpt = tmp_path_factory.mktemp(f"spec_{variant}")
+    make_random_hybrid(ckpt, variant, **{**MODEL_KW, "vocab_size": VOCAB},
+                       **TINY_VARIANTS[variant])
+    ref = _reference_greedy(ckpt, _PROMPTS)
+    assert all(len(r) == NEW_TOKENS for r in ref), "tiny reference has a near-tie"
+    return dict(variant=variant, ckpt=str(ckpt), ref=ref)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_ngram_matches_plain_greedy(tiny, k):
+    spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 3,
+            "prompt_lookup_min": 1}
+    greedy, m, preemptions = _run(tiny["ckpt"], _PROMPTS, spec, num_gpu_blocks_override=_blocks(k))
+    _assert_matches(tiny["ref"], greedy, f"{tiny['variant']} ngram k={k}")
+    assert preemptions >= 1, "the small cache did not force a preemption"
+    assert 0 < m["acceptance_rate"] < 1, m
+    if tiny["variant"] == "mamba1":  # its outputs loop: drafts accepted at every position
+        assert len(m["accepted_per_position"]) == k and min(m["accepted_per_position"]) > 0, m
+
+
+def test_draft_proposer(tiny, tmp_path, monkeypatch):
+    """mamba2: a slightly perturbed copy of the target as draft, so drafts are accepted
+    and rejected at every position (the mixers' rollback); mamba1: the target itself,
+    so near-full acceptance checks the proposer's prefix-keyed draft state."""
+    variant = tiny["variant"]
+    k = 4 if variant == "mamba2" else 3
+    draft = tiny["ckpt"]
+    if variant == "mamba2":
+        draft = tmp_path / "draft"
+        kw = dict(TINY_VARIANTS[variant])
+        kw["scale"] *= 0.97
+        make_random_hybrid(draft, variant, **{**MODEL_KW, "vocab_size": VOCAB}, **kw)
+    monkeypatch.setenv("VLLM_MAMBA_HYBRID_DRAFT", str(draft))
+    spec = {"method": "custom_class", "model": DRAFT_CLASS, "num_speculative_tokens": k}
+    greedy, m, preemptions = _run(tiny["ckpt"], _PROMPTS, spec, num_gpu_blocks_override=_blocks(k))
+    _assert_matches(tiny["ref"], greedy, f"{variant} draft k={k}")
+    assert preemptions >= 1, "the small cache did not force a preemption"
+    if variant == "mamba2":
+        assert 0 < m["acceptance_rate"] < 1, m
+        assert len(m["accepted_per_position"]) == k and min(m["accepted_per_position"]) > 0, m
+    else:  # every draft is right unless the proposer resumed from a wrong state
+        assert m["acceptance_rate"] > 0.95, m
+        assert m["mean_accepted_length"] > k, m
+
+
+# ---- SmolLM2-derived hybrid with a layer-subset draft of the teacher ---------------------
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2_teacher, shared_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from vllm_mamba_hybrid.conversion.draft import make_layer_subset_draft
+    from vllm_mamba_hybrid.conversion.init import (
+        hybrid_config_from_teacher,
+        init_hybrid_from_teacher,
+        save_hybrid,
+    )
+    from vllm_mamba_hybrid.conversion.teacher import load_teacher
+
+    root = tmp_path_factory.mktemp("smollm2_spec")
+    teacher = load_teacher(smollm2_teacher)
+    n = teacher.config.num_hidden_layers
+    cfg = hybrid_config_from_teacher(teacher.config, variant="mamba2",
+                                     attn_layers=list(range(1, n, 2)))
+    torch.manual_seed(0)
+    hybrid = init_hybrid_from_teacher(teacher, cfg)
+    target = save_hybrid(hybrid.to(torch.bfloat16), root / "target", tokenizer_dir=smollm2_teacher)
+    del teacher, hybrid
+    draft = make_layer_subset_draft(smollm2_teacher, root / "draft", layers=[0, 1, 2, 29])
+    tok = AutoTokenizer.from_pretrained(smollm2_teacher)
+    text = (shared_dir / "data" / "essays").glob("*.txt")
+    words = " ".join(p.read_text(encoding="utf-8") for p in sorted(text)[:2]).split()
+    prompts, start = [], 0
+    for n_words in (2, 5, 12, 30, 60, 90, 150, 240):
+        prompts.append(tok(" ".join(words[start:start + n_words]))["input_ids"])
+        start += n_words
+    ref = _reference_greedy(target, prompts, min_gap=2e-3)
+    return dict(target=str(target), draft=str(draft), prompts=prompts, ref=ref)
+
+
+def test_smollm2_hybrid_with_layer_subset_draft(smollm2_pair, monkeypatch):
+    k = 4
+    monkeypatch.setenv("VLLM_MAMBA_HYBRID_DRAFT", smollm2_pair["draft"])
+    spec = {"method": "custom_class", "model": DRAFT_CLASS, "num_speculative_tokens": k}
+    greedy, m, _ = _run(smollm2_pair["target"], smollm2_pair["prompts"], spec,
+                        max_model_len=512)
+    for i, (r, g) in enumerate(zip(smollm2_pair["ref"], greedy)):
+        assert g[:len(r)] == r, f"prompt {i} diverged:\nref  {r}\nspec {g}"
+    assert sum(len(r) for r in smollm2_pair["ref"]) > 4 * NEW_TOKENS, "too many near-ties"
+    assert m["num_drafts"] > 0 and m["num_accepted_tokens"] > 0, m
+
+
+# ---- server ---------------------------------------------------------------------------
+def test_server_with_ngram_speculation_answers_concurrent_requests(tmp_path):
+    ckpt = tmp_path / "served"
+    make_random_hybrid(ckpt, "mamba2", **MODEL_KW, **VARIANTS["mamba2"], tokenizer=True)
+    prompts = _repeating_prompts(MODEL_KW["vocab_size"], seed=9)
+    ref = _reference_greedy(ckpt, prompts)
+    port = _free_port()
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+            "prompt_lookup_min": 1}
+    log = open(tmp_path / "server.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_mamba_hybrid.cli", "serve", str(ckpt), "--host",
+         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+         "--gpu-memory-utilization", "0.2", "--max-model-len", "1024", "--max-num-seqs", "8",
+         "--max-num-batched-tokens", "64", "--served-model-name", "hybrid",
+         "--speculative-config", json.dumps(spec)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-5000:]}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not become healthy in time"
+            time.sleep(1)
+
+        def complete(p):
+            r = httpx.post(f"{base}/v1/completions", timeout=300, json={
+                "model": "hybrid", "prompt": p, "max_tokens": NEW_TOKENS, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True})
+            r.raise_for_status()
+            return r.json()["choices"][0]["token_ids"]
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(complete, prompts))
+        for p, r, got in zip(prompts, ref, answers):
+            assert got[:len(r)] == r, f"prompt of {len(p)} tokens:\nref  {r}\nspec {got}"
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+        accepted = [line for line in metrics.splitlines()
+                    if line.startswith("vllm:spec_decode_num_accepted_tokens_total")]
+        assert accepted and float(accepted[0].split()[-1]) >= 0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+# ---- refused setups ---------------------------------------------------------------------
+def test_draft_model_method_is_refused_with_a_pointer_to_the_own_proposer(tmp_path):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    make_random_hybrid(tmp_path, "mamba2", **MODEL_KW)
+    args = EngineArgs(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32",
+                      enforce_eager=True, max_model_len=256,
+                      speculative_config={"method": "draft_model", "model": str(tmp_path),
+                                          "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="HybridDraftProposer"):
+        args.create_engine_config()

@@ -1,6 +1,5 @@
 """Teacher import (real SmolLM2), init, paper-format conversion, CLI errors."""
 import json
-import shutil
 
 import pytest
 import torch

@@ -9,7 +9,6 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.utils import SHARED, make_random_hybrid, write_paper_checkpoint
-from vllm_mamba_hybrid import LlamaMambaHybridForCausalLM
 from vllm_mamba_hybrid.conversion.init import (hybrid_config_from_teacher, init_hybrid_from_teacher,
                                                save_hybrid)
 from vllm_mamba_hybrid.conversion.paper import convert_paper

@@ -3,26 +3,15 @@ streaming, concurrency, and malformed requests, all against one server."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from tests.utils import make_random_hybrid
+from tests.utils import make_random_hybrid, running_server
 
 MAX_MODEL_LEN = 512
 STARTUP_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,37 +19,11 @@ def server(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("served_hybrid")
     make_random_hybrid(ckpt, "mamba2", hidden_size=128, heads=4, kv_heads=2,
                        intermediate_size=256, scale=3.0, seed=7, tokenizer=True)
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("server_log") / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm_mamba_hybrid.cli", "serve", str(ckpt),
-         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-         "--gpu-memory-utilization", "0.2", "--max-model-len", str(MAX_MODEL_LEN),
-         "--max-num-seqs", "16", "--served-model-name", "hybrid"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + STARTUP_TIMEOUT_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-5000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                pytest.fail("server did not become healthy in time")
-            time.sleep(1)
+    with running_server(ckpt, tmp_path_factory.mktemp("server_log") / "server.log",
+                        "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.2",
+                        "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16",
+                        "--served-model-name", "hybrid", startup_timeout_s=STARTUP_TIMEOUT_S) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _complete(base, prompt, max_tokens=16, **extra):

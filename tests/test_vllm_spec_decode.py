@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -29,8 +25,7 @@ import pytest
 import torch
 
 from tests.test_vllm_engine import ENGINE_KW, MODEL_KW, VARIANTS
-from tests.test_vllm_server import _free_port
-from tests.utils import make_random_hybrid
+from tests.utils import make_random_hybrid, running_server
 from vllm_mamba_hybrid import LlamaMambaHybridForCausalLM
 
 VOCAB = 64
@@ -212,32 +207,12 @@ def test_server_with_ngram_speculation_answers_concurrent_requests(tmp_path):
     make_random_hybrid(ckpt, "mamba2", **MODEL_KW, **VARIANTS["mamba2"], tokenizer=True)
     prompts = _repeating_prompts(MODEL_KW["vocab_size"], seed=9)
     ref = _reference_greedy(ckpt, prompts)
-    port = _free_port()
     spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
             "prompt_lookup_min": 1}
-    log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm_mamba_hybrid.cli", "serve", str(ckpt), "--host",
-         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-         "--gpu-memory-utilization", "0.2", "--max-model-len", "1024", "--max-num-seqs", "8",
-         "--max-num-batched-tokens", "64", "--served-model-name", "hybrid",
-         "--speculative-config", json.dumps(spec)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-5000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not become healthy in time"
-            time.sleep(1)
-
+    with running_server(ckpt, tmp_path / "server.log", "--dtype", "float32", "--enforce-eager",
+                        "--gpu-memory-utilization", "0.2", "--max-model-len", "1024",
+                        "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+                        "--served-model-name", "hybrid", "--speculative-config", json.dumps(spec)) as base:
         def complete(p):
             r = httpx.post(f"{base}/v1/completions", timeout=300, json={
                 "model": "hybrid", "prompt": p, "max_tokens": NEW_TOKENS, "temperature": 0,
@@ -253,13 +228,6 @@ def test_server_with_ngram_speculation_answers_concurrent_requests(tmp_path):
         accepted = [line for line in metrics.splitlines()
                     if line.startswith("vllm:spec_decode_num_accepted_tokens_total")]
         assert accepted and float(accepted[0].split()[-1]) >= 0
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 # ---- refused setups ---------------------------------------------------------------------

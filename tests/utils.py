@@ -1,8 +1,13 @@
 """Builders of small real checkpoints for the tests (random weights, real files)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -109,3 +114,46 @@ def write_paper_checkpoint(model: LlamaMambaHybridForCausalLM, out, *, fmt="bin"
     else:
         save_file(state, out / "model.safetensors")
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model_dir, log_path, *server_args: str, startup_timeout_s: float = 300):
+    """``mamba-hybrid serve MODEL_DIR`` as a real subprocess on a free loopback port;
+    yields its base URL once /health answers, and stops it afterwards."""
+    import httpx
+    import pytest
+    port = free_port()
+    log = open(log_path, "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_mamba_hybrid.cli", "serve", str(model_dir),
+         "--host", "127.0.0.1", "--port", str(port), *server_args],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + startup_timeout_s
+    try:
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-5000:]}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"server did not become healthy in {startup_timeout_s} s")
+            time.sleep(1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

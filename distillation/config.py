@@ -35,6 +35,10 @@ class StudentConfig:
     attn_fraction: float = 0.5
     attn_layers: list[int] | None = None
     mamba_init: Literal["attention", "random"] = "attention"
+    # Keep only these teacher layers, in this order: a small student such as a
+    # speculative-decoding draft. attn_fraction / attn_layers then apply to the kept
+    # stack (attn_fraction 1.0: a plain shallow Llama; 0.0: a pure Mamba draft).
+    layers: list[int] | None = None
 
 
 @dataclass
@@ -55,6 +59,11 @@ class DataConfig:
     max_length: int = 512
     # Where the teacher's answers are cached; null = <output_dir>/pseudo_labels.
     cache_dir: str | None = None
+    # Plain text distilled on besides the answers (KL on every token, in windows of
+    # max_length): a directory of .txt files, relative to data_dir unless absolute. The
+    # essays held out for evaluation (the last eval.num_essays of data_dir/essays) are
+    # never trained on.
+    text_dir: str | None = None
 
 
 @dataclass
@@ -63,6 +72,11 @@ class PseudoLabelConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    # Teacher samples: besides the answer at `temperature`, this many more answers per
+    # prompt drawn at `sample_temperature` / `top_p` (more, and more varied, sequences
+    # for the same prompts).
+    samples_per_prompt: int = 0
+    sample_temperature: float = 1.0
     # vLLM engine settings (see shared/ENVIRONMENT.md for the CPU values).
     gpu_memory_utilization: float = 0.3
     enforce_eager: bool = True
@@ -117,6 +131,8 @@ class ProgressiveConfig(StageOptim):
     schedule: list[float] | Literal["stepwise"] = field(default_factory=lambda: [0.5])
     # Train only the Mamba mixers (the paper's first stage keeps MLPs frozen).
     freeze_mlp: bool = True
+    # Keep embeddings, final norm and head at the teacher's (e.g. for a small draft).
+    freeze_embeddings: bool = False
     kl_weight: float = 0.1
     ce_weight: float = 1.0
     kl_direction: Literal["forward", "reverse"] = "forward"
@@ -127,6 +143,7 @@ class ProgressiveConfig(StageOptim):
 class DistillConfig(StageOptim):
     enabled: bool = True
     freeze_mlp: bool = False
+    freeze_embeddings: bool = False
     kl_weight: float = 1.0
     ce_weight: float = 0.0
     kl_direction: Literal["forward", "reverse"] = "forward"
@@ -268,6 +285,9 @@ def _check_semantics(cfg: PipelineConfig) -> None:
     s = cfg.student
     if not 0.0 <= s.attn_fraction <= 1.0:
         raise ConfigError(f"`student.attn_fraction` must lie in [0, 1], got {s.attn_fraction}")
+    if s.layers is not None and (not s.layers or len(set(s.layers)) != len(s.layers)):
+        raise ConfigError(f"`student.layers` must be a non-empty list of distinct teacher layer "
+                          f"indices, got {s.layers}")
     sched = cfg.stages.progressive.schedule
     if isinstance(sched, list):
         if not sched:
@@ -284,6 +304,13 @@ def _check_semantics(cfg: PipelineConfig) -> None:
     for name in ("batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
         if getattr(cfg.training, name) < 1:
             raise ConfigError(f"`training.{name}` must be >= 1")
+    pl = cfg.pseudo_labels
+    if pl.samples_per_prompt < 0:
+        raise ConfigError("`pseudo_labels.samples_per_prompt` must be >= 0")
+    if pl.samples_per_prompt and pl.sample_temperature <= 0:
+        raise ConfigError("`pseudo_labels.sample_temperature` must be > 0 when "
+                          "`pseudo_labels.samples_per_prompt` > 0 (greedy samples would repeat "
+                          "the answer)")
     if cfg.data.heldout_every < 2:
         raise ConfigError("`data.heldout_every` must be >= 2 (every n-th prompt is held out)")
     for stage in ("progressive", "distill", "dpo"):

@@ -38,7 +38,7 @@ def perplexity(model, tokenizer, texts: list[str], *, max_tokens: int, seq_len: 
     for w in windows:
         if len(w) < 2:
             continue
-        x = torch.tensor([w])
+        x = torch.tensor([w], device=model.device)
         logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
         nll -= float(logp.gather(-1, x[0, 1:, None]).sum())
         count += len(w) - 1
@@ -49,9 +49,11 @@ class TeacherReference:
     """The teacher's greedy answers and logits on held-out prompts, computed once and
     reused for every model compared against it."""
 
-    def __init__(self, teacher_dir: Path, prompts: list[dict], cfg: EvalConfig) -> None:
+    def __init__(self, teacher_dir: Path, prompts: list[dict], cfg: EvalConfig,
+                 device: str = "cpu") -> None:
         self.tokenizer = load_tokenizer(teacher_dir)
-        self.teacher = load_causal_lm(teacher_dir, torch.float32).eval()
+        self.device = torch.device(device)
+        self.teacher = load_causal_lm(teacher_dir, torch.float32).to(self.device).eval()
         tok = self.tokenizer
         self.pad_id = pad_id_of(tok)
         self.prompts = prompts
@@ -60,7 +62,8 @@ class TeacherReference:
                                    pad_id=self.pad_id, max_new_tokens=cfg.max_new_tokens)
         self.examples = [{"prompt_ids": p, "answer_ids": a}
                          for p, a in zip(self.prompt_ids, answers)]
-        self.batches = [collate_lm(self.examples[i:i + 8], self.pad_id, 10 ** 9)
+        self.batches = [{k: v.to(self.device) for k, v in
+                         collate_lm(self.examples[i:i + 8], self.pad_id, 10 ** 9).items()}
                         for i in range(0, len(self.examples), 8)]
         self.logits = [self.teacher(input_ids=b["input_ids"],
                                     attention_mask=b["attention_mask"]).logits for b in self.batches]
@@ -79,8 +82,9 @@ class TeacherReference:
 
 
 def evaluate_models(model_dirs: dict[str, Path], teacher_dir: Path, *, data: DataConfig,
-                    cfg: EvalConfig, log=print) -> dict:
-    """Metrics for each named model dir (and the teacher's own perplexity)."""
+                    cfg: EvalConfig, log=print, device: str = "cpu") -> dict:
+    """Metrics for each named model dir (and the teacher's own perplexity); float32
+    weights on ``device`` (on CUDA, answers come from the fast runtime)."""
     t0 = time.perf_counter()
     data_dir = resolve_data_dir(data.data_dir)
     _, heldout = load_prompts(data)
@@ -88,7 +92,7 @@ def evaluate_models(model_dirs: dict[str, Path], teacher_dir: Path, *, data: Dat
     essays = heldout_essays(data_dir, cfg.num_essays)
     texts = [p.read_text() for p in essays]
     log(f"eval: teacher answers {len(heldout)} held-out prompts")
-    ref = TeacherReference(teacher_dir, heldout, cfg)
+    ref = TeacherReference(teacher_dir, heldout, cfg, device)
     tok = ref.tokenizer
     result = {
         "teacher": str(teacher_dir),
@@ -101,7 +105,7 @@ def evaluate_models(model_dirs: dict[str, Path], teacher_dir: Path, *, data: Dat
     sample_ids = ref.prompt_ids[: cfg.num_samples]
     for name, model_dir in model_dirs.items():
         log(f"eval: {name} ({model_dir})")
-        model = load_causal_lm(model_dir, torch.float32).eval()
+        model = load_causal_lm(model_dir, torch.float32).to(device).eval()
         metrics = ref.compare(model)
         metrics["perplexity"] = perplexity(model, tok, texts, max_tokens=cfg.ppl_max_tokens,
                                            seq_len=cfg.ppl_seq_len)
@@ -142,6 +146,7 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--num-essays", type=int, default=EvalConfig.num_essays)
     p.add_argument("--ppl-max-tokens", type=int, default=EvalConfig.ppl_max_tokens)
     p.add_argument("--num-samples", type=int, default=EvalConfig.num_samples)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     import transformers
     transformers.utils.logging.disable_progress_bar()
@@ -152,7 +157,7 @@ def eval_main(argv: list[str]) -> int:
                      num_samples=args.num_samples)
     try:
         result = evaluate_models({"model": Path(args.model)}, Path(args.teacher), data=data, cfg=cfg,
-                                 log=lambda m: print(m, file=sys.stderr))
+                                 log=lambda m: print(m, file=sys.stderr), device=args.device)
     except (ValueError, FileNotFoundError) as e:
         print(f"mamba-hybrid eval: error: {e}", file=sys.stderr)
         return 2

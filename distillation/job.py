@@ -34,10 +34,11 @@ class TrainJob:
     kl_direction: str = "forward"
     beta: float = 0.1
     freeze_mlp: bool = False
+    freeze_embeddings: bool = False
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 1
-    dtype: str = "float32"
+    dtype: str = "float32"         # compute dtype: bfloat16 = autocast, float32 master weights
     device: str = "cpu"
     strategy: str = "ddp"
     seed: int = 0

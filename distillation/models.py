@@ -45,3 +45,15 @@ def load_tokenizer(model_dir: str | Path):
 
 def is_mamba_param(name: str) -> bool:
     return ".mamba." in name
+
+
+# Embeddings, final norm and head: the parts a small draft shares with its teacher.
+_EMBEDDING_PREFIXES = ("model.embed_tokens.", "model.norm.", "lm_head.")
+
+
+def is_trainable(name: str, *, freeze_mlp: bool, freeze_embeddings: bool) -> bool:
+    """freeze_mlp: only the Mamba mixers train (the paper's first stage);
+    freeze_embeddings: everything but embeddings, final norm and head trains."""
+    if freeze_mlp:
+        return is_mamba_param(name)
+    return not (freeze_embeddings and name.startswith(_EMBEDDING_PREFIXES))

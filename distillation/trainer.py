@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 from . import checkpoint as ckpt
 from .job import TrainJob
 from .losses import dpo_losses, kd_loss_sums, sequence_logps
-from .models import DTYPES, is_mamba_param, load_causal_lm
+from .models import DTYPES, is_trainable, load_causal_lm
 from .tokens import collate_lm, collate_pairs
 
 PROGRESS = "progress.jsonl"
@@ -130,14 +130,17 @@ def train_worker(job_dict: dict) -> None:
     stage_dir = Path(job.stage_dir)
     ckpt_root = stage_dir / "checkpoints"
 
-    student = load_causal_lm(job.init_dir, dtype).to(device)
+    # Mixed precision: float32 master weights and optimizer state, low-precision compute
+    # under autocast (pure bf16 weights would round away most AdamW updates).
+    student = load_causal_lm(job.init_dir, torch.float32).to(device)
     student.train()
-    if job.freeze_mlp:
-        for name, p in student.named_parameters():
-            p.requires_grad_(is_mamba_param(name))
+    for name, p in student.named_parameters():
+        p.requires_grad_(is_trainable(name, freeze_mlp=job.freeze_mlp,
+                                      freeze_embeddings=job.freeze_embeddings))
     if not any(p.requires_grad for p in student.parameters()):
         raise RuntimeError(f"stage {job.stage}: no trainable parameters (freeze_mlp on a model "
                            f"without Mamba layers?)")
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     other = _frozen_model(job.teacher_dir if job.objective == "kd" else job.ref_dir, dtype, device)
     model = _wrap(student, job, d, device)
     # After wrapping: FSDP replaces the parameters with sharded ones.
@@ -146,6 +149,12 @@ def train_worker(job_dict: dict) -> None:
                                   weight_decay=job.weight_decay)
     scheduler = _scheduler(optimizer, job)
     examples = torch.load(job.data_file, weights_only=False)
+    if job.objective == "kd":
+        # A prompt as long as max_length leaves no answer token to learn from.
+        examples = [e for e in examples if len(e["prompt_ids"]) < job.max_length]
+        if not examples:
+            raise RuntimeError(f"stage {job.stage}: every prompt is at least max_length "
+                               f"({job.max_length}) tokens long: no answer token to train on")
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     step, tokens_seen = 0, 0
@@ -180,10 +189,11 @@ def train_worker(job_dict: dict) -> None:
             b = {k: v.to(device) for k, v in b.items()}
             sync = j == job.grad_accum - 1 or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync():
-                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                with torch.no_grad():
-                    other_logits = other(input_ids=b["input_ids"],
-                                         attention_mask=b["attention_mask"]).logits
+                with autocast:
+                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                    with torch.no_grad():
+                        other_logits = other(input_ids=b["input_ids"],
+                                             attention_mask=b["attention_mask"]).logits
                 if job.objective == "kd":
                     kl, ce, _ = kd_loss_sums(out, other_logits, b["input_ids"], b["loss_mask"],
                                              job.kl_direction)

@@ -118,3 +118,17 @@ def test_overrides_are_checked(tmp_path, teacher, monkeypatch):
         (tmp_path / ".." / "elsewhere").resolve())
     with pytest.raises(ConfigError, match="unknown config key `stages.distil`"):
         load_config(p, {"stages.distil.steps": 7})
+
+
+def test_student_layers_samples_and_text_rules(tmp_path, teacher, capsys, shared_dir):
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"student.layers": [0, 7]}), capsys)
+    assert "`student.layers` [7] out of range" in err and "4 layers" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"student.layers": [1, 1]}), capsys)
+    assert "`student.layers` must be a non-empty list of distinct" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"pseudo_labels.samples_per_prompt": 2,
+                                                     "pseudo_labels.sample_temperature": 0.0}),
+               capsys)
+    assert "`pseudo_labels.sample_temperature` must be > 0" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"data.data_dir": str(shared_dir / "data"),
+                                                     "data.text_dir": "no_such_dir"}), capsys)
+    assert "`data.text_dir`" in err and "no_such_dir" in err and "not a directory" in err

@@ -89,7 +89,8 @@ def cmd_convert_paper(args) -> int:
 def cmd_draft(args) -> int:
     from .conversion.draft import make_layer_subset_draft
     out = make_layer_subset_draft(args.teacher, args.out, layers=args.layers, overwrite=args.overwrite)
-    print(f"draft with teacher layers {args.layers} written to {out} (distil it before use)")
+    print(f"draft with teacher layers {args.layers} written to {out} (untrained: distil one with "
+          f"`student.layers` in a distillation config, see examples/draft.yaml)")
     return 0
 
 

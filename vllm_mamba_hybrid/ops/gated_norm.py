@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dtype import compute_dtype
+from ._dtype import compute_dtype, no_autocast
 
 
+@no_autocast
 def gated_rms_norm(
     x: torch.Tensor,
     z: torch.Tensor | None,

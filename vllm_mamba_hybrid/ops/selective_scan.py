@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dtype import compute_dtype
+from ._dtype import compute_dtype, no_autocast
 
 
 def _prepare_delta(delta, delta_bias, delta_softplus):
@@ -28,6 +28,7 @@ def _prepare_delta(delta, delta_bias, delta_softplus):
     return F.softplus(delta) if delta_softplus else delta
 
 
+@no_autocast
 def selective_scan_fn(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -79,6 +80,7 @@ def selective_scan_fn(
     return y.to(u.dtype), h.reshape(b, d, n)
 
 
+@no_autocast
 def selective_state_update(
     state: torch.Tensor,
     x: torch.Tensor,

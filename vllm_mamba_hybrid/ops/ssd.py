@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dtype import compute_dtype
+from ._dtype import compute_dtype, no_autocast
 
 
 def _prepare_dt(dt, dt_bias, dt_softplus):
@@ -34,6 +34,7 @@ def _heads(t: torch.Tensor, nheads: int, dim: int) -> torch.Tensor:
     return t if g == nheads else t.repeat_interleave(nheads // g, dim=dim)
 
 
+@no_autocast
 def ssd_chunk_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -90,6 +91,7 @@ def ssd_chunk_scan(
     return y.to(x.dtype), state
 
 
+@no_autocast
 def ssd_state_update(
     state: torch.Tensor,
     x: torch.Tensor,

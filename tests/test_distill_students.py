@@ -1,0 +1,111 @@
+"""Students beyond the standard hybrid, on a tiny random teacher in one process: a
+layer-subset draft with frozen embeddings, trained on teacher answers, teacher
+samples and prose; its delta against the teacher; the pipeline without vLLM once
+the pseudo-labels are cached (the GPU machine's situation)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from distillation.cli import distill_main
+from distillation.splits import heldout_essays
+from tests.utils import REPO, make_random_llama
+from vllm_mamba_hybrid import LlamaMambaHybridForCausalLM
+from vllm_mamba_hybrid.conversion.delta import apply_delta, write_delta
+
+MODEL_KW = dict(num_layers=4, hidden_size=128, heads=4, kv_heads=2, intermediate_size=256,
+                vocab_size=512, scale=2.0)
+NUM_ESSAYS = 8
+
+
+@pytest.fixture(scope="module")
+def draft_run(tmp_path_factory, shared_dir):
+    root = tmp_path_factory.mktemp("students")
+    make_random_llama(root / "teacher", **MODEL_KW)
+    cfg = {
+        "output_dir": str(root / "run"),
+        "teacher": {"path": str(root / "teacher")},
+        "student": {"layers": [0, 3], "attn_fraction": 1.0},
+        "data": {"data_dir": str(shared_dir / "data"), "max_prompts": 12, "max_length": 64,
+                 "text_dir": "essays"},
+        "pseudo_labels": {"max_new_tokens": 24, "max_model_len": 512, "samples_per_prompt": 2,
+                          "sample_temperature": 1.0},
+        "backend": {"kind": "local", "num_workers": 1},
+        "training": {"batch_size": 4, "checkpoint_every": 100},
+        "stages": {"distill": {"steps": 6, "lr": 3e-3, "freeze_embeddings": True},
+                   "export": {"evaluate": False}},
+        "eval": {"num_essays": NUM_ESSAYS},
+    }
+    path = root / "distill.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert distill_main([str(path)]) == 0
+    return root
+
+
+def test_teacher_samples_and_prose_are_training_data(draft_run, shared_dir):
+    import datasets
+    ds = datasets.load_from_disk(str(draft_run / "run" / "pseudo_labels" / "dataset"))
+    assert len(ds) == 12 * 3 and ds["sample"] == [0, 1, 2] * 12
+    by_prompt = [ds["answer_ids"][i:i + 3] for i in range(0, len(ds), 3)]
+    assert all(len({tuple(a) for a in group}) > 1 for group in by_prompt[:4]), \
+        "teacher samples repeat the greedy answer"
+    summary = json.loads((draft_run / "run" / "export" / "distill_summary.json").read_text())
+    data = summary["data"]
+    heldout = {p.name for p in heldout_essays(shared_dir / "data", NUM_ESSAYS)}
+    assert data["text_windows"] > 10 and not heldout & set(data["text_files"])
+    assert len(data["text_files"]) == len(list((shared_dir / "data" / "essays").glob("*.txt"))) - NUM_ESSAYS
+    examples = torch.load(next((draft_run / "run" / "data").glob("kd_examples-*.pt")))
+    assert len(examples) == 36 + data["text_windows"]
+    prose = [e for e in examples if not e["prompt_ids"]]
+    assert len(prose) == data["text_windows"] and max(len(e["answer_ids"]) for e in prose) == 64
+
+
+def test_layer_subset_draft_trains_only_its_layers(draft_run):
+    teacher = load_file(str(draft_run / "teacher" / "model.safetensors"))
+    final = draft_run / "run" / "stages" / "01-distill" / "model"
+    model = LlamaMambaHybridForCausalLM.from_pretrained(final, dtype=torch.float32)
+    assert model.config.num_hidden_layers == 2 and model.config.attn_layers == [0, 1]
+    state = model.state_dict()
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert torch.equal(state[name], teacher[name].float()), name
+    init = LlamaMambaHybridForCausalLM.from_pretrained(
+        draft_run / "run" / "stages" / "00-init" / "model", dtype=torch.float32).state_dict()
+    # the draft's layer 1 started as the teacher's layer 3, and training moved it
+    key = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(init[key], teacher["model.layers.3.self_attn.q_proj.weight"].float())
+    assert not torch.equal(state[key], init[key])
+
+
+def test_delta_round_trip_rebuilds_the_student(draft_run, tmp_path):
+    final = draft_run / "run" / "stages" / "01-distill" / "model"
+    shards = write_delta(final, draft_run / "teacher", tmp_path / "delta", max_shard_bytes=200_000)
+    assert len(shards) > 1
+    delta = {}
+    for s in shards:
+        delta.update(load_file(str(s)))
+    assert "model.embed_tokens.weight" not in delta and "model.layers.0.mlp.up_proj.weight" in delta
+    rebuilt = apply_delta(draft_run / "teacher", shards, tmp_path / "rebuilt")
+    want = LlamaMambaHybridForCausalLM.from_pretrained(final, dtype=torch.float32).to(torch.bfloat16)
+    got = LlamaMambaHybridForCausalLM.from_pretrained(rebuilt, dtype=torch.bfloat16)
+    for name, t in want.state_dict().items():
+        assert torch.equal(got.state_dict()[name], t), name
+    with pytest.raises(ValueError, match="shards"):
+        apply_delta(draft_run / "teacher", shards[:1], tmp_path / "partial")
+
+
+def test_cached_pipeline_runs_without_vllm(draft_run):
+    """A new stage (other lr) reuses the cached pseudo-labels with vLLM unimportable."""
+    code = ("import sys; sys.modules['vllm'] = None\n"
+            "from distillation.cli import distill_main\n"
+            f"sys.exit(distill_main([{str(draft_run / 'distill.yaml')!r}, '--set', "
+            f"'output_dir={draft_run / 'run-novllm'}', '--set', "
+            f"'data.cache_dir={draft_run / 'run' / 'pseudo_labels'}', '--set', "
+            f"'stages.distill.steps=2']))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "pseudo-labels: reusing" in out.stdout
+    assert (draft_run / "run-novllm" / "stages" / "01-distill" / "model" / "config.json").is_file()

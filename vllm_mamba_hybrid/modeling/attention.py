@@ -33,6 +33,28 @@ class KVCacheEntry:
         out.key, out.value = self.key[index], self.value[index]
         return out
 
+    @staticmethod
+    def stack(entries: list["KVCacheEntry"], width: int) -> "KVCacheEntry":
+        """One-row entries as a batch, left-padded with zeros to ``width`` positions."""
+        like = next((e.key for e in entries if e.key is not None), None)
+        out = KVCacheEntry()
+        if like is None:
+            return out
+        def padded(t):
+            shape = (1, like.shape[1], width - (0 if t is None else t.shape[2]), like.shape[3])
+            pad = like.new_zeros(shape)
+            return pad if t is None else torch.cat([pad, t], dim=2)
+        out.key = torch.cat([padded(e.key) for e in entries])
+        out.value = torch.cat([padded(e.value) for e in entries])
+        return out
+
+    def row(self, i: int, pad: int) -> "KVCacheEntry":
+        """Row ``i`` without its first ``pad`` (padding) positions, as views."""
+        out = KVCacheEntry()
+        if self.key is not None:
+            out.key, out.value = self.key[i:i + 1, :, pad:], self.value[i:i + 1, :, pad:]
+        return out
+
 
 class HybridAttention(nn.Module):
     def __init__(self, config: LlamaMambaHybridConfig, layer_idx: int):

@@ -23,3 +23,35 @@ class HybridCache:
         out.layers = [entry.select(index) for entry in self.layers]
         out.seen_tokens = self.seen_tokens
         return out
+
+    @staticmethod
+    def stack(caches: list["HybridCache"]) -> tuple["HybridCache", torch.Tensor]:
+        """Rows' caches of different lengths as one left-padded batch.
+
+        Returns the batched cache and its attention mask (batch, longest length), 0 on
+        padding; a forward with ``attention_mask = cat([mask, ones])`` then decodes
+        every row at its own position. Mamba states stack as they are (a row never fed
+        gets the zero state a fresh sequence starts from)."""
+        lengths = [c.seen_tokens for c in caches]
+        width = max(lengths)
+        out = HybridCache.__new__(HybridCache)
+        out.seen_tokens = width
+        out.layers = []
+        for entries in zip(*(c.layers for c in caches)):
+            if isinstance(entries[0], KVCacheEntry):
+                out.layers.append(KVCacheEntry.stack(entries, width))
+            else:
+                out.layers.append(MambaLayerState.stack(entries))
+        mask = torch.zeros(len(caches), width, dtype=torch.long)
+        for i, n in enumerate(lengths):
+            mask[i, width - n:] = 1
+        return out, mask
+
+    def row(self, i: int, pad: int) -> "HybridCache":
+        """Row ``i`` of a batched cache without its ``pad`` left-padding columns
+        (views: forwards replace cache tensors, never write them)."""
+        out = HybridCache.__new__(HybridCache)
+        out.layers = [entry.row(i, pad) if isinstance(entry, KVCacheEntry) else entry.select(
+            slice(i, i + 1)) for entry in self.layers]
+        out.seen_tokens = self.seen_tokens - pad
+        return out

@@ -16,6 +16,20 @@ class MambaLayerState:
     conv: torch.Tensor | None = None
     ssm: torch.Tensor | None = None
 
-    def select(self, index: torch.Tensor) -> "MambaLayerState":
+    def select(self, index: torch.Tensor | slice) -> "MambaLayerState":
         """Keep only the batch rows in ``index`` (sequences still decoding)."""
+        if self.conv is None:
+            return MambaLayerState()
         return MambaLayerState(self.conv[index], self.ssm[index])
+
+    @staticmethod
+    def stack(states: list["MambaLayerState"]) -> "MambaLayerState":
+        """One-row states as a batch; a fresh (empty) row gets zeros."""
+        like = next((s for s in states if s.conv is not None), None)
+        if like is None:
+            return MambaLayerState()
+        return MambaLayerState(
+            torch.cat([like.conv.new_zeros(like.conv.shape) if s.conv is None else s.conv
+                       for s in states]),
+            torch.cat([like.ssm.new_zeros(like.ssm.shape) if s.ssm is None else s.ssm
+                       for s in states]))

@@ -16,13 +16,15 @@ Use::
 
 vLLM hands ``propose`` each batch row's tokens but no request ids, so the draft
 state is keyed by token prefix: a state is a function of the tokens it consumed.
-After drafting d1..dk from context c, the states after c, c+d1, ..., c+d1..d(k-1)
-are kept as snapshots (cheap: the reference cache *replaces* its tensors on
-every forward, so a snapshot is a shallow copy). Next step the row's context is
-c + accepted drafts + the target's token, so the longest snapshot that prefixes
-it is the rollback point; only the rest (usually one token) is fed. Rows with no
-snapshot (new, preempted, evicted) are prefilled from scratch. Snapshots unused
-for two calls are dropped, so finished requests free their memory.
+A propose call feeds every row's last token and then its own drafts, k + 1 single-
+token steps run as ONE left-padded batch over all rows (each row at its own
+position); after each step the row's state is kept as a snapshot keyed by the
+tokens it has consumed (cheap: views, since the reference cache *replaces* its
+tensors on every forward). The next call's context of a row is its old context +
+the accepted drafts + the target's token, so the snapshot of the context minus its
+last token is always there (the (k+1)-th step exists for the all-accepted case);
+only rows without one (new, preempted, evicted) are prefilled, one at a time.
+Snapshots unused for two calls are dropped, so finished requests free their memory.
 """
 from __future__ import annotations
 
@@ -63,7 +65,6 @@ def load_draft_model(path: str | os.PathLike, device: torch.device | str = "cpu"
 @dataclass
 class _Snapshot:
     cache: object  # HybridCache after consuming the key's tokens
-    next_token: int  # the draft's greedy token after them
     last_call: int
 
 
@@ -104,53 +105,66 @@ class HybridDraftProposer:
                     self.model.config.num_hidden_layers, self.k)
 
     @torch.inference_mode()
-    def _feed(self, cache, ids) -> int:
-        logits = self.model(input_ids=torch.tensor([ids], device=self.device),
-                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        return int(logits[0, -1].argmax())
-
-    def _keep(self, tokens: np.ndarray, cache, next_token: int) -> None:
-        self._snaps[tokens.tobytes()] = _Snapshot(_copy_cache(cache), next_token, self._calls)
-
-    def _resume(self, ctx: np.ndarray):
-        """(cache after ctx, draft's next token), from the longest snapshot prefixing ctx."""
+    def _prefill(self, ids) -> object:
+        """A fresh cache after ``ids`` (may be empty)."""
         from vllm_mamba_hybrid.modeling import HybridCache
+        cache = HybridCache(self.model.config)
+        if len(ids):
+            self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+        return cache
 
+    def _cache_before_last(self, ctx: np.ndarray):
+        """The draft's cache after ``ctx[:-1]``: a snapshot, topped up or prefilled."""
         n = len(ctx)
-        for m in range(n, max(0, n - self.k - 2), -1):
+        for m in range(n - 1, max(-1, n - self.k - 3), -1):
             snap = self._snaps.get(ctx[:m].tobytes())
             if snap is None:
                 continue
             snap.last_call = self._calls
-            cache = _copy_cache(snap.cache)
-            if m == n:
-                return cache, snap.next_token
-            return cache, self._feed(cache, ctx[m:].tolist())
-        cache = HybridCache(self.model.config)
-        return cache, self._feed(cache, ctx.tolist())
+            cache = snap.cache
+            if m < n - 1:
+                cache = _copy_cache(cache)
+                with torch.inference_mode():
+                    self.model(input_ids=torch.tensor([ctx[m:n - 1].tolist()], device=self.device),
+                               past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return cache
+        return self._prefill(ctx[:n - 1].tolist())
 
+    @torch.inference_mode()
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
                 slot_mappings=None, **kwargs) -> list[list[int]]:
         """Up to k greedy draft tokens per batch row ([] where a row gets none)."""
+        from vllm_mamba_hybrid.modeling import HybridCache
         if self.model is None:
             self.load_model()
         self._calls += 1
-        drafts: list[list[int]] = []
+        drafts: list[list[int]] = [[] for _ in sampled_token_ids]
+        rows = []  # (batch row, context, budget)
         for i, sampled in enumerate(sampled_token_ids):
             n = int(num_tokens_no_spec[i])
             budget = min(self.k, self.max_model_len - n)
-            if len(sampled) == 0 or budget <= 0:  # mid-prefill chunk, or at max length
-                drafts.append([])
-                continue
-            ctx = np.ascontiguousarray(token_ids_cpu[i, :n])
-            cache, token = self._resume(ctx)
-            self._keep(ctx, cache, token)
-            row = [token]
-            while len(row) < budget:
-                token = self._feed(cache, [token])
-                self._keep(np.concatenate([ctx, np.asarray(row, dtype=ctx.dtype)]), cache, token)
-                row.append(token)
-            drafts.append(row)
+            if len(sampled) and budget > 0:  # not mid-prefill, not at max length
+                rows.append((i, np.ascontiguousarray(token_ids_cpu[i, :n]), budget))
+        if rows:
+            caches = [self._cache_before_last(ctx) for _, ctx, _ in rows]
+            pads = [max(c.seen_tokens for c in caches) - c.seen_tokens for c in caches]
+            batch, mask = HybridCache.stack(caches)
+            mask = mask.to(self.device)
+            inputs = torch.tensor([[int(ctx[-1])] for _, ctx, _ in rows], device=self.device)
+            consumed = [ctx for _, ctx, _ in rows]  # what each row's batch state has seen
+            for _ in range(max(b for _, _, b in rows) + 1):
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                logits = self.model(input_ids=inputs, attention_mask=mask, past_key_values=batch,
+                                    use_cache=True, logits_to_keep=1).logits[:, -1]
+                nxt = logits.argmax(-1)
+                for r, ((i, _, budget), token) in enumerate(zip(rows, nxt.tolist())):
+                    self._snaps[consumed[r].tobytes()] = _Snapshot(batch.row(r, pads[r]),
+                                                                  self._calls)
+                    if len(drafts[i]) < budget:
+                        drafts[i].append(token)
+                    consumed[r] = np.append(consumed[r], np.asarray([token], consumed[r].dtype))
+                inputs = nxt[:, None]
         stale = [key for key, s in self._snaps.items() if s.last_call <= self._calls - _KEEP_CALLS]
         for key in stale:
             del self._snaps[key]

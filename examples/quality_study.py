@@ -1,0 +1,454 @@
+"""The GPU quality study: distil the real SmolLM2 teacher into seven students on one GPU.
+
+What it shows (README, "Quality study"): attention-initialised 50% hybrids against a
+random-initialised one at the same token budget, 50% against 25% attention, both
+Mamba variants; plus two students for speculative decoding on the CPU engine (a 50%
+Mamba2 hybrid whose MLPs stay the teacher's, and a 2-layer draft), which come back
+as deltas against the teacher because a lent-GPU run returns at most 64 MiB.
+
+The lent GPU machine has no vLLM, no Ray and no network, and a run carries at most
+64 MiB, so the work is split by machine:
+
+  CPU machine   python examples/quality_study.py prepare
+                  imports the teacher, has vLLM write the pseudo-labels (teacher
+                  answers and samples), packs .carry/run1 and .carry/run2 (the
+                  teacher's GGUF in two parts, its small files, wheels, data)
+  GPU, call 1   python examples/quality_study.py gpu-setup --carry .carry/run1
+                  stashes GGUF part 1 and the data, installs the wheels under --root
+  GPU, call 2   python examples/quality_study.py gpu-train --carry .carry/run2 --budget-s 960
+                  joins the GGUF, imports and checks the teacher, calibrates the
+                  step time of all students running together, sizes the run to the
+                  budget and launches them (detached: they outlive the call)
+  GPU, call 3   python examples/quality_study.py gpu-finish --out $OUT
+                  waits for the students, evaluates all of them and the teacher
+                  (mamba-hybrid eval's metrics), writes the table, plots, deltas
+  CPU machine   python examples/quality_study.py fetch RESULTS_DIR
+                  copies the metrics and plot into benchmarks/results and rebuilds
+                  the two speculative-decoding students from their deltas
+
+Calls 1-3 must follow each other while the machine is warm (state lives under --root).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CONFIG = REPO / "examples" / "quality_study.yaml"
+GGUF_SPLIT = 50_000_000  # bytes in part 1; a run carries at most 64 MiB
+TEACHER_SMALL_FILES = "teacher_files"
+
+MAMBA1_MEMORY = {"training.batch_size": 4, "training.grad_accum": 8}
+# name -> config overrides (the base config is the 50% Mamba2 hybrid, attention init).
+STUDENTS = {
+    "mamba2-50": {},
+    # Mamba1's reference scan holds (batch, d_inner, d_state, chunk) tensors: half the
+    # micro-batch, twice the micro-batches (the same 32 sequences a step, in the same order).
+    "mamba1-50": {"student.variant": "mamba1", **MAMBA1_MEMORY},
+    "mamba2-25": {"student.attn_fraction": 0.25},
+    "mamba1-25": {"student.variant": "mamba1", "student.attn_fraction": 0.25, **MAMBA1_MEMORY},
+    "mamba2-50-random": {"student.mamba_init": "random"},
+    # Only the Mamba mixers train (the paper's first stage): the speculative-decoding
+    # target of benchmarks/spec_decode.py, shipped back as its mixers alone.
+    "mamba2-50-mixers": {"stages.distill.freeze_mlp": True},
+    # A 2-layer draft (teacher layers 0 and 29, attention) sharing the teacher's
+    # embeddings and head, which stay frozen so that only its layers travel back.
+    "draft-2l": {"student.layers": [0, 29], "student.attn_fraction": 1.0,
+                 "stages.distill.freeze_embeddings": True, "stages.distill.lr": 5.0e-4},
+}
+DELTAS = ("mamba2-50-mixers", "draft-2l")   # students whose weights come back
+INIT_ROWS = ("mamba2-50", "mamba2-50-random")  # also evaluated at step 0
+
+
+def log(msg: str) -> None:
+    print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cfg():
+    from distillation.config import load_config
+    return load_config(CONFIG)
+
+
+# ------------------------------------------------------------------ CPU machine
+
+
+def cmd_prepare(args) -> int:
+    """Teacher import + vLLM pseudo-labels on the CPU machine; pack the two carries."""
+    from distillation import fingerprint
+    from distillation.models import load_tokenizer
+    from distillation.paths import resolve_data_dir
+    from distillation.prompts import load_prompts
+    from distillation.pseudo_labels import ensure_pseudo_labels
+    from vllm_mamba_hybrid.conversion.teacher import embedded_teacher_gguf, import_teacher
+
+    cfg = _cfg()
+    teacher = Path(cfg.teacher.path)
+    if not (teacher / "config.json").is_file():
+        log(f"importing the embedded teacher into {teacher}")
+        import_teacher(None, teacher)
+    train, _ = load_prompts(cfg.data)
+    ensure_pseudo_labels(teacher, load_tokenizer(teacher), train, cfg.pseudo_labels,
+                         Path(cfg.data.cache_dir), log=log)
+
+    carry = Path(args.carry)
+    run1, run2 = carry / "run1", carry / "run2"
+    for d in (run1, run2):
+        if d.exists():
+            shutil.rmtree(d / "payload", ignore_errors=True)
+        (d / "payload").mkdir(parents=True, exist_ok=True)
+    gguf = embedded_teacher_gguf()
+    data = gguf.read_bytes()
+    (run1 / "payload" / "gguf.part1").write_bytes(data[:GGUF_SPLIT])
+    (run2 / "payload" / "gguf.part2").write_bytes(data[GGUF_SPLIT:])
+    small = run2 / "payload" / TEACHER_SMALL_FILES
+    small.mkdir()
+    for f in teacher.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy2(f, small / f.name)
+    shutil.copytree(cfg.data.cache_dir, run2 / "payload" / "pseudo_labels",
+                    ignore=shutil.ignore_patterns("answers.jsonl"))  # the dataset has it all
+    shutil.copytree(resolve_data_dir(cfg.data.data_dir), run1 / "payload" / "data")
+    manifest = {"gguf_name": gguf.name, "gguf_sha256": sha256(gguf), "gguf_bytes": len(data),
+                "teacher_fingerprint": fingerprint.of_model_dir(teacher),
+                "teacher_weights_sha256": {f.name: sha256(f) for f in teacher.glob("*.safetensors")}}
+    (run2 / "payload" / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    whl = run1 / "whl"
+    if not any(whl.glob("*.whl")):
+        log(f"no wheels in {whl}: download datasets, dill, multiprocess and gguf for the GPU "
+            f"machine's Python there (see .library/device/README.md)")
+        return 2
+    for d in (run1, run2):
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        log(f"{d}: {size / 2 ** 20:.1f} MiB")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    """Results of gpu-finish -> benchmarks/results; rebuild the delta students."""
+    from vllm_mamba_hybrid.conversion.delta import apply_delta
+    res = Path(args.results)
+    dest = REPO / "benchmarks" / "results"
+    for name in ("quality_study.json", "quality_study.png", "quality_study.md"):
+        if (res / name).is_file():
+            shutil.copy2(res / name, dest / name)
+            log(f"{dest / name}")
+    cfg = _cfg()
+    for student in DELTAS:
+        shards = sorted(res.glob(f"{student}-*.safetensors"))
+        if shards:
+            out = Path(cfg.output_dir).parent / student
+            apply_delta(cfg.teacher.path, shards, out, overwrite=True)
+            log(f"{student} rebuilt in {out}")
+    return 0
+
+
+# ------------------------------------------------------------------ GPU machine
+
+
+def cmd_gpu_setup(args) -> int:
+    root = Path(args.root)
+    (root / "stash").mkdir(parents=True, exist_ok=True)
+    carry = Path(args.carry)
+    shutil.copy2(carry / "payload" / "gguf.part1", root / "stash" / "gguf.part1")
+    if not (root / "data").exists():
+        shutil.copytree(carry / "payload" / "data", root / "data")
+    wheels = sorted(str(w) for w in (carry / "whl").glob("*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                    "--no-compile", "--no-cache-dir", "--upgrade", "--target",
+                    str(root / "site"), *wheels], check=True)
+    device = "torch.cuda.get_device_name()" if args.device == "cuda" else "'cpu'"
+    check = subprocess.run([sys.executable, "-c", "import datasets, gguf, torch; "
+                            f"print('datasets', datasets.__version__, 'gguf ok;', {device})"],
+                           env=_env(root), capture_output=True, text=True)
+    print(check.stdout + check.stderr, flush=True)
+    return check.returncode
+
+
+def _env(root: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "code"), str(root / "site"),
+                                         env.get("PYTHONPATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # seven students share the GPU
+    return env
+
+
+def _overrides(root: Path, name: str, steps: int, args) -> list[str]:
+    sets = {"output_dir": str(root / "runs" / name), "teacher.path": str(root / "teacher"),
+            "data.data_dir": str(root / "data"), "data.cache_dir": str(root / "pseudo_labels"),
+            "backend.device": args.device, "stages.distill.steps": steps, **STUDENTS[name]}
+    out = []
+    for k, v in sets.items():
+        out += ["--set", f"{k}={json.dumps(v)}"]
+    for extra in args.set:  # the user's, after the study's
+        out += ["--set", extra]
+    return out
+
+
+def _launch(root: Path, steps: int, tag: str, args) -> dict[str, subprocess.Popen]:
+    """Every student's pipeline as a detached process (new session: outlives this call)."""
+    procs = {}
+    (root / "logs").mkdir(exist_ok=True)
+    for name in args.only:
+        logf = open(root / "logs" / f"{name}.{tag}.log", "w")
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "distillation.cli", str(root / "code" / CONFIG.relative_to(REPO)),
+             *_overrides(root, name, steps, args)],
+            cwd=root / "code", env=_env(root), stdout=logf, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    (root / f"pids.{tag}.json").write_text(json.dumps({n: p.pid for n, p in procs.items()}))
+    return procs
+
+
+def _progress(root: Path, name: str) -> list[dict]:
+    f = root / "runs" / name / "stages" / "01-distill" / "progress.jsonl"
+    if not f.is_file():
+        return []
+    return [json.loads(ln) for ln in f.read_text().splitlines() if ln]
+
+
+def _import_teacher(root: Path, payload: Path) -> None:
+    from distillation import fingerprint
+    from vllm_mamba_hybrid.conversion.teacher import import_teacher
+    manifest = json.loads((payload / "manifest.json").read_text())
+    gguf = root / "stash" / manifest["gguf_name"]
+    with open(gguf, "wb") as f:
+        f.write((root / "stash" / "gguf.part1").read_bytes())
+        f.write((payload / "gguf.part2").read_bytes())
+    if sha256(gguf) != manifest["gguf_sha256"]:
+        raise SystemExit(f"{gguf}: sha256 differs from the CPU machine's GGUF")
+    teacher = root / "teacher"
+    import_teacher(gguf, teacher, overwrite=True)
+    for f in (payload / TEACHER_SMALL_FILES).iterdir():   # byte-identical config/tokenizer
+        shutil.copy2(f, teacher / f.name)
+    got = {f.name: sha256(f) for f in teacher.glob("*.safetensors")}
+    if got != manifest["teacher_weights_sha256"]:
+        raise SystemExit(f"teacher weights differ from the CPU machine's import: {got} vs "
+                         f"{manifest['teacher_weights_sha256']}")
+    if fingerprint.of_model_dir(teacher) != manifest["teacher_fingerprint"]:
+        raise SystemExit("teacher fingerprint differs from the CPU machine's")
+    log(f"teacher imported and identical to the CPU machine's ({manifest['teacher_fingerprint']})")
+
+
+def cmd_gpu_train(args) -> int:
+    root, payload = Path(args.root), Path(args.carry) / "payload"
+    t_start = time.time()
+    if (root / "code").exists():
+        shutil.rmtree(root / "code")
+    # A private copy of the code: the next call re-syncs the working tree under the
+    # running students.
+    shutil.copytree(REPO, root / "code", ignore=shutil.ignore_patterns(
+        ".git", ".carry", "runs", ".venv", "__pycache__", "benchmarks"))
+    if not (root / "pseudo_labels").exists():
+        shutil.copytree(payload / "pseudo_labels", root / "pseudo_labels")
+    sys.path.insert(0, str(root / "site"))
+    _import_teacher(root, payload)
+
+    # Calibration: all students together for a few steps, the way they will run.
+    procs = _launch(root, args.calib_steps_total, "calib", args)
+    deadline = time.time() + args.calib_timeout_s
+    while time.time() < deadline:
+        time.sleep(5)
+        counts = {n: len(_progress(root, n)) for n in args.only}
+        dead = [n for n, p in procs.items() if p.poll() not in (None, 0)]
+        if dead:
+            for n in dead:
+                print((root / "logs" / f"{n}.calib.log").read_text()[-3000:])
+            raise SystemExit(f"students failed during calibration: {dead}")
+        if min(counts.values()) >= args.calib_records:
+            break
+    step_time = {}
+    for n in args.only:
+        recs = _progress(root, n)
+        recs = recs[1:] or recs  # the first logged step may still be warming up
+        if not recs:
+            raise SystemExit(f"{n}: no progress during calibration")
+        step_time[n] = statistics.median(r["step_time_s"] for r in recs)
+    for p in procs.values():
+        os.killpg(p.pid, signal.SIGKILL)
+    for p in procs.values():
+        p.wait()
+    for n in args.only:  # keep the init stage and data, redo the distill stage
+        shutil.rmtree(root / "runs" / n / "stages" / "01-distill", ignore_errors=True)
+    remaining = args.budget_s - (time.time() - t_start) - args.startup_s
+    slowest = max(step_time.values())
+    steps = int(remaining * args.safety / slowest)
+    log(f"calibration: step seconds {json.dumps({k: round(v, 3) for k, v in step_time.items()})}; "
+        f"{remaining:.0f} s left -> {steps} steps each")
+    if steps < args.min_steps:
+        raise SystemExit(f"only {steps} steps fit the budget: give a larger --budget-s")
+    (root / "plan.json").write_text(json.dumps({
+        "steps": steps, "calibration_step_s": step_time, "budget_s": args.budget_s,
+        "launched": time.time(), "expected_end": time.time() + args.startup_s + steps * slowest}))
+    _launch(root, steps, "train", args)
+    while time.time() - t_start < args.return_after_s:
+        time.sleep(20)
+        log(_steps_line(root, args.only))
+    return 0
+
+
+def _finished(root: Path, name: str) -> bool:
+    return (root / "runs" / name / "stages" / "01-distill" / "DONE.json").is_file()
+
+
+def _steps_line(root: Path, names) -> str:
+    return " ".join(f"{n}:{(_progress(root, n) or [{'step': 0}])[-1]['step']}" for n in names)
+
+
+def _stage_model(root: Path, name: str, stage: str) -> Path:
+    return root / "runs" / name / "stages" / stage / "model"
+
+
+def cmd_gpu_finish(args) -> int:
+    root, out = Path(args.root), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(root / "site"))
+    sys.path.insert(0, str(root / "code"))
+    plan = json.loads((root / "plan.json").read_text())
+    pids = json.loads((root / "pids.train.json").read_text())
+    deadline = time.time() + args.wait_s
+    while time.time() < deadline:
+        if all(_finished(root, n) for n in pids):
+            break
+        log(_steps_line(root, list(pids)))
+        time.sleep(15)
+    finished = [n for n in pids if _finished(root, n)]
+    for n, pid in pids.items():  # a student past the deadline is stopped and reported
+        if n not in finished:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    log(f"finished: {finished}; not finished: {sorted(set(pids) - set(finished))}")
+
+    import torch
+    from distillation.config import load_config
+    from distillation.evaluate import evaluate_models, format_table
+    from vllm_mamba_hybrid.conversion.delta import write_delta
+    from distillation.cli import _override
+    cfg = load_config(root / "code" / CONFIG.relative_to(REPO),
+                      {"data.data_dir": str(root / "data"), **dict(map(_override, args.set))})
+    models = {n: _stage_model(root, n, "01-distill") for n in finished}
+    for n in INIT_ROWS:
+        if n in pids:
+            models[f"{n}@init"] = _stage_model(root, n, "00-init")
+    result = evaluate_models(models, root / "teacher", data=cfg.data, cfg=cfg.eval, log=log,
+                             device=args.device)
+    result["plan"] = plan
+    result["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    result["students"] = {n: STUDENTS[n] for n in pids}
+    result["progress"] = {n: _progress(root, n) for n in pids}
+    result["training"] = {}
+    for n in finished:
+        metrics = root / "runs" / n / "stages" / "01-distill" / "metrics.json"
+        result["training"][n] = json.loads(metrics.read_text()) if metrics.is_file() else None
+    kd = torch.load(next((root / "runs" / next(iter(pids)) / "data").glob("kd_examples-*.pt")))
+    prose = [e for e in kd if not e["prompt_ids"]]
+    result["data"] = {"examples": len(kd), "answers": len(kd) - len(prose),
+                      "prose_windows": len(prose),
+                      "answer_tokens": sum(len(e["answer_ids"]) for e in kd if e["prompt_ids"]),
+                      "prose_tokens": sum(len(e["answer_ids"]) for e in prose),
+                      "prompt_tokens": sum(len(e["prompt_ids"]) for e in kd)}
+    (out / "quality_study.json").write_text(json.dumps(result, indent=1, default=str))
+    table = format_table(result)
+    (out / "quality_study.md").write_text(table + "\n")
+    print(table, flush=True)
+    plot(result, out / "quality_study.png")
+    for n in DELTAS:
+        if n in finished:
+            write_delta(models[n], root / "teacher", out / n)
+    return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    """KL on the training stream against tokens seen; held-out perplexity bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    fig, (ax_kl, ax_ppl) = plt.subplots(1, 2, figsize=(13, 4.6))
+    for name, recs in result["progress"].items():
+        if recs:
+            ax_kl.plot([r["tokens_seen"] / 1e6 for r in recs], [r["kl"] for r in recs], label=name)
+    ax_kl.set(xlabel="tokens seen (M)", ylabel="KL(teacher || student), training batches",
+              yscale="log", title=f"distillation on {result['device']}")
+    ax_kl.legend(fontsize=8)
+    names = ["teacher"] + list(result["models"])
+    ppl = [result["teacher_perplexity"]] + [m["perplexity"] for m in result["models"].values()]
+    bars = ax_ppl.barh(names, ppl, color=["black"] + ["C0"] * (len(names) - 1))
+    ax_ppl.bar_label(bars, labels=[f"{v:.1f}" for v in ppl], fontsize=8, padding=2)
+    ax_ppl.set_xscale("log")
+    ax_ppl.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_ppl.xaxis.set_minor_formatter(NullFormatter())
+    ax_ppl.set(xlabel="perplexity on the held-out essays (log scale)", xlim=(min(ppl) * 0.8,
+                                                                         max(ppl) * 2.0))
+    ax_ppl.axvline(result["teacher_perplexity"] * 1.1, color="red", lw=0.8, ls="--",
+                   label="teacher + 10%")
+    ax_ppl.invert_yaxis()
+    ax_ppl.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("prepare", help="CPU machine: teacher, pseudo-labels, carry folders")
+    s.add_argument("--carry", default=str(REPO / ".carry"))
+    s.set_defaults(func=cmd_prepare)
+    s = sub.add_parser("fetch", help="CPU machine: results -> benchmarks/results, rebuild deltas")
+    s.add_argument("results")
+    s.set_defaults(func=cmd_fetch)
+    for name, fn in (("gpu-setup", cmd_gpu_setup), ("gpu-train", cmd_gpu_train),
+                     ("gpu-finish", cmd_gpu_finish)):
+        s = sub.add_parser(name)
+        s.add_argument("--root", default="/root/study")
+        s.add_argument("--device", default="cuda", help="cuda, or cpu for a rehearsal")
+        s.set_defaults(func=fn)
+        if name != "gpu-finish":
+            s.add_argument("--carry", required=True)
+    s = sub.choices["gpu-train"]
+    s.add_argument("--budget-s", type=float, default=960,
+                   help="seconds from this call's start until training must be over")
+    s.add_argument("--return-after-s", type=float, default=560)
+    s.add_argument("--startup-s", type=float, default=45, help="a student's start-up time")
+    s.add_argument("--safety", type=float, default=0.85)
+    s.add_argument("--min-steps", type=int, default=50, help="refuse a shorter run")
+    s.add_argument("--calib-steps-total", type=int, default=100000)
+    s.add_argument("--calib-records", type=int, default=4, help="progress lines per student")
+    s.add_argument("--calib-timeout-s", type=float, default=150)
+    s.add_argument("--only", nargs="+", choices=list(STUDENTS), default=list(STUDENTS),
+                   help="train only these students")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every student (mamba-hybrid distill --set)")
+    s = sub.choices["gpu-finish"]
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for the evaluation, e.g. eval.num_prompts=8")
+    s.add_argument("--out", required=True)
+    s.add_argument("--wait-s", type=float, default=420)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,27 @@
 """vllm-mamba-hybrid: Llama -> hybrid Mamba/attention models, distilled and served with vLLM."""
 from pathlib import Path
 
+import os
+
 from setuptools import find_packages, setup
+
+
+def _extensions():
+    """The CPU verify kernels (csrc/), built against the installed torch for this machine's
+    CPU (-march=native unless VLLM_MAMBA_HYBRID_MARCH says otherwise). Without torch at
+    build time the package installs without them and the ops fall back to PyTorch."""
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        return [], {}
+    march = os.environ.get("VLLM_MAMBA_HYBRID_MARCH", "native")
+    ext = CppExtension("vllm_mamba_hybrid._verify_cpu", ["csrc/verify_cpu.cpp"],
+                       extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno",
+                                           f"-march={march}"])
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     name="vllm-mamba-hybrid",
@@ -31,6 +51,8 @@ setup(
         "accel": ["mamba-ssm", "causal-conv1d"],
         "test": ["pytest", "httpx", "openai"],
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     entry_points={
         "console_scripts": ["mamba-hybrid = vllm_mamba_hybrid.cli:main"],
         "vllm.general_plugins": ["mamba_hybrid = vllm_mamba_hybrid.plugin:register"],

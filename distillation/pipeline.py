@@ -285,7 +285,8 @@ def _dpo_pairs(ctx: Context, d: Path, start: Path, kd_file: Path) -> tuple[Path,
         info = {"source": dpo.dataset, "num_pairs": len(pairs)}
     else:
         from .generation import generate_answers
-        kd = torch.load(kd_file, weights_only=False)[: dpo.num_pairs]
+        kd = [e for e in torch.load(kd_file, weights_only=False)
+              if e["prompt_ids"]][: dpo.num_pairs]  # answers only, no prose windows
         ctx.log(f"[dpo] sampling {len(kd)} student answers as rejected responses")
         student = load_causal_lm(start, torch.float32)
         samples = generate_answers(

@@ -2,7 +2,6 @@
 autocast training with float32 master weights, and held-out metrics on the GPU equal
 to the CPU's."""
 import json
-import random
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from distillation.config import DataConfig, EvalConfig
 from distillation.evaluate import evaluate_models
 from distillation.job import TrainJob
 from distillation.trainer import PROGRESS, train_worker
-from tests.utils import make_random_llama
+from tests.utils import make_random_llama, random_kd_examples
 from vllm_mamba_hybrid.conversion.init import (hybrid_config_from_teacher, init_hybrid_from_teacher,
                                                save_hybrid)
 
@@ -26,11 +25,7 @@ def pair(request, tmp_path_factory):
                                 kv_heads=2, intermediate_size=256, scale=2.0)
     hcfg = hybrid_config_from_teacher(teacher.config, variant=request.param, attn_layers=[1, 3])
     save_hybrid(init_hybrid_from_teacher(teacher, hcfg), root / "init", tokenizer_dir=root / "teacher")
-    rng = random.Random(0)
-    examples = [{"prompt_ids": [rng.randrange(3, 512) for _ in range(rng.randrange(2, 20))],
-                 "answer_ids": [rng.randrange(3, 512) for _ in range(rng.randrange(20, 120))]}
-                for _ in range(64)]
-    torch.save(examples, root / "examples.pt")
+    torch.save(random_kd_examples(64, prompt=(2, 20), answer=(20, 120)), root / "examples.pt")
     return root
 
 

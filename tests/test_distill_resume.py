@@ -1,7 +1,6 @@
 """Checkpoints: an interrupted run resumes to the same parameters; a crash while a
 checkpoint is written leaves the previous one in charge."""
 import json
-import random
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from safetensors.torch import load_file
 from distillation import checkpoint as ckpt
 from distillation.job import TrainJob
 from distillation.trainer import PROGRESS, train_worker
-from tests.utils import make_random_llama
+from tests.utils import make_random_llama, random_kd_examples
 from vllm_mamba_hybrid.conversion.init import (hybrid_config_from_teacher, init_hybrid_from_teacher,
                                                save_hybrid)
 
@@ -22,11 +21,7 @@ def setup(tmp_path_factory):
                                 scale=2.0)
     hcfg = hybrid_config_from_teacher(teacher.config, variant="mamba2", attn_layers=[1])
     save_hybrid(init_hybrid_from_teacher(teacher, hcfg), root / "init", tokenizer_dir=root / "teacher")
-    rng = random.Random(0)
-    examples = [{"prompt_ids": [rng.randrange(3, 512) for _ in range(rng.randrange(2, 6))],
-                 "answer_ids": [rng.randrange(3, 512) for _ in range(rng.randrange(3, 12))]}
-                for _ in range(20)]
-    torch.save(examples, root / "examples.pt")
+    torch.save(random_kd_examples(20, prompt=(2, 6), answer=(3, 12)), root / "examples.pt")
     return root
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -73,6 +74,15 @@ def make_random_llama(out_dir, *, seed=0, tokenizer=True, dtype=torch.float32, s
     _sharpen(model, scale)
     model.to(dtype).save_pretrained(out_dir)
     return model
+
+
+def random_kd_examples(n: int, *, prompt: tuple[int, int], answer: tuple[int, int],
+                       vocab: int = 512, seed: int = 0) -> list[dict]:
+    """Distillation examples of random tokens, prompt and answer lengths drawn in [lo, hi)."""
+    rng = random.Random(seed)
+    return [{"prompt_ids": [rng.randrange(3, vocab) for _ in range(rng.randrange(*prompt))],
+             "answer_ids": [rng.randrange(3, vocab) for _ in range(rng.randrange(*answer))]}
+            for _ in range(n)]
 
 
 def make_random_hybrid(out_dir, variant: str, *, num_layers=4, attn_layers=(1, 3), seed=0,

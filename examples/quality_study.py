@@ -277,13 +277,18 @@ def cmd_gpu_train(args) -> int:
             raise SystemExit(f"students failed during calibration: {dead}")
         if min(counts.values()) >= args.calib_records:
             break
+    # Only steps taken once every student was past its start-up count: while the last
+    # ones still load, the first ones run slower than they will (in the first H200 run
+    # including those steps doubled the estimate and left the GPU idle for minutes).
+    progress = {n: _progress(root, n) for n in args.only}
+    if any(len(r) < 2 for r in progress.values()):
+        raise SystemExit(f"no steady progress during calibration: "
+                         f"{ {n: len(r) for n, r in progress.items()} }")
+    all_running = max(r[1]["time"] for r in progress.values())
     step_time = {}
-    for n in args.only:
-        recs = _progress(root, n)
-        recs = recs[1:] or recs  # the first logged step may still be warming up
-        if not recs:
-            raise SystemExit(f"{n}: no progress during calibration")
-        step_time[n] = statistics.median(r["step_time_s"] for r in recs)
+    for n, recs in progress.items():
+        steady = [r for r in recs if r["time"] > all_running] or recs[-1:]
+        step_time[n] = statistics.median(r["step_time_s"] for r in steady)
     for p in procs.values():
         os.killpg(p.pid, signal.SIGKILL)
     for p in procs.values():
@@ -435,7 +440,7 @@ def main(argv=None) -> int:
     s.add_argument("--safety", type=float, default=0.85)
     s.add_argument("--min-steps", type=int, default=50, help="refuse a shorter run")
     s.add_argument("--calib-steps-total", type=int, default=100000)
-    s.add_argument("--calib-records", type=int, default=4, help="progress lines per student")
+    s.add_argument("--calib-records", type=int, default=5, help="progress lines per student")
     s.add_argument("--calib-timeout-s", type=float, default=150)
     s.add_argument("--only", nargs="+", choices=list(STUDENTS), default=list(STUDENTS),
                    help="train only these students")

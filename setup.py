@@ -1,7 +1,6 @@
 """vllm-mamba-hybrid: Llama -> hybrid Mamba/attention models, distilled and served with vLLM."""
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 from setuptools import find_packages, setup
 

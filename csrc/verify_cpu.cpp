@@ -58,6 +58,27 @@ void check_state(const torch::Tensor& state, int64_t dims, const char* what) {
               what, ": state must have ", dims, " dims and a contiguous last axis");
 }
 
+// Every input is read through raw pointers: a wrong shape must fail here, by name.
+void expect(const torch::Tensor& t, std::vector<int64_t> shape, const char* what,
+            const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), what, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.sizes() == c10::IntArrayRef(shape), what, ": ", name, " has shape ", t.sizes(),
+              ", expected ", c10::IntArrayRef(shape));
+}
+
+void expect(const c10::optional<torch::Tensor>& t, std::vector<int64_t> shape, const char* what,
+            const char* name) {
+  if (t) expect(*t, std::move(shape), what, name);
+}
+
+// Slots of active rows must lie in the state; inactive rows are < 0.
+void check_slots(const torch::Tensor& idx, int64_t slots, const char* what) {
+  const int64_t* p = idx.data_ptr<int64_t>();
+  for (int64_t b = 0; b < idx.numel(); ++b)
+    TORCH_CHECK(p[b] < slots, what, ": state_idx[", b, "] = ", p[b], " but the state has ",
+                slots, " slots");
+}
+
 torch::Tensor mamba2_verify(torch::Tensor state, torch::Tensor state_idx, torch::Tensor replay_x,
                             torch::Tensor replay_dt, torch::Tensor replay_B,
                             torch::Tensor num_replay, torch::Tensor x, torch::Tensor dt,
@@ -71,7 +92,20 @@ torch::Tensor mamba2_verify(torch::Tensor state, torch::Tensor state_idx, torch:
   TORCH_CHECK(state.size(1) == H && state.size(2) == P, "mamba2_verify: state ",
               state.sizes(), " does not match x ", x.sizes());
   TORCH_CHECK(H % gB == 0 && H % gC == 0, "mamba2_verify: heads must be a multiple of groups");
+  const char* op = "mamba2_verify";
+  expect(state_idx, {batch}, op, "state_idx");
+  expect(num_replay, {batch}, op, "num_replay");
+  expect(replay_x, {batch, R, H, P}, op, "replay_x");
+  expect(replay_dt, {batch, R, H}, op, "replay_dt");
+  expect(replay_B, {batch, R, gB, N}, op, "replay_B");
+  expect(dt, {batch, T, H}, op, "dt");
+  expect(B, {batch, T, gB, N}, op, "B");
+  expect(C, {batch, T, gC, N}, op, "C");
+  expect(A, {H}, op, "A");
+  expect(D, {H}, op, "D");
+  expect(dt_bias, {H}, op, "dt_bias");
   auto idx = state_idx.to(torch::kLong).contiguous();
+  check_slots(idx, state.size(0), op);
   auto nrep = num_replay.to(torch::kLong).contiguous();
   auto rx = f32(replay_x), rdt = f32(replay_dt), rB = f32(replay_B);
   auto xf = f32(x), dtf = f32(dt), Bf = f32(B), Cf = f32(C), Af = f32(A);
@@ -174,7 +208,20 @@ torch::Tensor mamba1_verify(torch::Tensor state, torch::Tensor state_idx, torch:
               x.sizes());
   TORCH_CHECK(Dm % gB == 0 && Dm % gC == 0, "mamba1_verify: channels must be a multiple of groups");
   TORCH_CHECK(N <= kMaxState, "mamba1_verify: d_state ", N, " > ", kMaxState);
+  const char* op = "mamba1_verify";
+  expect(state_idx, {batch}, op, "state_idx");
+  expect(num_replay, {batch}, op, "num_replay");
+  expect(replay_x, {batch, R, Dm}, op, "replay_x");
+  expect(replay_dt, {batch, R, Dm}, op, "replay_dt");
+  expect(replay_B, {batch, R, gB, N}, op, "replay_B");
+  expect(dt, {batch, T, Dm}, op, "dt");
+  expect(B, {batch, T, gB, N}, op, "B");
+  expect(C, {batch, T, gC, N}, op, "C");
+  expect(z, {batch, T, Dm}, op, "z");
+  expect(D, {Dm}, op, "D");
+  expect(dt_bias, {Dm}, op, "dt_bias");
   auto idx = state_idx.to(torch::kLong).contiguous();
+  check_slots(idx, state.size(0), op);
   auto nrep = num_replay.to(torch::kLong).contiguous();
   auto rx = f32(replay_x), rB = f32(replay_B);
   auto xf = f32(x), Bf = f32(B), Cf = f32(C), Af = f32(A);

@@ -146,8 +146,11 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--num-essays", type=int, default=EvalConfig.num_essays)
     p.add_argument("--ppl-max-tokens", type=int, default=EvalConfig.ppl_max_tokens)
     p.add_argument("--num-samples", type=int, default=EvalConfig.num_samples)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("mamba-hybrid eval: error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
+        return 2
     import transformers
     transformers.utils.logging.disable_progress_bar()
     data = DataConfig(data_dir=args.data_dir, prompts=args.prompts, prompt_column=args.prompt_column,

@@ -135,11 +135,13 @@ def _generate(request_file: str, out_file: str) -> None:
     params = SamplingParams(max_tokens=gen["max_new_tokens"], temperature=gen["temperature"],
                             top_p=gen["top_p"])
     n = gen["samples_per_prompt"]
-    sample_params = SamplingParams(n=max(n, 1), max_tokens=gen["max_new_tokens"],
-                                   temperature=gen["sample_temperature"], top_p=gen["top_p"])
-    # One generate call: vLLM batches answers and samples together.
-    outs = llm.generate(prompts + (prompts if n else []),
-                        [params] * len(prompts) + ([sample_params] * len(prompts) if n else []))
+    requests, per_request = list(prompts), [params] * len(prompts)
+    if n:  # one generate call: vLLM batches answers and samples together
+        requests += prompts
+        per_request += [SamplingParams(n=n, max_tokens=gen["max_new_tokens"],
+                                       temperature=gen["sample_temperature"],
+                                       top_p=gen["top_p"])] * len(prompts)
+    outs = llm.generate(requests, per_request)
     with open(out_file + ".part", "w") as f:
         for i in range(len(prompts)):
             completions = [outs[i].outputs[0]] + (list(outs[len(prompts) + i].outputs) if n else [])

@@ -146,6 +146,9 @@ def cmd_fetch(args) -> int:
     """Results of gpu-finish -> benchmarks/results; rebuild the delta students."""
     from vllm_mamba_hybrid.conversion.delta import apply_delta
     res = Path(args.results)
+    if not (res / "quality_study.json").is_file():
+        log(f"{res} holds no quality_study.json: pass the folder gpu-finish wrote ($OUT)")
+        return 2
     dest = REPO / "benchmarks" / "results"
     for name in ("quality_study.json", "quality_study.png", "quality_study.md"):
         if (res / name).is_file():
@@ -250,6 +253,31 @@ def _import_teacher(root: Path, payload: Path) -> None:
     log(f"teacher imported and identical to the CPU machine's ({manifest['teacher_fingerprint']})")
 
 
+def _calibrate(root: Path, procs: dict, args) -> dict[str, float]:
+    """Median step seconds of each calibration student, from steps taken once every
+    student was past its start-up: while the last ones still load, the first ones run
+    slower than they will (counting those steps doubled the estimate in the first H200
+    run and left the GPU idle for minutes)."""
+    deadline = time.time() + args.calib_timeout_s
+    while time.time() < deadline:
+        time.sleep(5)
+        dead = [n for n, p in procs.items() if p.poll() not in (None, 0)]
+        if dead:
+            for n in dead:
+                print((root / "logs" / f"{n}.calib.log").read_text()[-3000:])
+            raise SystemExit(f"students failed during calibration: {dead}")
+        if min(len(_progress(root, n)) for n in procs) >= args.calib_records:
+            break
+    progress = {n: _progress(root, n) for n in procs}
+    if any(len(r) < 2 for r in progress.values()):
+        raise SystemExit(f"no steady progress during calibration: "
+                         f"{ {n: len(r) for n, r in progress.items()} }")
+    all_running = max(r[1]["time"] for r in progress.values())
+    return {n: statistics.median(r["step_time_s"] for r in
+                                 ([r for r in recs if r["time"] > all_running] or recs[-1:]))
+            for n, recs in progress.items()}
+
+
 def cmd_gpu_train(args) -> int:
     root, payload = Path(args.root), Path(args.carry) / "payload"
     t_start = time.time()
@@ -266,33 +294,15 @@ def cmd_gpu_train(args) -> int:
 
     # Calibration: all students together for a few steps, the way they will run.
     procs = _launch(root, args.calib_steps_total, "calib", args)
-    deadline = time.time() + args.calib_timeout_s
-    while time.time() < deadline:
-        time.sleep(5)
-        counts = {n: len(_progress(root, n)) for n in args.only}
-        dead = [n for n, p in procs.items() if p.poll() not in (None, 0)]
-        if dead:
-            for n in dead:
-                print((root / "logs" / f"{n}.calib.log").read_text()[-3000:])
-            raise SystemExit(f"students failed during calibration: {dead}")
-        if min(counts.values()) >= args.calib_records:
-            break
-    # Only steps taken once every student was past its start-up count: while the last
-    # ones still load, the first ones run slower than they will (in the first H200 run
-    # including those steps doubled the estimate and left the GPU idle for minutes).
-    progress = {n: _progress(root, n) for n in args.only}
-    if any(len(r) < 2 for r in progress.values()):
-        raise SystemExit(f"no steady progress during calibration: "
-                         f"{ {n: len(r) for n, r in progress.items()} }")
-    all_running = max(r[1]["time"] for r in progress.values())
-    step_time = {}
-    for n, recs in progress.items():
-        steady = [r for r in recs if r["time"] > all_running] or recs[-1:]
-        step_time[n] = statistics.median(r["step_time_s"] for r in steady)
-    for p in procs.values():
-        os.killpg(p.pid, signal.SIGKILL)
-    for p in procs.values():
-        p.wait()
+    try:
+        step_time = _calibrate(root, procs, args)
+    finally:  # stopped however calibration ends, so a failure leaves no GPU job behind
+        for p in procs.values():
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
     for n in args.only:  # keep the init stage and data, redo the distill stage
         shutil.rmtree(root / "runs" / n / "stages" / "01-distill", ignore_errors=True)
     remaining = args.budget_s - (time.time() - t_start) - args.startup_s

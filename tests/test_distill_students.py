@@ -109,3 +109,38 @@ def test_cached_pipeline_runs_without_vllm(draft_run):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "pseudo-labels: reusing" in out.stdout
     assert (draft_run / "run-novllm" / "stages" / "01-distill" / "model" / "config.json").is_file()
+
+
+def test_delta_of_a_tied_model_leaves_the_head_to_the_embeddings(tmp_path):
+    """With tied embeddings lm_head is an alias: it must neither travel nor be required."""
+    base = make_random_llama(tmp_path / "base", num_layers=2, hidden_size=64, heads=4,
+                             kv_heads=2, tie_word_embeddings=True)
+    with torch.no_grad():
+        base.model.layers[1].mlp.down_proj.weight.add_(0.5)   # "training" changed one tensor
+    base.save_pretrained(tmp_path / "trained")
+    shards = write_delta(tmp_path / "trained", tmp_path / "base", tmp_path / "delta",
+                         dtype=torch.float32)
+    delta = load_file(str(shards[0]))
+    assert list(delta) == ["model.layers.1.mlp.down_proj.weight"]
+    rebuilt = apply_delta(tmp_path / "base", shards, tmp_path / "rebuilt")
+    from transformers import LlamaForCausalLM
+    got = LlamaForCausalLM.from_pretrained(rebuilt, dtype=torch.float32).eval()
+    ids = torch.randint(3, 512, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(got(ids).logits, base.eval()(ids).logits)
+
+
+def test_bad_inputs_of_the_new_entry_points(draft_run, tmp_path, capsys):
+    from distillation.evaluate import eval_main
+    with pytest.raises(ValueError, match="no delta shards"):
+        apply_delta(draft_run / "teacher", [], tmp_path / "out")
+    not_a_delta = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(not_a_delta))
+    with pytest.raises(ValueError, match="not the first shard of a delta"):
+        apply_delta(draft_run / "teacher", [not_a_delta], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    if not torch.cuda.is_available():
+        teacher = str(draft_run / "teacher")
+        assert eval_main([teacher, "--teacher", teacher, "--device", "cuda"]) == 2
+        assert "--device cuda but no CUDA GPU" in capsys.readouterr().err

@@ -170,3 +170,20 @@ def test_selective_scan_gradients_match_naive():
     ref_grads = torch.autograd.grad((ref * gout).sum(), args)
     for name, a, r in zip(inp, grads, ref_grads):
         assert rel_err(a, r) < 1e-4, name
+
+
+def test_scans_keep_float32_math_under_bf16_autocast():
+    """Mixed-precision training runs the model under autocast; the SSM ops must not
+    let it turn their einsums into bf16 (same result as outside autocast, bit for bit)."""
+    from vllm_mamba_hybrid.ops import selective_scan_fn, ssd_chunk_scan
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    r = lambda *s: torch.randn(*s, generator=g)
+    m2 = (r(2, 20, 4, 8), r(2, 20, 4), -torch.rand(4, generator=g) - 0.1, r(2, 20, 2, 8),
+          r(2, 20, 4, 8))
+    m1 = (r(2, 16, 20), r(2, 16, 20), -torch.rand(16, 4, generator=g) - 0.1, r(2, 2, 4, 20),
+          r(2, 2, 4, 20))
+    plain = [ssd_chunk_scan(*m2, chunk_size=8)[0], selective_scan_fn(*m1, delta_softplus=True)[0]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = [ssd_chunk_scan(*m2, chunk_size=8)[0], selective_scan_fn(*m1, delta_softplus=True)[0]]
+    for a, b in zip(plain, mixed):
+        assert b.dtype == torch.float32 and torch.equal(a, b)

@@ -252,6 +252,23 @@ def test_cpp_model_shapes():
 
 
 @pytest.mark.parametrize("variant", ["mamba2", "mamba1"])
+def test_cpp_refuses_bad_inputs_by_name(variant):
+    """The kernels read raw pointers: a wrong shape or slot must fail before, by name."""
+    op, make = (mamba1_verify, mamba1_case) if variant == "mamba1" else (mamba2_verify, mamba2_case)
+    case = make(2, torch.float32, "cpu", **(SMALL1 if variant == "mamba1" else SMALL2))
+    state = case["state"].clone()
+    for name in ("replay_B", "C", "dt_bias"):
+        bad = dict(case, state=state, **{name: case[name][..., :-1]})
+        with pytest.raises(RuntimeError, match=f"{variant}_verify: {name} has shape"):
+            op(**bad, impl="cpp")
+    slots = case["state_idx"].clone()
+    slots[slots.argmax()] = state.shape[0]
+    with pytest.raises(RuntimeError, match=r"state_idx\[\d+\] = \d+ but the state has"):
+        op(**dict(case, state=state, state_idx=slots), impl="cpp")
+    assert torch.equal(state, case["state"]), "a refused call wrote the state"
+
+
+@pytest.mark.parametrize("variant", ["mamba2", "mamba1"])
 def test_cpp_state_in_a_strided_cache(variant):
     """vLLM hands the kernels a view of a larger cache: slot and head strides are not packed."""
     op, make = (mamba1_verify, mamba1_case) if variant == "mamba1" else (mamba2_verify, mamba2_case)

@@ -88,6 +88,8 @@ def apply_delta(base_dir: str | os.PathLike, shards: list[str | os.PathLike],
     from transformers import AutoTokenizer
     base_dir = Path(base_dir)
     shards = sorted(Path(s) for s in shards)
+    if not shards:
+        raise ValueError(f"no delta shards given to rebuild {out_dir} from {base_dir}")
     with safe_open(str(shards[0]), framework="pt") as fh:
         raw = (fh.metadata() or {}).get(_META_KEY)
     if raw is None:

@@ -36,14 +36,16 @@ class KVCacheEntry:
     @staticmethod
     def stack(entries: list["KVCacheEntry"], width: int) -> "KVCacheEntry":
         """One-row entries as a batch, left-padded with zeros to ``width`` positions."""
-        like = next((e.key for e in entries if e.key is not None), None)
         out = KVCacheEntry()
+        like = next((e.key for e in entries if e.key is not None), None)
         if like is None:
             return out
+
         def padded(t):
-            shape = (1, like.shape[1], width - (0 if t is None else t.shape[2]), like.shape[3])
-            pad = like.new_zeros(shape)
+            length = 0 if t is None else t.shape[2]
+            pad = like.new_zeros(1, like.shape[1], width - length, like.shape[3])
             return pad if t is None else torch.cat([pad, t], dim=2)
+
         out.key = torch.cat([padded(e.key) for e in entries])
         out.value = torch.cat([padded(e.value) for e in entries])
         return out

@@ -36,12 +36,8 @@ class HybridCache:
         width = max(lengths)
         out = HybridCache.__new__(HybridCache)
         out.seen_tokens = width
-        out.layers = []
-        for entries in zip(*(c.layers for c in caches)):
-            if isinstance(entries[0], KVCacheEntry):
-                out.layers.append(KVCacheEntry.stack(entries, width))
-            else:
-                out.layers.append(MambaLayerState.stack(entries))
+        out.layers = [type(entries[0]).stack(entries, width)
+                      for entries in zip(*(c.layers for c in caches))]
         mask = torch.zeros(len(caches), width, dtype=torch.long)
         for i, n in enumerate(lengths):
             mask[i, width - n:] = 1
@@ -51,7 +47,6 @@ class HybridCache:
         """Row ``i`` of a batched cache without its ``pad`` left-padding columns
         (views: forwards replace cache tensors, never write them)."""
         out = HybridCache.__new__(HybridCache)
-        out.layers = [entry.row(i, pad) if isinstance(entry, KVCacheEntry) else entry.select(
-            slice(i, i + 1)) for entry in self.layers]
+        out.layers = [entry.row(i, pad) for entry in self.layers]
         out.seen_tokens = self.seen_tokens - pad
         return out

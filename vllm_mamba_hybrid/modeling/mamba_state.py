@@ -22,9 +22,15 @@ class MambaLayerState:
             return MambaLayerState()
         return MambaLayerState(self.conv[index], self.ssm[index])
 
+    def row(self, i: int, pad: int = 0) -> "MambaLayerState":
+        """Row ``i`` of a batch, as views (``pad``: left padding, which a recurrent state
+        does not have; the argument matches KVCacheEntry.row)."""
+        return self.select(slice(i, i + 1))
+
     @staticmethod
-    def stack(states: list["MambaLayerState"]) -> "MambaLayerState":
-        """One-row states as a batch; a fresh (empty) row gets zeros."""
+    def stack(states: list["MambaLayerState"], width: int = 0) -> "MambaLayerState":
+        """One-row states as a batch; a fresh (empty) row gets zeros (``width``: the
+        padded length, which a recurrent state does not need; as KVCacheEntry.stack)."""
         like = next((s for s in states if s.conv is not None), None)
         if like is None:
             return MambaLayerState()

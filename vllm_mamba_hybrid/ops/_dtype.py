@@ -14,6 +14,8 @@ def no_autocast(fn):
     einsums would silently run in bf16, which the float32 scan contract forbids."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")):
+            return fn(*args, **kwargs)  # the common case costs two flag reads
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             return fn(*args, **kwargs)
     return wrapper

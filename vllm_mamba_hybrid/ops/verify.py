@@ -67,6 +67,8 @@ def _pick(impl: str, t: torch.Tensor, has_cpp: bool = True) -> str:
         if t.is_cuda:
             return "triton"
         return "cpp" if has_cpp and cpp_kernels() is not None else "torch"
+    if impl == "cpp" and t.is_cuda:
+        raise ValueError("impl='cpp' runs on CPU tensors; use 'triton' or 'auto' for CUDA")
     if impl == "cpp" and cpp_kernels() is None:
         raise RuntimeError("impl='cpp' needs the C++ kernels: reinstall the package with torch "
                            "present (pip install --no-build-isolation -e .)")

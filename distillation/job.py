@@ -28,6 +28,7 @@ class TrainJob:
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 512
+    length_grouping_steps: int = 0  # see trainer.batch_indices
     pad_id: int = 0
     kl_weight: float = 1.0
     ce_weight: float = 0.0

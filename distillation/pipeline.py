@@ -252,6 +252,7 @@ def _job(ctx: Context, name: str, d: Path, init_dir: Path, data_file: Path, obje
         warmup_steps=stage_cfg.warmup_steps, scheduler=stage_cfg.scheduler,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, batch_size=t.batch_size,
         grad_accum=t.grad_accum, max_length=cfg.data.max_length,
+        length_grouping_steps=t.length_grouping_steps,
         pad_id=pad_id_of(load_tokenizer(ctx.teacher_dir)), checkpoint_every=t.checkpoint_every,
         keep_checkpoints=t.keep_checkpoints, log_every=t.log_every, dtype=t.dtype,
         device=ctx.device, strategy=cfg.backend.strategy, seed=cfg.seed,

@@ -1,10 +1,11 @@
-"""Teacher answers (pseudo-labels) generated with vLLM and cached on disk.
+"""Teacher answers (pseudo-labels) generated with vLLM or the project's runtime, cached on disk.
 
-The engine runs in a child process (``python -m distillation.pseudo_labels``): vLLM
-starts its workers with spawn, and a child keeps the engine's memory away from
-the training that follows. The cache is a ``datasets`` dataset (save_to_disk)
-next to ``settings.json``; any change of teacher, prompts or generation settings
-makes the settings differ and the answers are generated again.
+vLLM runs in a child process (``python -m distillation.pseudo_labels``): it starts
+its workers with spawn, and a child keeps the engine's memory away from the training
+that follows. The "runtime" engine (for the GPU machine, which has no vLLM) runs
+in-process with the static-cache generator. The cache is a ``datasets`` dataset
+(save_to_disk) next to ``settings.json``; any change of teacher, prompts, engine or
+generation settings makes the settings differ and the answers are generated again.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from . import fingerprint
@@ -39,7 +41,7 @@ def _settings(teacher_dir: Path, prompts: list[dict], gen: PseudoLabelConfig,
         "sample_temperature": gen.sample_temperature,
         "max_model_len": max_model_len,
         "dtype": gen.dtype,
-        "engine": "vllm",
+        "engine": gen.engine,
     }
 
 
@@ -78,26 +80,19 @@ def ensure_pseudo_labels(teacher_dir: Path, tokenizer, prompts: list[dict],
     tmp = cache_dir.parent / f".tmp-{cache_dir.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    request = {"teacher_dir": str(teacher_dir), "prompt_ids": [ids for _, ids in keep],
-               "gen": {**want, "gpu_memory_utilization": gen.gpu_memory_utilization,
-                       "enforce_eager": gen.enforce_eager}}
-    (tmp / "request.json").write_text(json.dumps(request))
-    log(f"pseudo-labels: teacher answers {len(keep)} prompts with vLLM "
+    log(f"pseudo-labels: teacher answers {len(keep)} prompts with {gen.engine} "
         f"(max_new_tokens={gen.max_new_tokens}, temperature={gen.temperature}"
         + (f", +{gen.samples_per_prompt} samples at temperature {gen.sample_temperature}"
            if gen.samples_per_prompt else "") + ")")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    rc = subprocess.run([sys.executable, "-m", "distillation.pseudo_labels",
-                         str(tmp / "request.json"), str(tmp / "answers.jsonl")], env=env).returncode
-    if rc != 0:
-        raise RuntimeError(f"pseudo-label generation with vLLM failed (exit {rc}); "
-                           f"request kept in {tmp}")
-    answers = [json.loads(ln) for ln in (tmp / "answers.jsonl").read_text().splitlines()]
-    per_prompt = 1 + gen.samples_per_prompt  # answers.jsonl: prompt-major, sample-minor
+    keep_ids = [ids for _, ids in keep]
+    if gen.engine == "vllm":
+        answers = _answers_from_vllm(tmp, teacher_dir, keep_ids, want, gen)
+    else:
+        answers = _answers_from_runtime(teacher_dir, tokenizer, keep_ids, gen, log)
+    per_prompt = 1 + gen.samples_per_prompt  # prompt-major, sample-minor
     if len(answers) != per_prompt * len(keep):
-        raise RuntimeError(f"pseudo-labels: expected {per_prompt * len(keep)} answers, vLLM wrote "
-                           f"{len(answers)} ({tmp / 'answers.jsonl'})")
+        raise RuntimeError(f"pseudo-labels: expected {per_prompt * len(keep)} answers, "
+                           f"{gen.engine} gave {len(answers)}")
     owners = [(p, ids, j) for p, ids in keep for j in range(per_prompt)]
     rows = {
         "index": [p["index"] for p, _, _ in owners],
@@ -110,11 +105,77 @@ def ensure_pseudo_labels(teacher_dir: Path, tokenizer, prompts: list[dict],
     }
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp / "dataset"))
     (tmp / SETTINGS).write_text(json.dumps(want, indent=1))
-    (tmp / "request.json").unlink()
+    for scratch in ("request.json", "answers.jsonl"):
+        (tmp / scratch).unlink(missing_ok=True)
     if cache_dir.exists():
         shutil.rmtree(cache_dir)
     os.replace(tmp, cache_dir)
     return datasets.load_from_disk(str(cache_dir / "dataset"))
+
+
+def _answers_from_vllm(tmp: Path, teacher_dir: Path, prompt_ids: list[list[int]], want: dict,
+                       gen: PseudoLabelConfig) -> list[dict]:
+    request = {"teacher_dir": str(teacher_dir), "prompt_ids": prompt_ids,
+               "gen": {**want, "gpu_memory_utilization": gen.gpu_memory_utilization,
+                       "enforce_eager": gen.enforce_eager}}
+    (tmp / "request.json").write_text(json.dumps(request))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    rc = subprocess.run([sys.executable, "-m", "distillation.pseudo_labels",
+                         str(tmp / "request.json"), str(tmp / "answers.jsonl")], env=env).returncode
+    if rc != 0:
+        raise RuntimeError(f"pseudo-label generation with vLLM failed (exit {rc}); "
+                           f"request kept in {tmp}")
+    return [json.loads(ln) for ln in (tmp / "answers.jsonl").read_text().splitlines()]
+
+
+def _answers_from_runtime(teacher_dir: Path, tokenizer, prompt_ids: list[list[int]],
+                          gen: PseudoLabelConfig, log) -> list[dict]:
+    """The answer and the samples of every prompt with the project's generator, prompts
+    batched by length (less padding); on CUDA the static-cache runtime does the work."""
+    import torch
+
+    from .generation import generate_answers
+    from .models import load_causal_lm
+
+    cuda = torch.cuda.is_available()
+    dtypes = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
+              "float16": torch.float16, "float32": torch.float32}
+    if gen.dtype not in dtypes:
+        raise ValueError(f"pseudo_labels.dtype {gen.dtype!r}: the runtime engine takes one of "
+                         f"{', '.join(dtypes)}")
+    dtype = dtypes[gen.dtype]
+    model = load_causal_lm(teacher_dir, dtype).to("cuda" if cuda else "cpu")
+    n = gen.samples_per_prompt
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    jobs = [(i, 0) for i in range(len(prompt_ids))] + [(i, j) for i in range(len(prompt_ids))
+                                                      for j in range(1, n + 1)]
+    out: dict[tuple[int, int], list[int]] = {}
+    for sample in (False, True):
+        todo = sorted((job for job in jobs if (job[1] > 0) == sample),
+                      key=lambda job: len(prompt_ids[job[0]]))
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        ids = generate_answers(
+            model, [prompt_ids[i] for i, _ in todo], eos_id=eos, pad_id=pad,
+            max_new_tokens=gen.max_new_tokens, do_sample=sample or gen.temperature > 0,
+            temperature=gen.sample_temperature if sample else (gen.temperature or 1.0),
+            top_p=gen.top_p, seed=gen.seed + int(sample), batch_size=128 if cuda else 8)
+        out.update(zip(todo, ids))
+        log(f"pseudo-labels: {len(todo)} {'samples' if sample else 'answers'}, "
+            f"{sum(map(len, ids))} tokens in {time.perf_counter() - t0:.0f} s")
+    del model
+    if cuda:
+        torch.cuda.empty_cache()   # the students that train next share this GPU
+    answers = []
+    for i in range(len(prompt_ids)):
+        for j in range(n + 1):
+            ids = out[(i, j)]
+            answers.append({"token_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True),
+                            "finish_reason": "stop" if ids and ids[-1] == eos else "length"})
+    return answers
 
 
 def _generate(request_file: str, out_file: str) -> None:

@@ -58,12 +58,48 @@ def _epoch_order(seed: int, n: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=g).tolist())
 
 
+def _walk(seed: int, n: int, pos: int) -> int:
+    """The example at global position ``pos`` of the walk through seeded per-epoch shuffles."""
+    return _epoch_order(seed, n, pos // n)[pos % n]
+
+
+@functools.lru_cache(maxsize=4)
+def _grouped_window(seed: int, n: int, w0: int, size: int, batch: int,
+                    lengths: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """The micro-batches of the window of walk positions [w0, w0 + size): its examples
+    sorted by length, cut into micro-batches, in a seeded random order."""
+    members = sorted((_walk(seed, n, pos) for pos in range(w0, w0 + size)),
+                     key=lambda i: (lengths[i], i))
+    slots = [tuple(members[i:i + batch]) for i in range(0, size, batch)]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 2 ** 40 + w0 // size)
+    return tuple(slots[j] for j in torch.randperm(len(slots), generator=g).tolist())
+
+
 def batch_indices(step: int, micro: int, rank: int, *, n: int, world: int, batch: int,
-                  accum: int, seed: int) -> list[int]:
-    """Example indices of one micro-batch: a fixed walk through seeded per-epoch shuffles."""
+                  accum: int, seed: int, lengths: tuple[int, ...] | None = None,
+                  group_steps: int = 0) -> list[int]:
+    """Example indices of one micro-batch: a fixed walk through seeded per-epoch shuffles.
+
+    With ``group_steps`` the walk is cut into windows of that many optimizer steps whose
+    sequences are sorted by ``lengths`` into micro-batches (padding to the longest row
+    then costs little), the micro-batches shuffled within the window: every example is
+    still used once per pass, and the result is still a pure function of its arguments.
+    """
     global_batch = world * batch * accum
     start = step * global_batch + (micro * world + rank) * batch
-    return [_epoch_order(seed, n, pos // n)[pos % n] for pos in range(start, start + batch)]
+    if not group_steps:
+        return [_walk(seed, n, pos) for pos in range(start, start + batch)]
+    size = global_batch * group_steps
+    w0 = start - start % size
+    return list(_grouped_window(seed, n, w0, size, batch, lengths)[(start - w0) // batch])
+
+
+def _sequence_lengths(examples: list[dict], objective: str, max_length: int) -> tuple[int, ...]:
+    """Tokens per collated row (a DPO pair pads to its longer answer)."""
+    if objective == "kd":
+        return tuple(min(max_length, len(e["prompt_ids"]) + len(e["answer_ids"])) for e in examples)
+    return tuple(min(max_length, len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])))
+                 for e in examples)
 
 
 def _wrap(model: torch.nn.Module, job: TrainJob, d: _Dist, device: torch.device):
@@ -173,11 +209,14 @@ def train_worker(job_dict: dict) -> None:
 
     collate = collate_lm if job.objective == "kd" else collate_pairs
     n = len(examples)
+    lengths = (_sequence_lengths(examples, job.objective, job.max_length)
+               if job.length_grouping_steps else None)
     while step < job.steps:
         t0 = time.perf_counter()
         micro = [collate([examples[i] for i in batch_indices(
                     step, j, d.rank, n=n, world=d.world, batch=job.batch_size,
-                    accum=job.grad_accum, seed=job.seed)], job.pad_id, job.max_length)
+                    accum=job.grad_accum, seed=job.seed, lengths=lengths,
+                    group_steps=job.length_grouping_steps)], job.pad_id, job.max_length)
                  for j in range(job.grad_accum)]
         if job.objective == "kd":
             local_count = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)

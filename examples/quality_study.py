@@ -1,30 +1,32 @@
-"""The GPU quality study: distil the real SmolLM2 teacher into seven students on one GPU.
+"""The GPU quality study: distil the real SmolLM2 teacher into five students on one GPU.
 
 What it shows (README, "Quality study"): attention-initialised 50% hybrids against a
 random-initialised one at the same token budget, 50% against 25% attention, both
-Mamba variants; plus two students for speculative decoding on the CPU engine (a 50%
-Mamba2 hybrid whose MLPs stay the teacher's, and a 2-layer draft), which come back
-as deltas against the teacher because a lent-GPU run returns at most 64 MiB.
+Mamba variants. Two more students for speculative decoding on the CPU engine (a 50%
+Mamba2 hybrid whose MLPs stay the teacher's, and a 2-layer draft) can join with
+``--only``; they come back as deltas against the teacher because a lent-GPU run
+returns at most 64 MiB.
 
 The lent GPU machine has no vLLM, no Ray and no network, and a run carries at most
 64 MiB, so the work is split by machine:
 
   CPU machine   python examples/quality_study.py prepare
-                  imports the teacher, has vLLM write the pseudo-labels (teacher
-                  answers and samples), packs .carry/run1 and .carry/run2 (the
+                  imports the teacher, packs .carry/run1 and .carry/run2 (the
                   teacher's GGUF in two parts, its small files, wheels, data)
   GPU, call 1   python examples/quality_study.py gpu-setup --carry .carry/run1
                   stashes GGUF part 1 and the data, installs the wheels under --root
   GPU, call 2   python examples/quality_study.py gpu-train --carry .carry/run2 --budget-s 960
-                  joins the GGUF, imports and checks the teacher, calibrates the
-                  step time of all students running together, sizes the run to the
-                  budget and launches them (detached: they outlive the call)
+                  joins the GGUF, imports and checks the teacher, has it write the
+                  pseudo-labels (answers and samples, the project's CUDA-graph
+                  generator: ``pseudo_labels.engine: runtime``), calibrates the step
+                  time of all students running together, sizes the run to the budget
+                  and launches them (detached: they outlive the call)
   GPU, call 3   python examples/quality_study.py gpu-finish --out $OUT
                   waits for the students, evaluates all of them and the teacher
                   (mamba-hybrid eval's metrics), writes the table, plots, deltas
   CPU machine   python examples/quality_study.py fetch RESULTS_DIR
                   copies the metrics and plot into benchmarks/results and rebuilds
-                  the two speculative-decoding students from their deltas
+                  the delta students, if any
 
 Calls 1-3 must follow each other while the machine is warm (state lives under --root).
 """
@@ -49,24 +51,23 @@ CONFIG = REPO / "examples" / "quality_study.yaml"
 GGUF_SPLIT = 50_000_000  # bytes in part 1; a run carries at most 64 MiB
 TEACHER_SMALL_FILES = "teacher_files"
 
-MAMBA1_MEMORY = {"training.batch_size": 4, "training.grad_accum": 8}
 # name -> config overrides (the base config is the 50% Mamba2 hybrid, attention init).
 STUDENTS = {
     "mamba2-50": {},
-    # Mamba1's reference scan holds (batch, d_inner, d_state, chunk) tensors: half the
-    # micro-batch, twice the micro-batches (the same 32 sequences a step, in the same order).
-    "mamba1-50": {"student.variant": "mamba1", **MAMBA1_MEMORY},
+    "mamba1-50": {"student.variant": "mamba1"},
     "mamba2-25": {"student.attn_fraction": 0.25},
-    "mamba1-25": {"student.variant": "mamba1", "student.attn_fraction": 0.25, **MAMBA1_MEMORY},
+    "mamba1-25": {"student.variant": "mamba1", "student.attn_fraction": 0.25},
     "mamba2-50-random": {"student.mamba_init": "random"},
-    # Only the Mamba mixers train (the paper's first stage): the speculative-decoding
-    # target of benchmarks/spec_decode.py, shipped back as its mixers alone.
+    # Not in the default set (--only): only the Mamba mixers train (the paper's first
+    # stage), the speculative-decoding target of benchmarks/spec_decode.py, shipped back
+    # as its mixers alone ...
     "mamba2-50-mixers": {"stages.distill.freeze_mlp": True},
-    # A 2-layer draft (teacher layers 0 and 29, attention) sharing the teacher's
+    # ... and a 2-layer draft (teacher layers 0 and 29, attention) sharing the teacher's
     # embeddings and head, which stay frozen so that only its layers travel back.
     "draft-2l": {"student.layers": [0, 29], "student.attn_fraction": 1.0,
                  "stages.distill.freeze_embeddings": True, "stages.distill.lr": 5.0e-4},
 }
+DEFAULT_STUDENTS = ["mamba2-50", "mamba1-50", "mamba2-25", "mamba1-25", "mamba2-50-random"]
 DELTAS = ("mamba2-50-mixers", "draft-2l")   # students whose weights come back
 INIT_ROWS = ("mamba2-50", "mamba2-50-random")  # also evaluated at step 0
 
@@ -92,12 +93,9 @@ def _cfg():
 
 
 def cmd_prepare(args) -> int:
-    """Teacher import + vLLM pseudo-labels on the CPU machine; pack the two carries."""
+    """Teacher import on the CPU machine; pack the two carries."""
     from distillation import fingerprint
-    from distillation.models import load_tokenizer
     from distillation.paths import resolve_data_dir
-    from distillation.prompts import load_prompts
-    from distillation.pseudo_labels import ensure_pseudo_labels
     from vllm_mamba_hybrid.conversion.teacher import embedded_teacher_gguf, import_teacher
 
     cfg = _cfg()
@@ -105,9 +103,6 @@ def cmd_prepare(args) -> int:
     if not (teacher / "config.json").is_file():
         log(f"importing the embedded teacher into {teacher}")
         import_teacher(None, teacher)
-    train, _ = load_prompts(cfg.data)
-    ensure_pseudo_labels(teacher, load_tokenizer(teacher), train, cfg.pseudo_labels,
-                         Path(cfg.data.cache_dir), log=log)
 
     carry = Path(args.carry)
     run1, run2 = carry / "run1", carry / "run2"
@@ -124,8 +119,6 @@ def cmd_prepare(args) -> int:
     for f in teacher.iterdir():
         if f.is_file() and f.suffix != ".safetensors":
             shutil.copy2(f, small / f.name)
-    shutil.copytree(cfg.data.cache_dir, run2 / "payload" / "pseudo_labels",
-                    ignore=shutil.ignore_patterns("answers.jsonl"))  # the dataset has it all
     shutil.copytree(resolve_data_dir(cfg.data.data_dir), run1 / "payload" / "data")
     manifest = {"gguf_name": gguf.name, "gguf_sha256": sha256(gguf), "gguf_bytes": len(data),
                 "teacher_fingerprint": fingerprint.of_model_dir(teacher),
@@ -192,7 +185,7 @@ def _env(root: Path) -> dict:
                                          env.get("PYTHONPATH", "")])
     env["PYTHONUNBUFFERED"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
-    env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # seven students share the GPU
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # the students share the GPU
     return env
 
 
@@ -253,6 +246,21 @@ def _import_teacher(root: Path, payload: Path) -> None:
     log(f"teacher imported and identical to the CPU machine's ({manifest['teacher_fingerprint']})")
 
 
+def _pseudo_labels(root: Path, args) -> None:
+    """The teacher's answers and samples, once, before the students start (they share
+    the cache, so each finds it valid and reuses it)."""
+    from distillation.cli import _override
+    from distillation.config import load_config
+    from distillation.models import load_tokenizer
+    from distillation.prompts import load_prompts
+    from distillation.pseudo_labels import ensure_pseudo_labels
+    cfg = load_config(CONFIG, {"data.data_dir": str(root / "data"), **dict(map(_override, args.set))})
+    train, _ = load_prompts(cfg.data)
+    teacher = root / "teacher"
+    ensure_pseudo_labels(teacher, load_tokenizer(teacher), train, cfg.pseudo_labels,
+                         root / "pseudo_labels", log=log)
+
+
 def _calibrate(root: Path, procs: dict, args) -> dict[str, float]:
     """Median step seconds of each calibration student, from steps taken once every
     student was past its start-up: while the last ones still load, the first ones run
@@ -287,10 +295,9 @@ def cmd_gpu_train(args) -> int:
     # running students.
     shutil.copytree(REPO, root / "code", ignore=shutil.ignore_patterns(
         ".git", ".carry", "runs", ".venv", "__pycache__", "benchmarks"))
-    if not (root / "pseudo_labels").exists():
-        shutil.copytree(payload / "pseudo_labels", root / "pseudo_labels")
     sys.path.insert(0, str(root / "site"))
     _import_teacher(root, payload)
+    _pseudo_labels(root, args)
 
     # Calibration: all students together for a few steps, the way they will run.
     procs = _launch(root, args.calib_steps_total, "calib", args)
@@ -452,8 +459,8 @@ def main(argv=None) -> int:
     s.add_argument("--calib-steps-total", type=int, default=100000)
     s.add_argument("--calib-records", type=int, default=5, help="progress lines per student")
     s.add_argument("--calib-timeout-s", type=float, default=150)
-    s.add_argument("--only", nargs="+", choices=list(STUDENTS), default=list(STUDENTS),
-                   help="train only these students")
+    s.add_argument("--only", nargs="+", choices=list(STUDENTS), default=DEFAULT_STUDENTS,
+                   help=f"the students to train (default: {' '.join(DEFAULT_STUDENTS)})")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every student (mamba-hybrid distill --set)")
     s = sub.choices["gpu-finish"]

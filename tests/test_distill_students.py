@@ -144,3 +144,43 @@ def test_bad_inputs_of_the_new_entry_points(draft_run, tmp_path, capsys):
         teacher = str(draft_run / "teacher")
         assert eval_main([teacher, "--teacher", teacher, "--device", "cuda"]) == 2
         assert "--device cuda but no CUDA GPU" in capsys.readouterr().err
+
+
+def test_runtime_engine_pseudo_labels(draft_run, tmp_path):
+    """The GPU machine's pseudo-label engine (the project's generator, here its CPU
+    reference path): same rows as vLLM's cache, greedy answers token for token the
+    teacher's own one-prompt greedy decoding (prompts are batched by length and
+    left-padded), samples varied, the cache keyed by the engine."""
+    import datasets
+    from distillation.config import load_config
+    from distillation.prompts import load_prompts
+    from distillation.pseudo_labels import ensure_pseudo_labels
+    from distillation.models import load_causal_lm, load_tokenizer
+    cfg = load_config(draft_run / "distill.yaml")
+    cfg.pseudo_labels.engine = "runtime"
+    train, _ = load_prompts(cfg.data)
+    tok = load_tokenizer(draft_run / "teacher")
+    logs = []
+    ds = ensure_pseudo_labels(draft_run / "teacher", tok, train, cfg.pseudo_labels,
+                              tmp_path / "labels", log=logs.append)
+    by_vllm = datasets.load_from_disk(str(draft_run / "run" / "pseudo_labels" / "dataset"))
+    assert ds["sample"] == by_vllm["sample"] and ds["prompt_ids"] == by_vllm["prompt_ids"]
+    teacher = load_causal_lm(draft_run / "teacher").eval()
+    for row in (i for i, s in enumerate(ds["sample"]) if s == 0):
+        prompt = torch.tensor([ds["prompt_ids"][row]])
+        with torch.no_grad():
+            ref = teacher.generate(prompt, max_new_tokens=cfg.pseudo_labels.max_new_tokens,
+                                   do_sample=False, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.eos_token_id)[0, prompt.shape[1]:].tolist()
+        if tok.eos_token_id in ref:
+            ref = ref[: ref.index(tok.eos_token_id) + 1]
+        assert ds["answer_ids"][row] == ref, row
+        assert ds["finish_reason"][row] == ("stop" if ref[-1] == tok.eos_token_id else "length")
+    samples = [tuple(a) for a, s in zip(ds["answer_ids"], ds["sample"]) if s > 0]
+    assert len(set(samples)) > len(samples) // 2
+    assert all(0 < len(a) <= cfg.pseudo_labels.max_new_tokens for a in ds["answer_ids"])
+    settings = json.loads((tmp_path / "labels" / "settings.json").read_text())
+    assert settings["engine"] == "runtime"
+    again = ensure_pseudo_labels(draft_run / "teacher", tok, train, cfg.pseudo_labels,
+                                 tmp_path / "labels", log=logs.append)
+    assert again["answer_ids"] == ds["answer_ids"] and "reusing" in logs[-1]

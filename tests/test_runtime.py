@@ -1,15 +1,11 @@
 """Fast-generation runtime on CPU: static cache + reference layers, Triton kernels under
 the interpreter, speculative decoding; everything compared with the reference model."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
 from tests.test_model import VARIANTS, tiny_hybrid
-from tests.utils import REPO, _sharpen, tiny_llama_config
+from tests.utils import _sharpen, run_under_triton_interpreter, tiny_llama_config
 from vllm_mamba_hybrid.runtime import FastGenerator, SpeculativeGenerator, fast_generate
 
 
@@ -106,8 +102,4 @@ print("ok")
 
 def test_triton_kernels_under_interpreter():
     """The Triton path (fused kernels, split-K attention, multi-token verify) on CPU."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    run = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+    run_under_triton_interpreter(_INTERPRETED, "ok", timeout=300)

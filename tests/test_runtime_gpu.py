@@ -67,3 +67,23 @@ def test_teacher_on_gpu():
     ids = torch.randint(3, 512, (2, 7), device="cuda")
     ref = teacher.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(fast_generate(teacher, ids, None, 12, eos_token_id=[]), ref)
+
+
+def test_teacher_samples_on_gpu():
+    """Sampling as the GPU pseudo-label engine uses it (top-p, EOS, seed): the tokens
+    follow the teacher's top-p set, each row stops at its first EOS, a seed repeats a draw."""
+    from distillation.generation import generate_answers
+    teacher = LlamaForCausalLM(tiny_llama_config(num_layers=3)).cuda().eval()
+    prompts = [torch.randint(3, 512, (n,)).tolist() for n in (5, 11, 3, 8)]
+    kw = dict(eos_id=2, pad_id=0, max_new_tokens=24, do_sample=True, temperature=1.0, top_p=0.5)
+    first = generate_answers(teacher, prompts, seed=1, **kw)
+    assert generate_answers(teacher, prompts, seed=1, **kw) == first
+    assert generate_answers(teacher, prompts, seed=2, **kw) != first
+    for p, a in zip(prompts, first):
+        assert 0 < len(a) <= 24 and (2 not in a[:-1])
+        with torch.no_grad():
+            probs = teacher(torch.tensor([p + a], device="cuda")).logits[0, len(p) - 1:-1].softmax(-1)
+        for t, tok in enumerate(a):  # the chosen token lies inside the top-p nucleus
+            sorted_p, order = probs[t].sort(descending=True)
+            inside = order[: int((sorted_p.cumsum(0) - sorted_p <= 0.5).sum())]
+            assert tok in inside.tolist(), (t, tok)

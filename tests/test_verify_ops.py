@@ -7,14 +7,11 @@ written that should be, fails. The Triton kernels run here under
 ``TRITON_INTERPRET=1`` in a subprocess (the variable must be set before triton is
 imported and slows every kernel down), and on a real GPU under ``-m gpu``.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from tests.test_ops import rel_err
+from tests.utils import run_under_triton_interpreter
 from vllm_mamba_hybrid.ops import causal_conv1d_update, selective_state_update, ssd_state_update
 from vllm_mamba_hybrid.ops.verify import conv_verify, mamba1_verify, mamba2_verify
 
@@ -308,12 +305,9 @@ def triton_interpreter_checks():
 
 
 def test_triton_kernels_interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = "from tests.test_verify_ops import triton_interpreter_checks as f; f()"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "triton interpreter checks passed" in res.stdout
+    run_under_triton_interpreter(
+        "from tests.test_verify_ops import triton_interpreter_checks as f; f()",
+        "triton interpreter checks passed")
 
 
 # --- Triton kernels on a real GPU -----------------------------------------------------------

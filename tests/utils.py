@@ -167,3 +167,15 @@ def running_server(model_dir, log_path, *server_args: str, startup_timeout_s: fl
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def run_under_triton_interpreter(code: str, marker: str, timeout: int = 600) -> None:
+    """Run ``code`` in a fresh Python with ``TRITON_INTERPRET=1`` (it must be set before
+    triton is imported, and slows every kernel down); fail unless it prints ``marker``."""
+    import pytest
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=timeout)
+    assert res.returncode == 0 and marker in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+

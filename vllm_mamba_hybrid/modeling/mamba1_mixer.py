@@ -13,7 +13,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ..config import LlamaMambaHybridConfig
-from ..ops import selective_scan_fn, selective_state_update
+from ..ops import selective_scan_fn, selective_state_update, triton_scan
 from .mamba2_mixer import inverse_softplus_dt
 from .mamba_state import MambaLayerState
 from .short_conv import apply_short_conv
@@ -81,7 +81,8 @@ class Mamba1Mixer(nn.Module):
                 self.D, z[:, 0], dt_bias=self.dt_proj.bias, dt_softplus=True)
             y = y.unsqueeze(1)
         else:
-            y, new_ssm = selective_scan_fn(
+            scan = triton_scan.selective_scan_triton if triton_scan.supports(x) else selective_scan_fn
+            y, new_ssm = scan(
                 x.transpose(1, 2), dt.transpose(1, 2), A,
                 B.reshape(groups).permute(0, 2, 3, 1), C.reshape(groups).permute(0, 2, 3, 1),
                 self.D, z.transpose(1, 2), delta_bias=self.dt_proj.bias, delta_softplus=True,

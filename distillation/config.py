@@ -110,8 +110,8 @@ class TrainingConfig:
     grad_accum: int = 1
     # Length grouping: cut the data walk into windows of this many steps and sort each
     # window's sequences by length into micro-batches (shuffled again), so rows pad to
-    # similar lengths; 0 = off. Mixed-length data wastes ~1/3 of its compute on
-    # padding without it.
+    # similar lengths; 0 = off. Without it a third of the quality study's padded
+    # batches is padding.
     length_grouping_steps: int = 0
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0

@@ -78,12 +78,16 @@ def test_triton_scan_interpreted():
                                  "triton scan checks passed")
 
 
-def test_rejects_bad_shapes_by_name():
+@pytest.mark.parametrize("name,bad", [("C", lambda t: t[..., :4]), ("A", lambda t: t[:, :3]),
+                                      ("z", lambda t: t[:, :-1]), ("D", lambda t: t[:-1]),
+                                      ("initial_state", lambda t: t[:, :, :2])])
+def test_rejects_bad_shapes_by_name(name, bad):
+    """The kernels index by the shapes, so a wrong one must stop before launch, named."""
     pytest.importorskip("triton")
     from vllm_mamba_hybrid.ops.triton_scan import selective_scan_triton
     t = _inputs(1, 2, 4, 4, 5, "contiguous")
-    t["C"] = t["C"][..., :4]
-    with pytest.raises(ValueError, match=r"C \(1, 2, 4, 4\)"):
+    t[name] = bad(t[name])
+    with pytest.raises(ValueError, match=f"selective_scan_triton: {name} is "):
         selective_scan_triton(**t)
 
 

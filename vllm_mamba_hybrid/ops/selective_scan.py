@@ -28,6 +28,17 @@ def _prepare_delta(delta, delta_bias, delta_softplus):
     return F.softplus(delta) if delta_softplus else delta
 
 
+def skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None,
+                  z: torch.Tensor | None) -> torch.Tensor:
+    """The scan's epilogue ``(y + D * u) * silu(z)`` over (b, d, l), in y's dtype."""
+    cd = y.dtype
+    if D is not None:
+        y = y + D.to(cd).unsqueeze(-1) * u.to(cd)
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    return y
+
+
 @no_autocast
 def selective_scan_fn(
     u: torch.Tensor,
@@ -73,11 +84,7 @@ def selective_scan_fn(
         ys.append(torch.einsum("bgnt,bgrnt->bgrt", Cf[..., sl], states))
         h = states[..., -1]
     y = torch.cat(ys, dim=-1).reshape(b, d, l) if ys else u.new_zeros(b, d, 0).to(cd)
-    if D is not None:
-        y = y + D.to(cd).unsqueeze(-1) * u.to(cd)
-    if z is not None:
-        y = y * F.silu(z.to(cd))
-    return y.to(u.dtype), h.reshape(b, d, n)
+    return skip_and_gate(y, u, D, z).to(u.dtype), h.reshape(b, d, n)
 
 
 @no_autocast

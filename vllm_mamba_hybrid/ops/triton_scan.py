@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ._dtype import no_autocast
-from .selective_scan import _prepare_delta
+from .selective_scan import _prepare_delta, skip_and_gate
 from .triton_step import HAVE_TRITON, available
 
 if HAVE_TRITON:
@@ -205,12 +205,17 @@ def selective_scan_triton(
     """Same contract as :func:`.selective_scan.selective_scan_fn` (float32 math, float32
     state), differentiable in every tensor input; float64 inputs are not supported."""
     b, d, l = u.shape
-    g, n = B.shape[1], A.shape[-1]
+    g, n = B.shape[1], B.shape[2]
     if d % g:
         raise ValueError(f"channels ({d}) must be a multiple of B/C groups ({g})")
-    if B.shape != (b, g, n, l) or C.shape != (b, g, n, l):
-        raise ValueError(f"B {tuple(B.shape)} and C {tuple(C.shape)} must be (b, g, n, l) = "
-                         f"{(b, g, n, l)}")
+    # The kernels trust these shapes (they index by them), so every tensor is checked.
+    want = {"delta": (delta, (b, d, l)), "A": (A, (d, n)), "B": (B, (b, g, n, l)),
+            "C": (C, (b, g, n, l)), "D": (D, (d,)), "z": (z, (b, d, l)),
+            "delta_bias": (delta_bias, (d,)), "initial_state": (initial_state, (b, d, n))}
+    for name, (t, shape) in want.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"selective_scan_triton: {name} is {tuple(t.shape)}, expected {shape} "
+                             f"for u {tuple(u.shape)} (b, d, l) with {g} B/C groups of d_state {n}")
     if u.dtype == torch.float64:
         raise TypeError("selective_scan_triton computes in float32; use selective_scan_fn for float64")
     if not available(u.device):
@@ -218,8 +223,4 @@ def selective_scan_triton(
                            f"TRITON_INTERPRET=1")
     dt = _prepare_delta(delta, delta_bias, delta_softplus)
     y, h = _SelectiveScanCore.apply(u, dt, A, B, C, initial_state)
-    if D is not None:
-        y = y + D.float().unsqueeze(-1) * u.float()
-    if z is not None:
-        y = y * torch.nn.functional.silu(z.float())
-    return y.to(u.dtype), h
+    return skip_and_gate(y, u, D, z).to(u.dtype), h

@@ -88,6 +88,10 @@ class PseudoLabelConfig:
     dtype: str = "auto"
 
 
+# What `pseudo_labels.dtype` may be with `engine: runtime` ("auto": bf16 on a GPU, fp32 on CPU).
+RUNTIME_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
 @dataclass
 class BackendConfig:
     kind: Literal["ray", "local", "torchrun"] = "ray"
@@ -322,6 +326,9 @@ def _check_semantics(cfg: PipelineConfig) -> None:
         raise ConfigError("`pseudo_labels.sample_temperature` must be > 0 when "
                           "`pseudo_labels.samples_per_prompt` > 0 (greedy samples would repeat "
                           "the answer)")
+    if pl.engine == "runtime" and pl.dtype not in RUNTIME_DTYPES:
+        raise ConfigError(f"`pseudo_labels.dtype` {pl.dtype!r}: the runtime engine takes one of "
+                          f"{', '.join(RUNTIME_DTYPES)}")
     if cfg.data.heldout_every < 2:
         raise ConfigError("`data.heldout_every` must be >= 2 (every n-th prompt is held out)")
     for stage in ("progressive", "distill", "dpo"):

@@ -139,12 +139,9 @@ def _answers_from_runtime(teacher_dir: Path, tokenizer, prompt_ids: list[list[in
     from .models import load_causal_lm
 
     cuda = torch.cuda.is_available()
-    dtypes = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
-              "float16": torch.float16, "float32": torch.float32}
-    if gen.dtype not in dtypes:
-        raise ValueError(f"pseudo_labels.dtype {gen.dtype!r}: the runtime engine takes one of "
-                         f"{', '.join(dtypes)}")
-    dtype = dtypes[gen.dtype]
+    # config.RUNTIME_DTYPES, checked before any stage runs
+    dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16, "float32": torch.float32}[gen.dtype]
     model = load_causal_lm(teacher_dir, dtype).to("cuda" if cuda else "cpu")
     n = gen.samples_per_prompt
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id

@@ -96,10 +96,10 @@ def batch_indices(step: int, micro: int, rank: int, *, n: int, world: int, batch
 
 def _sequence_lengths(examples: list[dict], objective: str, max_length: int) -> tuple[int, ...]:
     """Tokens per collated row (a DPO pair pads to its longer answer)."""
-    if objective == "kd":
-        return tuple(min(max_length, len(e["prompt_ids"]) + len(e["answer_ids"])) for e in examples)
-    return tuple(min(max_length, len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])))
-                 for e in examples)
+    def answer(e):
+        return len(e["answer_ids"]) if objective == "kd" else max(len(e["chosen_ids"]),
+                                                                   len(e["rejected_ids"]))
+    return tuple(min(max_length, len(e["prompt_ids"]) + answer(e)) for e in examples)
 
 
 def _wrap(model: torch.nn.Module, job: TrainJob, d: _Dist, device: torch.device):

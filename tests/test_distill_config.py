@@ -129,6 +129,13 @@ def test_student_layers_samples_and_text_rules(tmp_path, teacher, capsys, shared
                                                      "pseudo_labels.sample_temperature": 0.0}),
                capsys)
     assert "`pseudo_labels.sample_temperature` must be > 0" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"pseudo_labels.engine": "runtime",
+                                                     "pseudo_labels.dtype": "fp8"}), capsys)
+    assert "`pseudo_labels.dtype` 'fp8': the runtime engine takes one of auto" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"pseudo_labels.engine": "hf"}), capsys)
+    assert "pseudo_labels.engine" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"training.length_grouping_steps": -1}), capsys)
+    assert "`training.length_grouping_steps` must be >= 0" in err
     err = _run(tmp_path, _base(tmp_path, teacher, **{"data.data_dir": str(shared_dir / "data"),
                                                      "data.text_dir": "no_such_dir"}), capsys)
     assert "`data.text_dir`" in err and "no_such_dir" in err and "not a directory" in err

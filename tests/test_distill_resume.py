@@ -123,3 +123,19 @@ def test_length_grouped_training_resumes_exactly(setup):
     b = load_file(setup / "grouped-resumed" / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _curve(setup / "grouped") == _curve(setup / "grouped-resumed")
+
+
+def test_grouping_lengths_are_the_collated_widths():
+    """The length a row is grouped by is the width collate gives it alone (kd rows and
+    DPO pairs, with and without truncation)."""
+    from distillation.tokens import collate_lm, collate_pairs
+    from distillation.trainer import _sequence_lengths
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    ids = lambda: [3] * int(torch.randint(1, 40, (1,), generator=g))
+    kd = [{"prompt_ids": ids(), "answer_ids": ids()} for _ in range(20)]
+    dpo = [{"prompt_ids": ids(), "chosen_ids": ids(), "rejected_ids": ids()} for _ in range(20)]
+    for max_length in (30, 200):
+        assert _sequence_lengths(kd, "kd", max_length) == tuple(
+            collate_lm([e], 0, max_length)["input_ids"].shape[1] for e in kd)
+        assert _sequence_lengths(dpo, "dpo", max_length) == tuple(
+            collate_pairs([e], 0, max_length)["input_ids"].shape[1] for e in dpo)

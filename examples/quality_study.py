@@ -246,15 +246,21 @@ def _import_teacher(root: Path, payload: Path) -> None:
     log(f"teacher imported and identical to the CPU machine's ({manifest['teacher_fingerprint']})")
 
 
+def _study_config(root: Path, args):
+    """The study config of the private code copy, with the machine's data dir and --set."""
+    from distillation.cli import _override
+    from distillation.config import load_config
+    return load_config(root / "code" / CONFIG.relative_to(REPO),
+                       {"data.data_dir": str(root / "data"), **dict(map(_override, args.set))})
+
+
 def _pseudo_labels(root: Path, args) -> None:
     """The teacher's answers and samples, once, before the students start (they share
     the cache, so each finds it valid and reuses it)."""
-    from distillation.cli import _override
-    from distillation.config import load_config
     from distillation.models import load_tokenizer
     from distillation.prompts import load_prompts
     from distillation.pseudo_labels import ensure_pseudo_labels
-    cfg = load_config(CONFIG, {"data.data_dir": str(root / "data"), **dict(map(_override, args.set))})
+    cfg = _study_config(root, args)
     train, _ = load_prompts(cfg.data)
     teacher = root / "teacher"
     ensure_pseudo_labels(teacher, load_tokenizer(teacher), train, cfg.pseudo_labels,
@@ -364,12 +370,9 @@ def cmd_gpu_finish(args) -> int:
     log(f"finished: {finished}; not finished: {sorted(set(pids) - set(finished))}")
 
     import torch
-    from distillation.config import load_config
     from distillation.evaluate import evaluate_models, format_table
     from vllm_mamba_hybrid.conversion.delta import write_delta
-    from distillation.cli import _override
-    cfg = load_config(root / "code" / CONFIG.relative_to(REPO),
-                      {"data.data_dir": str(root / "data"), **dict(map(_override, args.set))})
+    cfg = _study_config(root, args)
     models = {n: _stage_model(root, n, "01-distill") for n in finished}
     for n in INIT_ROWS:
         if n in pids:

@@ -22,27 +22,76 @@ def _shifted(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
     return _f32(logits[:, :-1][keep]), input_ids[:, 1:][keep]
 
 
+# Rows of the vocabulary-wide float32 work done at once: the loss never holds more
+# than a few (rows x vocab) float32 buffers, whatever the batch (49k vocab: 200 MB each).
+KD_CHUNK_ROWS = 1024
+
+
+def _row_terms(s_rows: torch.Tensor, t_rows: torch.Tensor, targets: torch.Tensor, direction: str):
+    """Per-row KL, CE and their gradients w.r.t. the student logits, in float32."""
+    s_logp = F.log_softmax(_f32(s_rows), dim=-1)
+    t_logp = F.log_softmax(_f32(t_rows), dim=-1)
+    q = s_logp.exp()
+    if direction == "forward":      # d/ds sum p (log p - log q) = q - p
+        p = t_logp.exp()
+        kl = (p * (t_logp - s_logp)).sum(-1)
+        d_kl = q - p
+    else:                           # d/ds sum q (log q - log p) = q * (log q - log p - KL)
+        diff = s_logp - t_logp
+        kl = (q * diff).sum(-1)
+        d_kl = q * (diff - kl[:, None])
+    ce = -s_logp.gather(-1, targets[:, None]).squeeze(-1)
+    d_ce = q.scatter_add(-1, targets[:, None], -torch.ones_like(ce[:, None]))
+    return kl, ce, d_kl, d_ce
+
+
+class _KDSums(torch.autograd.Function):
+    """(KL sum, CE sum) over rows, computed KD_CHUNK_ROWS rows at a time; the backward
+    recomputes each chunk instead of keeping log-softmaxes of every row (autograd of the
+    plain formula holds ~6 float32 (rows x vocab) tensors: 1.2 GB each for 6k tokens)."""
+
+    @staticmethod
+    def forward(ctx, s_rows, t_rows, targets, direction):
+        kl = torch.zeros((), dtype=torch.promote_types(s_rows.dtype, torch.float32),
+                         device=s_rows.device)
+        ce = torch.zeros_like(kl)
+        for i in range(0, s_rows.shape[0], KD_CHUNK_ROWS):
+            k, c, _, _ = _row_terms(s_rows[i:i + KD_CHUNK_ROWS], t_rows[i:i + KD_CHUNK_ROWS],
+                                    targets[i:i + KD_CHUNK_ROWS], direction)
+            kl += k.sum()
+            ce += c.sum()
+        ctx.save_for_backward(s_rows, t_rows, targets)
+        ctx.direction = direction
+        return kl, ce
+
+    @staticmethod
+    def backward(ctx, g_kl, g_ce):
+        s_rows, t_rows, targets = ctx.saved_tensors
+        grad = torch.empty_like(s_rows)
+        for i in range(0, s_rows.shape[0], KD_CHUNK_ROWS):
+            _, _, d_kl, d_ce = _row_terms(s_rows[i:i + KD_CHUNK_ROWS], t_rows[i:i + KD_CHUNK_ROWS],
+                                          targets[i:i + KD_CHUNK_ROWS], ctx.direction)
+            grad[i:i + KD_CHUNK_ROWS] = g_kl * d_kl + g_ce * d_ce
+        return grad, None, None, None
+
+
 def kd_loss_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                  input_ids: torch.Tensor, loss_mask: torch.Tensor,
                  direction: str = "forward") -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Word-level KL and student CE summed over answer tokens.
+    """Word-level KL and student CE summed over answer tokens (float32 arithmetic).
 
     forward: KL(teacher || student) = sum_v p_t (log p_t - log p_s)  (mode covering,
     the paper's choice); reverse: KL(student || teacher) (mode seeking).
-    Returns (kl_sum, ce_sum, n_tokens).
+    Gradients flow to the student logits only. Returns (kl_sum, ce_sum, n_tokens).
     """
-    s_logits, targets = _shifted(student_logits, input_ids, loss_mask)
-    t_logits, _ = _shifted(teacher_logits, input_ids, loss_mask)
-    s_logp = F.log_softmax(s_logits, dim=-1)
-    t_logp = F.log_softmax(t_logits, dim=-1)
-    if direction == "forward":
-        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-    elif direction == "reverse":
-        kl = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
-    else:
+    if direction not in ("forward", "reverse"):
         raise ValueError(f"kl direction must be 'forward' or 'reverse', got {direction!r}")
-    ce = -s_logp.gather(-1, targets[:, None]).squeeze(-1)
-    return kl.sum(), ce.sum(), int(targets.numel())
+    keep = loss_mask[:, 1:].bool()
+    s_rows = student_logits[:, :-1][keep]
+    t_rows = teacher_logits[:, :-1][keep].detach()
+    targets = input_ids[:, 1:][keep]
+    kl, ce = _KDSums.apply(s_rows, t_rows, targets, direction)
+    return kl, ce, int(targets.numel())
 
 
 def greedy_agreement_count(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -263,6 +263,8 @@ def train_worker(job_dict: dict) -> None:
                    "grad_norm": float(grad_norm), "tokens_seen": tokens_seen,
                    "tokens_per_s": totals[3] / dt, "tokens_per_s_per_worker": totals[3] / dt / d.world,
                    "step_time_s": dt, "time": time.time()}
+            if device.type == "cuda":   # sizes micro-batches and students sharing a GPU
+                rec["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             if job.objective == "kd":
                 rec.update(kl=totals[0] / global_count, ce=totals[1] / global_count,
                            loss=(job.kl_weight * totals[0] + job.ce_weight * totals[1]) / global_count,

@@ -64,32 +64,50 @@ def _mamba2_verify_kernel(
     gB = h // heads_per_gB
     gC = h // heads_per_gC
 
+    # Token t+1's inputs are loaded while token t is computed (look-ahead rows, zeros
+    # past the end): their latency overlaps the sequential update instead of stalling it.
     n_rep = tl.load(nrep_ptr + b)
+    rdt_row = rdt_ptr + b * s_rdt_b + h * s_rdt_h
+    rx_row = rx_ptr + b * s_rx_b + h * s_rx_h + offs_p * s_rx_p
+    rB_row = rB_ptr + b * s_rB_b + gB * s_rB_g + offs_n * s_rB_n
+    d = tl.load(rdt_row, mask=n_rep > 0, other=0.0)
+    xv = tl.load(rx_row, mask=offs_p < tl.where(n_rep > 0, P, 0), other=0.0)
+    Bv = tl.load(rB_row, mask=offs_n < tl.where(n_rep > 0, N, 0), other=0.0)
     for t in range(0, n_rep):
-        d = _dt_eff(tl.load(rdt_ptr + b * s_rdt_b + t * s_rdt_t + h * s_rdt_h), dtb, DT_SOFTPLUS)
-        xv = tl.load(rx_ptr + b * s_rx_b + t * s_rx_t + h * s_rx_h + offs_p * s_rx_p,
-                     mask=mp, other=0.0).to(tl.float32)
-        Bv = tl.load(rB_ptr + b * s_rB_b + t * s_rB_t + gB * s_rB_g + offs_n * s_rB_n,
-                     mask=mn, other=0.0).to(tl.float32)
-        S = S * tl.exp(d * A) + (d * xv)[:, None] * Bv[None, :]
+        more = t + 1 < n_rep
+        d_n = tl.load(rdt_row + (t + 1) * s_rdt_t, mask=more, other=0.0)
+        x_n = tl.load(rx_row + (t + 1) * s_rx_t, mask=offs_p < tl.where(more, P, 0), other=0.0)
+        B_n = tl.load(rB_row + (t + 1) * s_rB_t, mask=offs_n < tl.where(more, N, 0), other=0.0)
+        de = _dt_eff(d, dtb, DT_SOFTPLUS)
+        S = S * tl.exp(de * A) + (de * xv.to(tl.float32))[:, None] * Bv.to(tl.float32)[None, :]
+        d, xv, Bv = d_n, x_n, B_n
     tl.store(st_ptrs, S, mask=ms)
 
     Dh = 0.0
     if HAS_D:
         Dh = tl.load(D_ptr + h).to(tl.float32)
+    dt_row = dt_ptr + b * s_dt_b + h * s_dt_h
+    x_row = x_ptr + b * s_x_b + h * s_x_h + offs_p * s_x_p
+    B_row = B_ptr + b * s_B_b + gB * s_B_g + offs_n * s_B_n
+    C_row = C_ptr + b * s_C_b + gC * s_C_g + offs_n * s_C_n
+    d = tl.load(dt_row, mask=T > 0, other=0.0)
+    xv = tl.load(x_row, mask=offs_p < tl.where(T > 0, P, 0), other=0.0)
+    Bv = tl.load(B_row, mask=offs_n < tl.where(T > 0, N, 0), other=0.0)
+    Cv = tl.load(C_row, mask=offs_n < tl.where(T > 0, N, 0), other=0.0)
     for t in range(0, T):
-        d = _dt_eff(tl.load(dt_ptr + b * s_dt_b + t * s_dt_t + h * s_dt_h), dtb, DT_SOFTPLUS)
-        xv = tl.load(x_ptr + b * s_x_b + t * s_x_t + h * s_x_h + offs_p * s_x_p,
-                     mask=mp, other=0.0).to(tl.float32)
-        Bv = tl.load(B_ptr + b * s_B_b + t * s_B_t + gB * s_B_g + offs_n * s_B_n,
-                     mask=mn, other=0.0).to(tl.float32)
-        Cv = tl.load(C_ptr + b * s_C_b + t * s_C_t + gC * s_C_g + offs_n * s_C_n,
-                     mask=mn, other=0.0).to(tl.float32)
-        S = S * tl.exp(d * A) + (d * xv)[:, None] * Bv[None, :]
-        yv = tl.sum(S * Cv[None, :], axis=1) + Dh * xv
+        more = t + 1 < T
+        d_n = tl.load(dt_row + (t + 1) * s_dt_t, mask=more, other=0.0)
+        x_n = tl.load(x_row + (t + 1) * s_x_t, mask=offs_p < tl.where(more, P, 0), other=0.0)
+        B_n = tl.load(B_row + (t + 1) * s_B_t, mask=offs_n < tl.where(more, N, 0), other=0.0)
+        C_n = tl.load(C_row + (t + 1) * s_C_t, mask=offs_n < tl.where(more, N, 0), other=0.0)
+        de = _dt_eff(d, dtb, DT_SOFTPLUS)
+        xf = xv.to(tl.float32)
+        S = S * tl.exp(de * A) + (de * xf)[:, None] * Bv.to(tl.float32)[None, :]
+        yv = tl.sum(S * Cv.to(tl.float32)[None, :], axis=1) + Dh * xf
         yv = tl.where(active, yv, 0.0)
         tl.store(y_ptr + b * s_y_b + t * s_y_t + h * s_y_h + offs_p * s_y_p,
                  yv.to(y_ptr.dtype.element_ty), mask=mp)
+        d, xv, Bv, Cv = d_n, x_n, B_n, C_n
 
 
 @triton.jit
@@ -219,38 +237,58 @@ def _mamba1_verify_kernel(
     gB = offs_d // ch_per_gB
     gC = offs_d // ch_per_gC
 
+    # look-ahead loads as in the Mamba2 kernel
     n_rep = tl.load(nrep_ptr + b)
+    rdt_row = rdt_ptr + b * s_rdt_b + offs_d * s_rdt_d
+    rx_row = rx_ptr + b * s_rx_b + offs_d * s_rx_d
+    rB_row = rB_ptr + b * s_rB_b + gB[:, None] * s_rB_g + offs_n[None, :] * s_rB_n
+    lim = tl.where(n_rep > 0, DIM, 0)
+    d = tl.load(rdt_row, mask=offs_d < lim, other=0.0)
+    xv = tl.load(rx_row, mask=offs_d < lim, other=0.0)
+    Bv = tl.load(rB_row, mask=(offs_d < lim)[:, None] & mn[None, :], other=0.0)
     for t in range(0, n_rep):
-        d = _dt_eff(tl.load(rdt_ptr + b * s_rdt_b + t * s_rdt_t + offs_d * s_rdt_d,
-                            mask=md, other=0.0), dtb, DT_SOFTPLUS)
-        xv = tl.load(rx_ptr + b * s_rx_b + t * s_rx_t + offs_d * s_rx_d,
-                     mask=md, other=0.0).to(tl.float32)
-        Bv = tl.load(rB_ptr + b * s_rB_b + t * s_rB_t + gB[:, None] * s_rB_g
-                     + offs_n[None, :] * s_rB_n, mask=mdn, other=0.0).to(tl.float32)
-        S = S * tl.exp(d[:, None] * A) + (d * xv)[:, None] * Bv
+        lim = tl.where(t + 1 < n_rep, DIM, 0)
+        d_n = tl.load(rdt_row + (t + 1) * s_rdt_t, mask=offs_d < lim, other=0.0)
+        x_n = tl.load(rx_row + (t + 1) * s_rx_t, mask=offs_d < lim, other=0.0)
+        B_n = tl.load(rB_row + (t + 1) * s_rB_t, mask=(offs_d < lim)[:, None] & mn[None, :],
+                      other=0.0)
+        de = _dt_eff(d, dtb, DT_SOFTPLUS)
+        S = S * tl.exp(de[:, None] * A) + (de * xv.to(tl.float32))[:, None] * Bv.to(tl.float32)
+        d, xv, Bv = d_n, x_n, B_n
     tl.store(st_ptrs, S, mask=ms)
 
     Dc = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_D:
         Dc = tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    dt_row = dt_ptr + b * s_dt_b + offs_d * s_dt_d
+    x_row = x_ptr + b * s_x_b + offs_d * s_x_d
+    z_row = z_ptr + b * s_z_b + offs_d * s_z_d
+    B_row = B_ptr + b * s_B_b + gB[:, None] * s_B_g + offs_n[None, :] * s_B_n
+    C_row = C_ptr + b * s_C_b + gC[:, None] * s_C_g + offs_n[None, :] * s_C_n
+    lim = tl.where(T > 0, DIM, 0)
+    d = tl.load(dt_row, mask=offs_d < lim, other=0.0)
+    xv = tl.load(x_row, mask=offs_d < lim, other=0.0)
+    Bv = tl.load(B_row, mask=(offs_d < lim)[:, None] & mn[None, :], other=0.0)
+    Cv = tl.load(C_row, mask=(offs_d < lim)[:, None] & mn[None, :], other=0.0)
     for t in range(0, T):
-        d = _dt_eff(tl.load(dt_ptr + b * s_dt_b + t * s_dt_t + offs_d * s_dt_d,
-                            mask=md, other=0.0), dtb, DT_SOFTPLUS)
-        xv = tl.load(x_ptr + b * s_x_b + t * s_x_t + offs_d * s_x_d,
-                     mask=md, other=0.0).to(tl.float32)
-        Bv = tl.load(B_ptr + b * s_B_b + t * s_B_t + gB[:, None] * s_B_g
-                     + offs_n[None, :] * s_B_n, mask=mdn, other=0.0).to(tl.float32)
-        Cv = tl.load(C_ptr + b * s_C_b + t * s_C_t + gC[:, None] * s_C_g
-                     + offs_n[None, :] * s_C_n, mask=mdn, other=0.0).to(tl.float32)
-        S = S * tl.exp(d[:, None] * A) + (d * xv)[:, None] * Bv
-        yv = tl.sum(S * Cv, axis=1) + Dc * xv
+        lim = tl.where(t + 1 < T, DIM, 0)
+        d_n = tl.load(dt_row + (t + 1) * s_dt_t, mask=offs_d < lim, other=0.0)
+        x_n = tl.load(x_row + (t + 1) * s_x_t, mask=offs_d < lim, other=0.0)
+        B_n = tl.load(B_row + (t + 1) * s_B_t, mask=(offs_d < lim)[:, None] & mn[None, :],
+                      other=0.0)
+        C_n = tl.load(C_row + (t + 1) * s_C_t, mask=(offs_d < lim)[:, None] & mn[None, :],
+                      other=0.0)
+        de = _dt_eff(d, dtb, DT_SOFTPLUS)
+        xf = xv.to(tl.float32)
+        S = S * tl.exp(de[:, None] * A) + (de * xf)[:, None] * Bv.to(tl.float32)
+        yv = tl.sum(S * Cv.to(tl.float32), axis=1) + Dc * xf
         if HAS_Z:
-            zv = tl.load(z_ptr + b * s_z_b + t * s_z_t + offs_d * s_z_d,
-                         mask=md, other=0.0).to(tl.float32)
+            zv = tl.load(z_row + t * s_z_t, mask=md, other=0.0).to(tl.float32)
             yv = yv * zv * tl.sigmoid(zv)
         yv = tl.where(active, yv, 0.0)
         tl.store(y_ptr + b * s_y_b + t * s_y_t + offs_d * s_y_d,
                  yv.to(y_ptr.dtype.element_ty), mask=md)
+        d, xv, Bv, Cv = d_n, x_n, B_n, C_n
 
 
 @triton.jit

@@ -1,17 +1,21 @@
 """Which layers are attention at each stage of progressive replacement.
 
-Layers are replaced in increasing index order (the paper's stepwise runs replace
-0, 2, 4, ... one per stage), so each stage's Mamba layers contain the previous
-stage's and the final stage has exactly the student's layout.
+Each stage's Mamba layers contain the previous stage's and the final stage has
+exactly the student's layout. A schedule of fractions keeps the paper's layout for
+each fraction where those layouts nest (50% -> 25%: odd layers, then every fourth,
+the paper's progressive 25% run starting from its 50% model); otherwise, and for
+"stepwise" (the paper's stepwise runs replace 0, 2, 4, ... one per stage), layers
+are replaced in increasing index order.
 """
 from __future__ import annotations
+
+from vllm_mamba_hybrid.config import paper_attention_layers
 
 from .config import ConfigError
 
 
 def final_attention_layers(num_layers: int, attn_layers: list[int] | None,
                            attn_fraction: float) -> list[int]:
-    from vllm_mamba_hybrid.config import paper_attention_layers
     if attn_layers is not None:
         bad = [i for i in attn_layers if not 0 <= i < num_layers]
         if bad:
@@ -27,17 +31,23 @@ def progressive_layouts(num_layers: int, final_attn: list[int],
     order = [i for i in range(num_layers) if i not in final_attn]
     if not order:
         raise ConfigError("the student keeps every layer as attention: nothing to replace")
+    by_index = lambda counts: [sorted(set(range(num_layers)) - set(order[:m])) for m in counts]
     if schedule == "stepwise":
-        counts = list(range(1, len(order) + 1))
-    else:
-        counts = [round((1.0 - f) * num_layers) for f in schedule]
-        if counts[-1] != len(order):
-            raise ConfigError(
-                f"`stages.progressive.schedule` ends at attention fraction {schedule[-1]} "
-                f"({counts[-1]} Mamba layers) but the student has {len(order)} Mamba layers "
-                f"of {num_layers}: end the schedule at the student's fraction")
-        if counts[0] < 1 or any(b <= a for a, b in zip(counts, counts[1:])):
-            raise ConfigError(
-                f"`stages.progressive.schedule` {schedule} must replace at least one more layer "
-                f"per stage (Mamba layer counts {counts} for {num_layers} layers)")
-    return [sorted(set(range(num_layers)) - set(order[:m])) for m in counts]
+        return by_index(range(1, len(order) + 1))
+    # a fraction's Mamba layer count as the student's own layout would have it
+    counts = [num_layers - len(paper_attention_layers(num_layers, f)) for f in schedule]
+    if counts[-1] != len(order):
+        raise ConfigError(
+            f"`stages.progressive.schedule` ends at attention fraction {schedule[-1]} "
+            f"({counts[-1]} Mamba layers) but the student has {len(order)} Mamba layers "
+            f"of {num_layers}: end the schedule at the student's fraction")
+    if counts[0] < 1 or any(b <= a for a, b in zip(counts, counts[1:])):
+        raise ConfigError(
+            f"`stages.progressive.schedule` {schedule} must replace at least one more layer "
+            f"per stage (Mamba layer counts {counts} for {num_layers} layers)")
+    paper = [sorted(set(paper_attention_layers(num_layers, f)) | set(final_attn))
+             for f in schedule[:-1]] + [sorted(final_attn)]
+    if all(num_layers - len(a) == m for a, m in zip(paper, counts)) and all(
+            set(later) < set(earlier) for earlier, later in zip(paper, paper[1:])):
+        return paper
+    return by_index(counts)

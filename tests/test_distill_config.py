@@ -139,3 +139,24 @@ def test_student_layers_samples_and_text_rules(tmp_path, teacher, capsys, shared
     err = _run(tmp_path, _base(tmp_path, teacher, **{"data.data_dir": str(shared_dir / "data"),
                                                      "data.text_dir": "no_such_dir"}), capsys)
     assert "`data.text_dir`" in err and "no_such_dir" in err and "not a directory" in err
+
+
+def test_progressive_layouts_follow_the_papers_nesting_layouts():
+    """[0.5, 0.25] on 30 layers: the odd layers, then every fourth (the paper's 25% run
+    starts from its 50% model), each stage's Mamba layers containing the previous ones';
+    layouts that do not nest fall back to index order; 'stepwise' is index order."""
+    from distillation.plan import final_attention_layers, progressive_layouts
+    from vllm_mamba_hybrid.config import paper_attention_layers
+    final = final_attention_layers(30, None, 0.25)
+    assert progressive_layouts(30, final, [0.5, 0.25]) == [
+        paper_attention_layers(30, 0.5), [3, 7, 11, 15, 19, 23, 27]]
+    eighth = final_attention_layers(32, None, 0.125)
+    stages = progressive_layouts(32, eighth, [0.5, 0.25, 0.125])
+    assert [len(s) for s in stages] == [16, 8, 4] and stages[-1] == eighth
+    assert all(set(b) < set(a) for a, b in zip(stages, stages[1:]))
+    # custom final layers the paper's 50% layout lacks: replace in index order
+    stages = progressive_layouts(30, [0, 29], [0.5, 2 / 30])
+    assert stages == [[0, *range(16, 30)], [0, 29]]
+    assert progressive_layouts(4, [3], "stepwise") == [[1, 2, 3], [2, 3], [3]]
+    with pytest.raises(ConfigError, match="student's fraction"):
+        progressive_layouts(30, final, [0.5, 0.3])

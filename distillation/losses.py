@@ -19,7 +19,7 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 def _shifted(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor):
     """Positions t whose next token t+1 is counted: (logits[t], token[t+1])."""
     keep = loss_mask[:, 1:].bool()
-    return _f32(logits[:, :-1][keep]), input_ids[:, 1:][keep]
+    return logits[:, :-1][keep], input_ids[:, 1:][keep]
 
 
 # Rows of the vocabulary-wide float32 work done at once: the loss never holds more
@@ -27,22 +27,24 @@ def _shifted(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
 KD_CHUNK_ROWS = 1024
 
 
-def _row_terms(s_rows: torch.Tensor, t_rows: torch.Tensor, targets: torch.Tensor, direction: str):
-    """Per-row KL, CE and their gradients w.r.t. the student logits, in float32."""
+def _row_terms(s_rows: torch.Tensor, t_rows: torch.Tensor, targets: torch.Tensor, direction: str,
+               grads: bool):
+    """Per-row KL and CE in float32, and (grads) their gradients w.r.t. the student logits."""
     s_logp = F.log_softmax(_f32(s_rows), dim=-1)
     t_logp = F.log_softmax(_f32(t_rows), dim=-1)
-    q = s_logp.exp()
     if direction == "forward":      # d/ds sum p (log p - log q) = q - p
         p = t_logp.exp()
         kl = (p * (t_logp - s_logp)).sum(-1)
-        d_kl = q - p
     else:                           # d/ds sum q (log q - log p) = q * (log q - log p - KL)
         diff = s_logp - t_logp
-        kl = (q * diff).sum(-1)
-        d_kl = q * (diff - kl[:, None])
+        kl = (s_logp.exp() * diff).sum(-1)
     ce = -s_logp.gather(-1, targets[:, None]).squeeze(-1)
+    if not grads:
+        return kl, ce
+    q = s_logp.exp()
+    d_kl = q - p if direction == "forward" else q * (diff - kl[:, None])
     d_ce = q.scatter_add(-1, targets[:, None], -torch.ones_like(ce[:, None]))
-    return kl, ce, d_kl, d_ce
+    return d_kl, d_ce
 
 
 class _KDSums(torch.autograd.Function):
@@ -56,8 +58,8 @@ class _KDSums(torch.autograd.Function):
                          device=s_rows.device)
         ce = torch.zeros_like(kl)
         for i in range(0, s_rows.shape[0], KD_CHUNK_ROWS):
-            k, c, _, _ = _row_terms(s_rows[i:i + KD_CHUNK_ROWS], t_rows[i:i + KD_CHUNK_ROWS],
-                                    targets[i:i + KD_CHUNK_ROWS], direction)
+            k, c = _row_terms(s_rows[i:i + KD_CHUNK_ROWS], t_rows[i:i + KD_CHUNK_ROWS],
+                              targets[i:i + KD_CHUNK_ROWS], direction, grads=False)
             kl += k.sum()
             ce += c.sum()
         ctx.save_for_backward(s_rows, t_rows, targets)
@@ -69,8 +71,8 @@ class _KDSums(torch.autograd.Function):
         s_rows, t_rows, targets = ctx.saved_tensors
         grad = torch.empty_like(s_rows)
         for i in range(0, s_rows.shape[0], KD_CHUNK_ROWS):
-            _, _, d_kl, d_ce = _row_terms(s_rows[i:i + KD_CHUNK_ROWS], t_rows[i:i + KD_CHUNK_ROWS],
-                                          targets[i:i + KD_CHUNK_ROWS], ctx.direction)
+            d_kl, d_ce = _row_terms(s_rows[i:i + KD_CHUNK_ROWS], t_rows[i:i + KD_CHUNK_ROWS],
+                                    targets[i:i + KD_CHUNK_ROWS], ctx.direction, grads=True)
             grad[i:i + KD_CHUNK_ROWS] = g_kl * d_kl + g_ce * d_ce
         return grad, None, None, None
 
@@ -86,10 +88,8 @@ def kd_loss_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """
     if direction not in ("forward", "reverse"):
         raise ValueError(f"kl direction must be 'forward' or 'reverse', got {direction!r}")
-    keep = loss_mask[:, 1:].bool()
-    s_rows = student_logits[:, :-1][keep]
-    t_rows = teacher_logits[:, :-1][keep].detach()
-    targets = input_ids[:, 1:][keep]
+    s_rows, targets = _shifted(student_logits, input_ids, loss_mask)
+    t_rows, _ = _shifted(teacher_logits.detach(), input_ids, loss_mask)
     kl, ce = _KDSums.apply(s_rows, t_rows, targets, direction)
     return kl, ce, int(targets.numel())
 

@@ -119,6 +119,8 @@ def run(args) -> dict:
                "tokens_per_s_per_worker": tokens_per_s / workers}
         if peak:
             row["mfu"] = row["tokens_per_s_per_worker"] * flops_tok / (peak * 1e12)
+        if "max_memory_gb" in recs[-1]:
+            row["max_memory_gb"] = max(r["max_memory_gb"] for r in recs)
         rows.append(row)
     base = rows[0]["tokens_per_s"] / rows[0]["workers"]
     for r in rows:

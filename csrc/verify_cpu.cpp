@@ -12,6 +12,9 @@
 //   replay   S <- exp(sum dA) S + sum_t w_t x_t (outer) B_t,  w_t = dt_t exp(sum_{s>t} dA_s)
 //   outputs  y_t = exp(cum_t) C_t.S + sum_{s<=t} exp(cum_t - cum_s) dt_s (C_t.B_s) x_s + D x_t
 // Mamba1's decay differs per (channel, state) element, so it steps token by token.
+//
+// ssm_spec_step serves vLLM's own verify contract instead (every candidate's state
+// stored to its cache block), for the mixers inside the vLLM engine.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -294,10 +297,115 @@ torch::Tensor mamba1_verify(torch::Tensor state, torch::Tensor state_idx, torch:
   return y.to(x.scalar_type());
 }
 
+
+// vLLM's speculative verify contract (model_executor/ssm_ops.py, SpecDecode): row b's
+// tokens starts[b] .. starts[b]+lens[b]-1 start from the state in block src[b]; the state
+// after its token t is stored to block dst[b][t] (0 = vLLM's null block: not stored).
+// One task per (row, head) keeps each state row in a local buffer across the tokens, so
+// a call reads every state once and makes no per-token gathers or Python round trips.
+// x: (tokens, H, P); B, C: (tokens, H, N); z: (tokens, H, P) or none; per (h, p)
+// (Mamba1): dt (tokens, H, P), A (H, P, N), D and dt_bias (H, P); per_head (Mamba2, one
+// decay per head and token): dt (tokens, H, 1), A (H, 1, 1), D and dt_bias (H, 1).
+torch::Tensor ssm_spec_step(torch::Tensor state, torch::Tensor src, torch::Tensor dst,
+                            torch::Tensor starts, torch::Tensor lens, torch::Tensor x,
+                            torch::Tensor dt, torch::Tensor A, torch::Tensor B, torch::Tensor C,
+                            torch::Tensor D, torch::Tensor dt_bias,
+                            c10::optional<torch::Tensor> z, bool per_head) {
+  const char* op = "ssm_spec_step";
+  check_state(state, 4, op);
+  const int64_t tokens = x.size(0), H = x.size(1), P = x.size(2), N = state.size(3);
+  const int64_t rows = src.size(0), T = dst.size(1);
+  TORCH_CHECK(state.size(1) == H && state.size(2) == P, op, ": state ", state.sizes(),
+              " does not match x ", x.sizes());
+  TORCH_CHECK(N <= kMaxState, op, ": d_state ", N, " > ", kMaxState);
+  expect(dst, {rows, T}, op, "dst");
+  expect(starts, {rows}, op, "starts");
+  expect(lens, {rows}, op, "lens");
+  const int64_t Pp = per_head ? 1 : P, Na = per_head ? 1 : N;
+  expect(dt, {tokens, H, Pp}, op, "dt");
+  expect(A, {H, Pp, Na}, op, "A");
+  expect(B, {tokens, H, N}, op, "B");
+  expect(C, {tokens, H, N}, op, "C");
+  expect(D, {H, Pp}, op, "D");
+  expect(dt_bias, {H, Pp}, op, "dt_bias");
+  expect(z, {tokens, H, P}, op, "z");
+  auto src_l = src.to(torch::kLong).contiguous(), dst_l = dst.to(torch::kLong).contiguous();
+  auto st_l = starts.to(torch::kLong).contiguous(), len_l = lens.to(torch::kLong).contiguous();
+  const int64_t *src_p = src_l.data_ptr<int64_t>(), *dst_p = dst_l.data_ptr<int64_t>(),
+                *st_p = st_l.data_ptr<int64_t>(), *len_p = len_l.data_ptr<int64_t>();
+  const int64_t blocks = state.size(0);
+  for (int64_t b = 0; b < rows; ++b) {
+    TORCH_CHECK(src_p[b] >= 0 && src_p[b] < blocks, op, ": src[", b, "] = ", src_p[b],
+                " outside the state's ", blocks, " blocks");
+    TORCH_CHECK(len_p[b] >= 0 && len_p[b] <= T && st_p[b] >= 0 && st_p[b] + len_p[b] <= tokens,
+                op, ": row ", b, " (start ", st_p[b], ", ", len_p[b], " tokens) outside the ",
+                tokens, " tokens or the ", T, " dst columns");
+    for (int64_t t = 0; t < len_p[b]; ++t)
+      TORCH_CHECK(dst_p[b * T + t] >= 0 && dst_p[b * T + t] < blocks, op, ": dst[", b, "][", t,
+                  "] = ", dst_p[b * T + t], " outside the state's ", blocks, " blocks");
+  }
+  auto xf = f32(x), dtf = f32(dt), Af = f32(A), Bf = f32(B), Cf = f32(C), Df = f32(D),
+       dtbf = f32(dt_bias), zf = z ? f32(*z) : torch::Tensor();
+  const float *x_p = xf.data_ptr<float>(), *dt_p = dtf.data_ptr<float>(),
+              *A_p = Af.data_ptr<float>(), *B_p = Bf.data_ptr<float>(),
+              *C_p = Cf.data_ptr<float>(), *D_p = Df.data_ptr<float>(),
+              *dtb_p = dtbf.data_ptr<float>(), *z_p = z ? zf.data_ptr<float>() : nullptr;
+  auto y = torch::zeros({tokens, H, P}, xf.options());
+  float* y_p = y.data_ptr<float>();
+  float* s_p = state.data_ptr<float>();
+  const int64_t s_blk = state.stride(0), s_h = state.stride(1), s_row = state.stride(2);
+
+  at::parallel_for(0, rows * H, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float s[kMaxState];
+    alignas(64) float dA[kMaxState];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H, t0 = st_p[b], len = len_p[b];
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t hp = h * Pp + (per_head ? 0 : p);
+        const float* from = s_p + src_p[b] * s_blk + h * s_h + p * s_row;
+        for (int64_t n = 0; n < N; ++n) s[n] = from[n];
+        for (int64_t t = 0; t < len; ++t) {
+          const int64_t tok = t0 + t, i = (tok * H + h) * P + p;
+          const float d = dt_eff(dt_p[tok * H * Pp + hp], dtb_p[hp], true);
+          const float dx = d * x_p[i];
+          const float* Bt = B_p + (tok * H + h) * N;
+          const float* Ct = C_p + (tok * H + h) * N;
+          const float* Ah = A_p + hp * Na;
+          if (per_head) {
+            const float decay = std::exp(d * Ah[0]);
+#pragma omp simd
+            for (int64_t n = 0; n < N; ++n) dA[n] = decay;
+          } else {
+#pragma omp simd
+            for (int64_t n = 0; n < N; ++n) dA[n] = exp_simd(d * Ah[n]);
+          }
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t n = 0; n < N; ++n) {
+            s[n] = s[n] * dA[n] + dx * Bt[n];
+            dot += s[n] * Ct[n];
+          }
+          float out = dot + D_p[hp] * x_p[i];
+          if (z_p) out *= z_p[i] / (1.f + std::exp(-z_p[i]));
+          y_p[i] = out;
+          const int64_t blk = dst_p[b * T + t];
+          if (blk > 0) {
+            float* to = s_p + blk * s_blk + h * s_h + p * s_row;
+            for (int64_t n = 0; n < N; ++n) to[n] = s[n];
+          }
+        }
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Multi-step SSM verification kernels for the CPU (see ops/verify.py)";
   m.def("mamba2_verify", &mamba2_verify, "Mamba2 verify step (state updated in place)");
   m.def("mamba1_verify", &mamba1_verify, "Mamba1 verify step (state updated in place)");
+  m.def("ssm_spec_step", &ssm_spec_step,
+        "vLLM's verify contract: every candidate's state stored to its block");
 }

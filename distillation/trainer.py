@@ -121,6 +121,18 @@ def _scheduler(optimizer, job: TrainJob):
                          num_training_steps=job.steps)
 
 
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile each decoder layer in place (regional compilation).
+
+    Layers of one type share code and shapes, so one compiled graph serves them all
+    and compile time stays that of one layer, not of the whole model; the rest of the
+    model (embedding, final norm, head) is a handful of kernels and stays eager.
+    ``dynamic=False``: the trainer pads every micro-batch to one width.
+    """
+    for layer in model.model.layers:
+        layer.compile(dynamic=False)
+
+
 def _frozen_model(path: str, dtype: torch.dtype, device: torch.device):
     m = load_causal_lm(path, dtype).to(device).eval()
     m.requires_grad_(False)
@@ -178,6 +190,9 @@ def train_worker(job_dict: dict) -> None:
                            f"without Mamba layers?)")
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     other = _frozen_model(job.teacher_dir if job.objective == "kd" else job.ref_dir, dtype, device)
+    if job.compile:
+        compile_layers(student)
+        compile_layers(other)
     model = _wrap(student, job, d, device)
     # After wrapping: FSDP replaces the parameters with sharded ones.
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -216,7 +231,8 @@ def train_worker(job_dict: dict) -> None:
         micro = [collate([examples[i] for i in batch_indices(
                     step, j, d.rank, n=n, world=d.world, batch=job.batch_size,
                     accum=job.grad_accum, seed=job.seed, lengths=lengths,
-                    group_steps=job.length_grouping_steps)], job.pad_id, job.max_length)
+                    group_steps=job.length_grouping_steps)], job.pad_id, job.max_length,
+                    job.max_length if job.compile else None)
                  for j in range(job.grad_accum)]
         if job.objective == "kd":
             local_count = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)
@@ -229,10 +245,14 @@ def train_worker(job_dict: dict) -> None:
             sync = j == job.grad_accum - 1 or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync():
                 with autocast:
-                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                    # use_cache=False: a fresh KV cache object per call would also make
+                    # a compiled layer recompile every step
+                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                use_cache=False).logits
                     with torch.no_grad():
                         other_logits = other(input_ids=b["input_ids"],
-                                             attention_mask=b["attention_mask"]).logits
+                                             attention_mask=b["attention_mask"],
+                                             use_cache=False).logits
                 if job.objective == "kd":
                     kl, ce, _ = kd_loss_sums(out, other_logits, b["input_ids"], b["loss_mask"],
                                              job.kl_direction)

@@ -58,11 +58,15 @@ STUDENTS = {
     "mamba2-25": {"student.attn_fraction": 0.25},
     "mamba1-25": {"student.variant": "mamba1", "student.attn_fraction": 0.25},
     "mamba2-50-random": {"student.mamba_init": "random"},
-    # The base student at a higher learning rate: is 3e-4 what holds the 50% hybrids back?
-    "mamba2-50-lr1e-3": {"stages.distill.lr": 1.0e-3},
-    # Not in the default set (--only): only the Mamba mixers train (the paper's first
-    # stage), the speculative-decoding target of benchmarks/spec_decode.py, shipped back
-    # as its mixers alone ...
+    # The paper's stepwise route to 25%: half the steps as the 50% hybrid, then the
+    # layers between its attention layers are replaced too (from the trained model's
+    # attention weights) for the other half; same total steps as every other student.
+    "mamba2-25-progressive": {"student.attn_fraction": 0.25, "stages.progressive.enabled": True,
+                              "stages.distill.enabled": False},
+    # Not in the default set (--only): the base student at run 1-3's learning rate ...
+    "mamba2-50-lr3e-4": {"stages.distill.lr": 3.0e-4},
+    # ... only the Mamba mixers train (the paper's first stage), the speculative-decoding
+    # target of benchmarks/spec_decode.py, shipped back as its mixers alone ...
     "mamba2-50-mixers": {"stages.distill.freeze_mlp": True},
     # ... and a 2-layer draft (teacher layers 0 and 29, attention) sharing the teacher's
     # embeddings and head, which stay frozen so that only its layers travel back.
@@ -70,7 +74,7 @@ STUDENTS = {
                  "stages.distill.freeze_embeddings": True, "stages.distill.lr": 5.0e-4},
 }
 DEFAULT_STUDENTS = ["mamba2-50", "mamba1-50", "mamba2-25", "mamba1-25", "mamba2-50-random",
-                    "mamba2-50-lr1e-3"]
+                    "mamba2-25-progressive"]
 DELTAS = ("mamba2-50-mixers", "draft-2l")   # students whose weights come back
 INIT_ROWS = ("mamba2-50", "mamba2-50-random")  # also evaluated at step 0
 
@@ -189,13 +193,20 @@ def _env(root: Path) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # the students share the GPU
+    # training.compile: the calibration's compiled kernels serve the real launch
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
     return env
 
 
 def _overrides(root: Path, name: str, steps: int, args) -> list[str]:
+    """``steps`` is every student's total: a progressive student splits it evenly over
+    its stages (examples/quality_study.yaml's schedule)."""
+    progressive = STUDENTS[name].get("stages.progressive.enabled", False)
     sets = {"output_dir": str(root / "runs" / name), "teacher.path": str(root / "teacher"),
             "data.data_dir": str(root / "data"), "data.cache_dir": str(root / "pseudo_labels"),
-            "backend.device": args.device, "stages.distill.steps": steps, **STUDENTS[name]}
+            "backend.device": args.device, "stages.distill.steps": steps,
+            "stages.progressive.steps": steps // len(_cfg().stages.progressive.schedule)
+            if progressive else steps, **STUDENTS[name]}
     out = []
     for k, v in sets.items():
         out += ["--set", f"{k}={json.dumps(v)}"]
@@ -219,11 +230,25 @@ def _launch(root: Path, steps: int, tag: str, args) -> dict[str, subprocess.Pope
     return procs
 
 
+def _training_stages(root: Path, name: str) -> list[Path]:
+    """The student's training stages begun so far, in order (not init, not export)."""
+    d = root / "runs" / name / "stages"
+    return sorted(p for p in d.glob("[0-9][0-9]-*")
+                  if p.is_dir() and not p.name.endswith(("-init", "-export"))) if d.is_dir() else []
+
+
 def _progress(root: Path, name: str) -> list[dict]:
-    f = root / "runs" / name / "stages" / "01-distill" / "progress.jsonl"
-    if not f.is_file():
-        return []
-    return [json.loads(ln) for ln in f.read_text().splitlines() if ln]
+    """Progress records of all training stages as one curve: steps and tokens counted
+    from the start of the first stage; ``stage`` names each record's stage."""
+    out, steps, tokens = [], 0, 0
+    for stage in _training_stages(root, name):
+        f = stage / "progress.jsonl"
+        recs = [json.loads(ln) for ln in f.read_text().splitlines() if ln] if f.is_file() else []
+        out += [{**r, "step": r["step"] + steps, "tokens_seen": r["tokens_seen"] + tokens,
+                 "stage": stage.name} for r in recs]
+        if recs:
+            steps, tokens = steps + recs[-1]["step"], tokens + recs[-1]["tokens_seen"]
+    return out
 
 
 def _import_teacher(root: Path, payload: Path) -> None:
@@ -319,8 +344,9 @@ def cmd_gpu_train(args) -> int:
             except ProcessLookupError:
                 pass
             p.wait()
-    for n in args.only:  # keep the init stage and data, redo the distill stage
-        shutil.rmtree(root / "runs" / n / "stages" / "01-distill", ignore_errors=True)
+    for n in args.only:  # keep the init stage and data, redo the training stages
+        for stage in _training_stages(root, n):
+            shutil.rmtree(stage)
     remaining = args.budget_s - (time.time() - t_start) - args.startup_s
     slowest = max(step_time.values())
     steps = int(remaining * args.safety / slowest)
@@ -339,15 +365,17 @@ def cmd_gpu_train(args) -> int:
 
 
 def _finished(root: Path, name: str) -> bool:
-    return (root / "runs" / name / "stages" / "01-distill" / "DONE.json").is_file()
+    """The pipeline's last stage (export, after every training stage) is done."""
+    return any((d / "DONE.json").is_file()
+               for d in (root / "runs" / name / "stages").glob("[0-9][0-9]-export"))
 
 
 def _steps_line(root: Path, names) -> str:
     return " ".join(f"{n}:{(_progress(root, n) or [{'step': 0}])[-1]['step']}" for n in names)
 
 
-def _stage_model(root: Path, name: str, stage: str) -> Path:
-    return root / "runs" / name / "stages" / stage / "model"
+def _final_model(root: Path, name: str) -> Path:
+    return _training_stages(root, name)[-1] / "model"
 
 
 def cmd_gpu_finish(args) -> int:
@@ -376,10 +404,10 @@ def cmd_gpu_finish(args) -> int:
     from distillation.evaluate import evaluate_models, format_table
     from vllm_mamba_hybrid.conversion.delta import write_delta
     cfg = _study_config(root, args)
-    models = {n: _stage_model(root, n, "01-distill") for n in finished}
+    models = {n: _final_model(root, n) for n in finished}
     for n in INIT_ROWS:
         if n in pids:
-            models[f"{n}@init"] = _stage_model(root, n, "00-init")
+            models[f"{n}@init"] = root / "runs" / n / "stages" / "00-init" / "model"
     result = evaluate_models(models, root / "teacher", data=cfg.data, cfg=cfg.eval, log=log,
                              device=args.device)
     result["plan"] = plan
@@ -388,7 +416,7 @@ def cmd_gpu_finish(args) -> int:
     result["progress"] = {n: _progress(root, n) for n in pids}
     result["training"] = {}
     for n in finished:
-        metrics = root / "runs" / n / "stages" / "01-distill" / "metrics.json"
+        metrics = _training_stages(root, n)[-1] / "metrics.json"
         result["training"][n] = json.loads(metrics.read_text()) if metrics.is_file() else None
     kd = torch.load(next((root / "runs" / next(iter(pids)) / "data").glob("kd_examples-*.pt")))
     prose = [e for e in kd if not e["prompt_ids"]]
@@ -405,6 +433,42 @@ def cmd_gpu_finish(args) -> int:
     for n in DELTAS:
         if n in finished:
             write_delta(models[n], root / "teacher", out / n)
+    return 0
+
+
+def cmd_gpu_continue(args) -> int:
+    """One finished student trains on alone (the GPU to itself: compiled, larger
+    micro-batches) from its final model, then is evaluated: what more tokens buy."""
+    root, out = Path(args.root), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(root / "site"))
+    sys.path.insert(0, str(root / "code"))
+    from distillation.evaluate import evaluate_models, format_table
+    from distillation.job import TrainJob
+    from distillation.models import load_tokenizer
+    from distillation.reporting import read_progress
+    from distillation.tokens import pad_id_of
+    from distillation.trainer import train_worker
+    cfg = _study_config(root, args)
+    run, teacher = root / "runs" / args.student, root / "teacher"
+    stage = run / "continued"
+    t0 = time.time()
+    train_worker(TrainJob(
+        stage="continued", stage_dir=str(stage), init_dir=str(_final_model(root, args.student)),
+        data_file=str(next((run / "data").glob("kd_examples-*.pt"))), objective="kd",
+        teacher_dir=str(teacher), steps=args.steps, lr=args.lr, warmup_steps=20,
+        batch_size=args.batch_size, max_length=cfg.data.max_length,
+        length_grouping_steps=cfg.training.length_grouping_steps, checkpoint_every=10 ** 9,
+        log_every=50, dtype=cfg.training.dtype, device=args.device, compile=True,
+        pad_id=pad_id_of(load_tokenizer(teacher))).to_dict())
+    progress = read_progress(stage)
+    name = f"{args.student}+{args.steps}x{args.batch_size}"
+    log(f"{name}: trained {time.time() - t0:.0f} s; last {json.dumps(progress[-1])}")
+    result = evaluate_models({name: stage / "model"}, teacher, data=cfg.data, cfg=cfg.eval,
+                             log=log, device=args.device)
+    result["progress"] = {name: progress}
+    (out / "quality_study_continued.json").write_text(json.dumps(result, indent=1, default=str))
+    print(format_table(result), flush=True)
     return 0
 
 
@@ -448,12 +512,12 @@ def main(argv=None) -> int:
     s.add_argument("results")
     s.set_defaults(func=cmd_fetch)
     for name, fn in (("gpu-setup", cmd_gpu_setup), ("gpu-train", cmd_gpu_train),
-                     ("gpu-finish", cmd_gpu_finish)):
+                     ("gpu-finish", cmd_gpu_finish), ("gpu-continue", cmd_gpu_continue)):
         s = sub.add_parser(name)
         s.add_argument("--root", default="/root/study")
         s.add_argument("--device", default="cuda", help="cuda, or cpu for a rehearsal")
         s.set_defaults(func=fn)
-        if name != "gpu-finish":
+        if name in ("gpu-setup", "gpu-train"):
             s.add_argument("--carry", required=True)
     s = sub.choices["gpu-train"]
     s.add_argument("--budget-s", type=float, default=960,
@@ -474,6 +538,13 @@ def main(argv=None) -> int:
                    help="a config override for the evaluation, e.g. eval.num_prompts=8")
     s.add_argument("--out", required=True)
     s.add_argument("--wait-s", type=float, default=420)
+    s = sub.choices["gpu-continue"]
+    s.add_argument("--student", default="mamba2-50", choices=list(STUDENTS))
+    s.add_argument("--steps", type=int, default=700)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=5e-4)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--out", required=True)
     args = p.parse_args(argv)
     return args.func(args)
 

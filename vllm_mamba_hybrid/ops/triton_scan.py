@@ -189,6 +189,7 @@ class _SelectiveScanCore(torch.autograd.Function):
                 dC.permute(0, 2, 3, 1).to(C.dtype), dh0 if h0 is not None else None)
 
 
+@torch.compiler.disable  # a compiled layer calls the kernels as they are (graph break)
 @no_autocast
 def selective_scan_triton(
     u: torch.Tensor,

@@ -324,6 +324,9 @@ def _check_semantics(cfg: PipelineConfig) -> None:
             raise ConfigError(f"`training.{name}` must be >= 1")
     if cfg.training.length_grouping_steps < 0:
         raise ConfigError("`training.length_grouping_steps` must be >= 0 (0 = off)")
+    if cfg.training.compile and cfg.backend.strategy == "fsdp":
+        raise ConfigError("`training.compile` with `backend.strategy: fsdp` is not supported "
+                          "(FSDP's hooks around compiled layers are untested): use ddp")
     pl = cfg.pseudo_labels
     if pl.samples_per_prompt < 0:
         raise ConfigError("`pseudo_labels.samples_per_prompt` must be >= 0")

@@ -136,6 +136,9 @@ def test_student_layers_samples_and_text_rules(tmp_path, teacher, capsys, shared
     assert "pseudo_labels.engine" in err
     err = _run(tmp_path, _base(tmp_path, teacher, **{"training.length_grouping_steps": -1}), capsys)
     assert "`training.length_grouping_steps` must be >= 0" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"training.compile": True,
+                                                     "backend.strategy": "fsdp"}), capsys)
+    assert "`training.compile` with `backend.strategy: fsdp` is not supported" in err
     err = _run(tmp_path, _base(tmp_path, teacher, **{"data.data_dir": str(shared_dir / "data"),
                                                      "data.text_dir": "no_such_dir"}), capsys)
     assert "`data.text_dir`" in err and "no_such_dir" in err and "not a directory" in err

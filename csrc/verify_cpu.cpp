@@ -400,6 +400,75 @@ torch::Tensor ssm_spec_step(torch::Tensor state, torch::Tensor src, torch::Tenso
   return y;
 }
 
+// The causal conv of a verify step under the same contract (SpecDecode): row b's tokens
+// starts[b] .. starts[b]+lens[b]-1 continue the window that starts at column a-1
+// (a = num_accepted[b]) of the widened buffer in block blk[b] (0: null block, row skipped,
+// outputs 0); afterwards columns 0 .. W-2+lens[b] hold the window shifted past the row's
+// tokens, so the next step finds its start at its own a-1. x: (tokens, dim) float32;
+// conv_state: (blocks, dim, L) float32, any strides; weight: (dim, W). Returns (tokens, dim).
+torch::Tensor conv_spec_step(torch::Tensor x, torch::Tensor conv_state, torch::Tensor blk,
+                             torch::Tensor num_accepted, torch::Tensor starts,
+                             torch::Tensor lens, torch::Tensor weight,
+                             c10::optional<torch::Tensor> bias, bool silu) {
+  const char* op = "conv_spec_step";
+  TORCH_CHECK(conv_state.device().is_cpu() && conv_state.scalar_type() == torch::kFloat32 &&
+                  conv_state.dim() == 3,
+              op, ": conv_state must be a 3-d float32 CPU tensor, got ", conv_state.sizes(),
+              " ", conv_state.scalar_type());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be (tokens, dim), got ", x.sizes());
+  const int64_t tokens = x.size(0), dim = x.size(1), rows = blk.size(0);
+  const int64_t blocks = conv_state.size(0), L = conv_state.size(2), W = weight.size(-1);
+  TORCH_CHECK(conv_state.size(1) == dim, op, ": conv_state ", conv_state.sizes(),
+              " does not match x ", x.sizes());
+  expect(weight, {dim, W}, op, "weight");
+  expect(bias, {dim}, op, "bias");
+  expect(num_accepted, {rows}, op, "num_accepted");
+  expect(starts, {rows}, op, "starts");
+  expect(lens, {rows}, op, "lens");
+  auto blk_l = blk.to(torch::kLong).contiguous(), acc_l = num_accepted.to(torch::kLong).contiguous();
+  auto st_l = starts.to(torch::kLong).contiguous(), len_l = lens.to(torch::kLong).contiguous();
+  const int64_t *blk_p = blk_l.data_ptr<int64_t>(), *acc_p = acc_l.data_ptr<int64_t>(),
+                *st_p = st_l.data_ptr<int64_t>(), *len_p = len_l.data_ptr<int64_t>();
+  for (int64_t b = 0; b < rows; ++b) {
+    TORCH_CHECK(blk_p[b] >= 0 && blk_p[b] < blocks, op, ": blk[", b, "] = ", blk_p[b],
+                " outside the conv state's ", blocks, " blocks");
+    TORCH_CHECK(len_p[b] >= 0 && st_p[b] >= 0 && st_p[b] + len_p[b] <= tokens, op, ": row ", b,
+                " (start ", st_p[b], ", ", len_p[b], " tokens) outside the ", tokens, " tokens");
+    const int64_t off = std::max<int64_t>(acc_p[b] - 1, 0);
+    TORCH_CHECK(off + W - 1 <= L && W - 2 + len_p[b] <= L && W - 1 + len_p[b] <= kMaxState, op,
+                ": row ", b, " (num_accepted ", acc_p[b], ", ", len_p[b],
+                " tokens) does not fit the conv buffer's ", L, " columns");
+  }
+  auto xf = f32(x), wf = f32(weight), bf = bias ? f32(*bias) : torch::Tensor();
+  const float *x_p = xf.data_ptr<float>(), *w_p = wf.data_ptr<float>(),
+              *b_p = bias ? bf.data_ptr<float>() : nullptr;
+  auto y = torch::zeros({tokens, dim}, xf.options());
+  float* y_p = y.data_ptr<float>();
+  float* s_p = conv_state.data_ptr<float>();
+  const int64_t s_blk = conv_state.stride(0), s_c = conv_state.stride(1), s_j = conv_state.stride(2);
+
+  // ~W * tokens multiply-adds per channel: split over channels only for large batches.
+  at::parallel_for(0, rows * dim, 2048, [&](int64_t begin, int64_t end) {
+    float seq[kMaxState];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / dim, c = task % dim, t0 = st_p[b], len = len_p[b];
+      if (blk_p[b] == 0) continue;
+      float* col = s_p + blk_p[b] * s_blk + c * s_c;
+      const int64_t off = std::max<int64_t>(acc_p[b] - 1, 0);
+      for (int64_t j = 0; j < W - 1; ++j) seq[j] = col[(off + j) * s_j];
+      for (int64_t t = 0; t < len; ++t) seq[W - 1 + t] = x_p[(t0 + t) * dim + c];
+      const float* wc = w_p + c * W;
+      for (int64_t t = 0; t < len; ++t) {
+        float acc = b_p ? b_p[c] : 0.f;
+        for (int64_t k = 0; k < W; ++k) acc += wc[k] * seq[t + k];
+        y_p[(t0 + t) * dim + c] = silu ? acc / (1.f + std::exp(-acc)) : acc;
+      }
+      for (int64_t j = 0; j < W - 2 + len; ++j) col[j * s_j] = seq[j + 1];
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -408,4 +477,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mamba1_verify", &mamba1_verify, "Mamba1 verify step (state updated in place)");
   m.def("ssm_spec_step", &ssm_spec_step,
         "vLLM's verify contract: every candidate's state stored to its block");
+  m.def("conv_spec_step", &conv_spec_step,
+        "vLLM's verify contract for the causal conv: outputs, window shifted past the tokens");
 }

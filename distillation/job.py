@@ -41,6 +41,7 @@ class TrainJob:
     log_every: int = 1
     dtype: str = "float32"         # compute dtype: bfloat16 = autocast, float32 master weights
     compile: bool = False          # torch.compile the decoder layers (trainer.compile_layers)
+    pad_multiple: int = 0          # compiled: pad to a multiple of this (0: to max_length)
     device: str = "cpu"
     strategy: str = "ddp"
     seed: int = 0

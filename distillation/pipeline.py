@@ -208,27 +208,50 @@ def _prose_files(cfg: PipelineConfig) -> list[Path]:
     return text_files(text_dir, exclude=heldout)
 
 
+def prose_windows(cfg: PipelineConfig, tokenizer) -> tuple[list[Path], list[dict]]:
+    """``data.text_dir``'s files and their windows as examples (none without it)."""
+    if not cfg.data.text_dir:
+        return [], []
+    from .prose import prose_examples
+    files = _prose_files(cfg)
+    return files, prose_examples(tokenizer, files, cfg.data.max_length)
+
+
+def teacher_pseudo_labels(cfg: PipelineConfig, teacher_dir: Path, tokenizer, cache: Path,
+                          windows: list[dict], log=print):
+    """The teacher's answers to the training prompts and, with
+    ``pseudo_labels.prose_prefix_tokens``, its continuations of the windows' prefixes
+    (the cached dataset of pseudo_labels.ensure_pseudo_labels)."""
+    from .pseudo_labels import ensure_pseudo_labels
+    train, _ = load_prompts(cfg.data)
+    n = cfg.pseudo_labels.prose_prefix_tokens
+    prefixes = [w["answer_ids"][:n] for w in windows if len(w["answer_ids"]) > n] if n else []
+    return ensure_pseudo_labels(teacher_dir, tokenizer, train, cfg.pseudo_labels, cache,
+                                log=log, prose_prefixes=prefixes)
+
+
 def _kd_examples(ctx: Context) -> tuple[Path, str, dict]:
     """Teacher pseudo-labels (+ prose windows) -> token examples file;
     returns (file, fingerprint, info)."""
-    from .pseudo_labels import ensure_pseudo_labels
     cfg = ctx.cfg
     tok = load_tokenizer(ctx.teacher_dir)
-    train, _ = load_prompts(cfg.data)
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else ctx.out / "pseudo_labels"
-    ds = ensure_pseudo_labels(ctx.teacher_dir, tok, train, cfg.pseudo_labels, cache, log=ctx.log)
+    files, windows = prose_windows(cfg, tok)
+    ds = teacher_pseudo_labels(cfg, ctx.teacher_dir, tok, cache, windows, log=ctx.log)
+    # A prose continuation is prose: its prefix is learned too (empty prompt).
     examples = [{"prompt_ids": r["prompt_ids"], "answer_ids": r["answer_ids"]}
+                if r["kind"] == "chat" else {"prompt_ids": [],
+                                             "answer_ids": r["prompt_ids"] + r["answer_ids"]}
                 for r in ds if r["answer_ids"]]
     settings = json.loads((cache / "settings.json").read_text())
     prose = {}
-    if cfg.data.text_dir:
-        from .prose import prose_examples
-        files = _prose_files(cfg)
-        windows = prose_examples(tok, files, cfg.data.max_length)
+    if files:
         prose = {"text_files": [f.name for f in files], "text_windows": len(windows),
                  "text_tokens": sum(len(w["answer_ids"]) for w in windows)}
         ctx.log(f"prose: {len(windows)} windows of <= {cfg.data.max_length} tokens from "
-                f"{len(files)} files of {cfg.data.text_dir}")
+                f"{len(files)} files of {cfg.data.text_dir}"
+                + (f", {settings['num_prose_prefixes']} of them continued by the teacher"
+                   if settings["num_prose_prefixes"] else ""))
         examples += windows
     fp = fingerprint.of_json({**settings, **prose, "max_length": cfg.data.max_length}
                              if prose else settings)
@@ -255,7 +278,7 @@ def _job(ctx: Context, name: str, d: Path, init_dir: Path, data_file: Path, obje
         length_grouping_steps=t.length_grouping_steps,
         pad_id=pad_id_of(load_tokenizer(ctx.teacher_dir)), checkpoint_every=t.checkpoint_every,
         keep_checkpoints=t.keep_checkpoints, log_every=t.log_every, dtype=t.dtype,
-        compile=t.compile,
+        compile=t.compile, pad_multiple=t.compile_pad_multiple,
         device=ctx.device, strategy=cfg.backend.strategy, seed=cfg.seed,
         threads=cfg.backend.threads_per_worker, fail_once_at_step=t.fail_once_at_step,
         fail_mode="raise" if cfg.backend.kind == "local" else "kill", **extra)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from . import fingerprint
 from .config import PseudoLabelConfig
@@ -25,14 +26,23 @@ from .tokens import chat_prompt_ids
 SETTINGS = "settings.json"
 
 
-def _settings(teacher_dir: Path, prompts: list[dict], gen: PseudoLabelConfig,
-              max_model_len: int) -> dict:
+class _Prompt(NamedTuple):
+    kind: str          # "chat" (templated prompt) or "prose" (a prefix continued as is)
+    index: int
+    instruction: str
+    ids: list[int]
+
+
+def _settings(teacher_dir: Path, prompts: list[dict], prose_prefixes: list[list[int]],
+              gen: PseudoLabelConfig, max_model_len: int) -> dict:
     # The teacher by content, not by path: a cache made on one machine stays valid on
     # another (the GPU machine has no vLLM to make its own).
     return {
         "teacher_fingerprint": fingerprint.of_model_dir(teacher_dir),
         "prompts_fingerprint": fingerprint.of_json([p["instruction"] for p in prompts]),
         "num_prompts": len(prompts),
+        "prose_fingerprint": fingerprint.of_json(prose_prefixes),
+        "num_prose_prefixes": len(prose_prefixes),
         "max_new_tokens": gen.max_new_tokens,
         "temperature": gen.temperature,
         "top_p": gen.top_p,
@@ -51,16 +61,21 @@ def _max_model_len(teacher_dir: Path, gen: PseudoLabelConfig) -> int:
 
 
 def ensure_pseudo_labels(teacher_dir: Path, tokenizer, prompts: list[dict],
-                         gen: PseudoLabelConfig, cache_dir: Path, log=print):
-    """Return the cached dataset (columns index, instruction, sample, prompt_ids,
+                         gen: PseudoLabelConfig, cache_dir: Path, log=print,
+                         prose_prefixes: list[list[int]] = ()):
+    """Return the cached dataset (columns kind, index, instruction, sample, prompt_ids,
     answer_ids, answer, finish_reason), generating it first if absent or stale.
 
-    ``sample`` is 0 for the answer at ``gen.temperature`` and 1..samples_per_prompt
-    for the extra teacher samples of the same prompt."""
+    ``kind`` is "chat" for a chat prompt (``prompts``, in the chat template) and
+    "prose" for a prose prefix (``prose_prefixes``, token ids continued as they are;
+    ``index`` is its position there, ``instruction`` empty). ``sample`` is 0 for the
+    answer at ``gen.temperature`` and 1..samples_per_prompt for the extra teacher
+    samples of the same prompt."""
     import datasets
 
+    prose_prefixes = [list(p) for p in prose_prefixes]
     max_len = _max_model_len(teacher_dir, gen)
-    want = _settings(teacher_dir, prompts, gen, max_len)
+    want = _settings(teacher_dir, prompts, prose_prefixes, gen, max_len)
     settings_file = cache_dir / SETTINGS
     if settings_file.is_file():
         have = json.loads(settings_file.read_text())
@@ -70,21 +85,24 @@ def ensure_pseudo_labels(teacher_dir: Path, tokenizer, prompts: list[dict],
         changed = sorted(k for k in want if have.get(k) != want[k])
         log(f"pseudo-labels: settings changed ({', '.join(changed)}); regenerating")
 
-    prompt_ids = [chat_prompt_ids(tokenizer, p["instruction"]) for p in prompts]
+    sources = ([_Prompt("chat", p["index"], p["instruction"],
+                        chat_prompt_ids(tokenizer, p["instruction"])) for p in prompts]
+               + [_Prompt("prose", i, "", ids) for i, ids in enumerate(prose_prefixes)])
     budget = max_len - gen.max_new_tokens
-    too_long = [p["index"] for p, ids in zip(prompts, prompt_ids) if len(ids) > budget]
+    too_long = [src for src in sources if len(src.ids) > budget]
     if too_long:
         log(f"pseudo-labels: skipping {len(too_long)} prompts longer than {budget} tokens")
-    keep = [(p, ids) for p, ids in zip(prompts, prompt_ids) if len(ids) <= budget]
+    keep = [src for src in sources if len(src.ids) <= budget]
 
     tmp = cache_dir.parent / f".tmp-{cache_dir.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    log(f"pseudo-labels: teacher answers {len(keep)} prompts with {gen.engine} "
+    log(f"pseudo-labels: teacher answers {len(keep)} prompts "
+        f"({sum(src.kind == 'prose' for src in keep)} of them prose prefixes) with {gen.engine} "
         f"(max_new_tokens={gen.max_new_tokens}, temperature={gen.temperature}"
         + (f", +{gen.samples_per_prompt} samples at temperature {gen.sample_temperature}"
            if gen.samples_per_prompt else "") + ")")
-    keep_ids = [ids for _, ids in keep]
+    keep_ids = [src.ids for src in keep]
     if gen.engine == "vllm":
         answers = _answers_from_vllm(tmp, teacher_dir, keep_ids, want, gen)
     else:
@@ -93,12 +111,13 @@ def ensure_pseudo_labels(teacher_dir: Path, tokenizer, prompts: list[dict],
     if len(answers) != per_prompt * len(keep):
         raise RuntimeError(f"pseudo-labels: expected {per_prompt * len(keep)} answers, "
                            f"{gen.engine} gave {len(answers)}")
-    owners = [(p, ids, j) for p, ids in keep for j in range(per_prompt)]
+    owners = [(src, j) for src in keep for j in range(per_prompt)]
     rows = {
-        "index": [p["index"] for p, _, _ in owners],
-        "instruction": [p["instruction"] for p, _, _ in owners],
-        "sample": [j for _, _, j in owners],
-        "prompt_ids": [ids for _, ids, _ in owners],
+        "kind": [src.kind for src, _ in owners],
+        "index": [src.index for src, _ in owners],
+        "instruction": [src.instruction for src, _ in owners],
+        "sample": [j for _, j in owners],
+        "prompt_ids": [src.ids for src, _ in owners],
         "answer_ids": [a["token_ids"] for a in answers],
         "answer": [a["text"] for a in answers],
         "finish_reason": [a["finish_reason"] for a in answers],

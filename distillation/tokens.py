@@ -26,9 +26,10 @@ def pad_id_of(tokenizer) -> int:
 
 
 def collate_lm(examples: list[dict], pad_id: int, max_length: int,
-               pad_to: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-padded batch with ``loss_mask`` = 1 on answer tokens; ``pad_to`` fixes the
-    width (a compiled model sees one shape), else the longest row sets it.
+               pad_multiple: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded batch with ``loss_mask`` = 1 on answer tokens. The longest row sets
+    the width, rounded up to a multiple of ``pad_multiple`` (at most ``max_length``): a
+    compiled model then sees a few static shapes, or one with ``pad_multiple=max_length``.
 
     ``examples``: dicts with ``prompt_ids`` and ``answer_ids`` (lists of ints).
     Right padding keeps every real token's causal context identical to the
@@ -40,7 +41,7 @@ def collate_lm(examples: list[dict], pad_id: int, max_length: int,
         mask = ([0] * len(ex["prompt_ids"]) + [1] * len(ex["answer_ids"]))[:max_length]
         seqs.append(ids)
         masks.append(mask)
-    width = pad_to or max(len(s) for s in seqs)
+    width = padded_width(max(len(s) for s in seqs), max_length, pad_multiple)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     loss_mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -51,9 +52,16 @@ def collate_lm(examples: list[dict], pad_id: int, max_length: int,
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
+def padded_width(longest: int, max_length: int, multiple: int | None) -> int:
+    """``longest`` rounded up to a multiple of ``multiple`` (None: as is), at most ``max_length``."""
+    if not multiple:
+        return longest
+    return min(max_length, -(-longest // multiple) * multiple)
+
+
 def collate_pairs(examples: list[dict], pad_id: int, max_length: int,
-                  pad_to: int | None = None) -> dict[str, torch.Tensor]:
+                  pad_multiple: int | None = None) -> dict[str, torch.Tensor]:
     """Preference pairs as one batch: rows [chosen_0..chosen_n, rejected_0..rejected_n]."""
     chosen = [{"prompt_ids": e["prompt_ids"], "answer_ids": e["chosen_ids"]} for e in examples]
     rejected = [{"prompt_ids": e["prompt_ids"], "answer_ids": e["rejected_ids"]} for e in examples]
-    return collate_lm(chosen + rejected, pad_id, max_length, pad_to)
+    return collate_lm(chosen + rejected, pad_id, max_length, pad_multiple)

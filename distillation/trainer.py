@@ -121,14 +121,20 @@ def _scheduler(optimizer, job: TrainJob):
                          num_training_steps=job.steps)
 
 
-def compile_layers(model: torch.nn.Module) -> None:
+def compile_layers(model: torch.nn.Module, widths: int = 1) -> None:
     """torch.compile each decoder layer in place (regional compilation).
 
     Layers of one type share code and shapes, so one compiled graph serves them all
     and compile time stays that of one layer, not of the whole model; the rest of the
     model (embedding, final norm, head) is a handful of kernels and stays eager.
-    ``dynamic=False``: the trainer pads every micro-batch to one width.
+    ``dynamic=False``: the trainer pads every micro-batch to one width, or to one of
+    ``widths`` (``TrainJob.pad_multiple``); each width is a graph per layer type and
+    grad mode (student and teacher share the attention layer's code, and a
+    progressive run's next stage brings a new model), so dynamo's recompile limit
+    must allow them all or layers silently fall back to eager.
     """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               4 * widths)
     for layer in model.model.layers:
         layer.compile(dynamic=False)
 
@@ -191,8 +197,9 @@ def train_worker(job_dict: dict) -> None:
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     other = _frozen_model(job.teacher_dir if job.objective == "kd" else job.ref_dir, dtype, device)
     if job.compile:
-        compile_layers(student)
-        compile_layers(other)
+        widths = -(-job.max_length // job.pad_multiple) if job.pad_multiple else 1
+        compile_layers(student, widths)
+        compile_layers(other, widths)
     model = _wrap(student, job, d, device)
     # After wrapping: FSDP replaces the parameters with sharded ones.
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -232,7 +239,7 @@ def train_worker(job_dict: dict) -> None:
                     step, j, d.rank, n=n, world=d.world, batch=job.batch_size,
                     accum=job.grad_accum, seed=job.seed, lengths=lengths,
                     group_steps=job.length_grouping_steps)], job.pad_id, job.max_length,
-                    job.max_length if job.compile else None)
+                    (job.pad_multiple or job.max_length) if job.compile else None)
                  for j in range(job.grad_accum)]
         if job.objective == "kd":
             local_count = sum(int(b["loss_mask"][:, 1:].sum()) for b in micro)

@@ -1,4 +1,4 @@
-"""The GPU quality study: distil the real SmolLM2 teacher into six students on one GPU.
+"""The GPU quality study: distil the real SmolLM2 teacher into several students on one GPU.
 
 What it shows (README, "Quality study"): attention-initialised 50% hybrids against a
 random-initialised one at the same token budget, 50% against 25% attention, both
@@ -21,16 +21,18 @@ The lent GPU machine has no vLLM, no Ray and no network, and a run carries at mo
                   generator: ``pseudo_labels.engine: runtime``), calibrates the step
                   time of all students running together, sizes the run to the budget
                   and launches them (detached: they outlive the call)
-  GPU, call 3   python examples/quality_study.py gpu-finish --out $OUT
+  GPU, call 3   python examples/quality_study.py gpu-wait --out $OUT (optional, repeatable)
+                  waits while the students train on, returns their curves so far
+  GPU, call 4   python examples/quality_study.py gpu-finish --out $OUT
                   waits for the students, evaluates all of them and the teacher
                   (mamba-hybrid eval's metrics), writes the table, plots, deltas
-  GPU, call 4   python examples/quality_study.py gpu-continue --out $OUT (optional)
+  GPU, call 5   python examples/quality_study.py gpu-continue --out $OUT (optional)
                   one finished student trains on alone, then is evaluated
   CPU machine   python examples/quality_study.py fetch RESULTS_DIR
                   copies the metrics and plot into benchmarks/results and rebuilds
                   the delta students, if any
 
-Calls 1-4 must follow each other while the machine is warm (state lives under --root).
+The GPU calls must follow each other while the machine is warm (state lives under --root).
 """
 from __future__ import annotations
 
@@ -75,8 +77,9 @@ STUDENTS = {
     "draft-2l": {"student.layers": [0, 29], "student.attn_fraction": 1.0,
                  "stages.distill.freeze_embeddings": True, "stages.distill.lr": 5.0e-4},
 }
-DEFAULT_STUDENTS = ["mamba2-50", "mamba1-50", "mamba2-25", "mamba1-25", "mamba2-50-random",
-                    "mamba2-25-progressive"]
+# Run 5 trains four students (each gets more of the GPU); run 4's 25% students trained
+# from the start (mamba2-25, mamba1-25: 1.94x and 4.34x the teacher) join with --only.
+DEFAULT_STUDENTS = ["mamba2-50", "mamba1-50", "mamba2-50-random", "mamba2-25-progressive"]
 DELTAS = ("mamba2-50-mixers", "draft-2l")   # students whose weights come back
 INIT_ROWS = ("mamba2-50", "mamba2-50-random")  # also evaluated at step 0
 
@@ -285,16 +288,15 @@ def _study_config(root: Path, args):
 
 
 def _pseudo_labels(root: Path, args) -> None:
-    """The teacher's answers and samples, once, before the students start (they share
-    the cache, so each finds it valid and reuses it)."""
+    """The teacher's answers, samples and prose continuations, once, before the
+    students start (they share the cache, so each finds it valid and reuses it)."""
     from distillation.models import load_tokenizer
-    from distillation.prompts import load_prompts
-    from distillation.pseudo_labels import ensure_pseudo_labels
+    from distillation.pipeline import prose_windows, teacher_pseudo_labels
     cfg = _study_config(root, args)
-    train, _ = load_prompts(cfg.data)
     teacher = root / "teacher"
-    ensure_pseudo_labels(teacher, load_tokenizer(teacher), train, cfg.pseudo_labels,
-                         root / "pseudo_labels", log=log)
+    tok = load_tokenizer(teacher)
+    _, windows = prose_windows(cfg, tok)
+    teacher_pseudo_labels(cfg, teacher, tok, root / "pseudo_labels", windows, log=log)
 
 
 def _calibrate(root: Path, procs: dict, args) -> dict[str, float]:
@@ -380,19 +382,36 @@ def _final_model(root: Path, name: str) -> Path:
     return _training_stages(root, name)[-1] / "model"
 
 
+def _wait(root: Path, wait_s: float) -> dict[str, int]:
+    """Wait up to ``wait_s`` for the launched students to finish; their pids by name."""
+    pids = json.loads((root / "pids.train.json").read_text())
+    deadline = time.time() + wait_s
+    while time.time() < deadline and not all(_finished(root, n) for n in pids):
+        log(_steps_line(root, list(pids)))
+        time.sleep(15)
+    return pids
+
+
+def cmd_gpu_wait(args) -> int:
+    """A call that only waits (the students train on past it); with --out, their
+    curves so far come back, so a machine lost before gpu-finish loses no record."""
+    pids = _wait(Path(args.root), args.wait_s)
+    log(f"{_steps_line(Path(args.root), list(pids))}; finished: "
+        f"{[n for n in pids if _finished(Path(args.root), n)]}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "quality_study_progress.json").write_text(json.dumps(
+            {n: _progress(Path(args.root), n) for n in pids}, indent=1))
+    return 0
+
+
 def cmd_gpu_finish(args) -> int:
     root, out = Path(args.root), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(root / "site"))
     sys.path.insert(0, str(root / "code"))
     plan = json.loads((root / "plan.json").read_text())
-    pids = json.loads((root / "pids.train.json").read_text())
-    deadline = time.time() + args.wait_s
-    while time.time() < deadline:
-        if all(_finished(root, n) for n in pids):
-            break
-        log(_steps_line(root, list(pids)))
-        time.sleep(15)
+    pids = _wait(root, args.wait_s)
     finished = [n for n in pids if _finished(root, n)]
     for n, pid in pids.items():  # a student past the deadline is stopped and reported
         if n not in finished:
@@ -422,8 +441,10 @@ def cmd_gpu_finish(args) -> int:
         result["training"][n] = json.loads(metrics.read_text()) if metrics.is_file() else None
     kd = torch.load(next((root / "runs" / next(iter(pids)) / "data").glob("kd_examples-*.pt")))
     prose = [e for e in kd if not e["prompt_ids"]]
+    labels = json.loads((root / "pseudo_labels" / "settings.json").read_text())
     result["data"] = {"examples": len(kd), "answers": len(kd) - len(prose),
-                      "prose_windows": len(prose),
+                      "prose_examples": len(prose),   # the windows and teacher continuations
+                      "prose_prefixes_continued": labels["num_prose_prefixes"],
                       "answer_tokens": sum(len(e["answer_ids"]) for e in kd if e["prompt_ids"]),
                       "prose_tokens": sum(len(e["answer_ids"]) for e in prose),
                       "prompt_tokens": sum(len(e["prompt_ids"]) for e in kd)}
@@ -514,7 +535,8 @@ def main(argv=None) -> int:
     s.add_argument("results")
     s.set_defaults(func=cmd_fetch)
     for name, fn in (("gpu-setup", cmd_gpu_setup), ("gpu-train", cmd_gpu_train),
-                     ("gpu-finish", cmd_gpu_finish), ("gpu-continue", cmd_gpu_continue)):
+                     ("gpu-wait", cmd_gpu_wait), ("gpu-finish", cmd_gpu_finish),
+                     ("gpu-continue", cmd_gpu_continue)):
         s = sub.add_parser(name)
         s.add_argument("--root", default="/root/study")
         s.add_argument("--device", default="cuda", help="cuda, or cpu for a rehearsal")
@@ -540,6 +562,9 @@ def main(argv=None) -> int:
                    help="a config override for the evaluation, e.g. eval.num_prompts=8")
     s.add_argument("--out", required=True)
     s.add_argument("--wait-s", type=float, default=420)
+    s = sub.choices["gpu-wait"]
+    s.add_argument("--wait-s", type=float, default=560)
+    s.add_argument("--out", help="where the training curves so far are written")
     s = sub.choices["gpu-continue"]
     s.add_argument("--student", default="mamba2-50", choices=list(STUDENTS))
     s.add_argument("--steps", type=int, default=700)

@@ -9,7 +9,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from distillation.job import TrainJob
-from distillation.trainer import PROGRESS, compile_layers, train_worker
+from distillation.tokens import padded_width
+from distillation.trainer import PROGRESS, batch_indices, compile_layers, train_worker
 from tests.utils import make_random_llama, random_kd_examples
 from vllm_mamba_hybrid.conversion.init import (hybrid_config_from_teacher, init_hybrid_from_teacher,
                                                save_hybrid)
@@ -63,25 +64,38 @@ def test_compiled_training_follows_the_eager_curve(teacher):
     root, t = teacher
     hcfg = hybrid_config_from_teacher(t.config, variant="mamba2", attn_layers=[1])
     save_hybrid(init_hybrid_from_teacher(t, hcfg), root / "init", tokenizer_dir=root / "teacher")
-    torch.save(random_kd_examples(12, prompt=(2, 6), answer=(3, 12)), root / "examples.pt")
+    examples = random_kd_examples(12, prompt=(2, 6), answer=(3, 12))
+    torch.save(examples, root / "examples.pt")
+    runs = {"eager": dict(compile=False), "one width": dict(compile=True),
+            "multiples of 8": dict(compile=True, pad_multiple=8)}
     curves, graphs = {}, {}
-    for flag in (False, True):
-        name = f"compile_{flag}"
+    for name, flags in runs.items():
         torch._dynamo.reset()
         counters["stats"].clear()
         train_worker(TrainJob(stage=name, stage_dir=str(root / name), init_dir=str(root / "init"),
                               data_file=str(root / "examples.pt"), objective="kd",
                               teacher_dir=str(root / "teacher"), steps=3, lr=3e-3,
                               batch_size=3, ce_weight=0.5, max_length=32,
-                              checkpoint_every=100, compile=flag).to_dict())
-        graphs[flag] = counters["stats"]["unique_graphs"]
-        curves[flag] = [json.loads(ln)["loss"]
+                              checkpoint_every=100, **flags).to_dict())
+        graphs[name] = counters["stats"]["unique_graphs"]
+        curves[name] = [json.loads(ln)["loss"]
                         for ln in (root / name / PROGRESS).read_text().splitlines()]
-    # One graph per layer type for the whole run (student attention and Mamba layers,
-    # teacher layers): a graph per step (a new shape, a cache object per call) would
-    # cost compile time every step.
-    assert (graphs[False], graphs[True]) == (0, 3)
-    assert len(curves[True]) == 3 and curves[True][0] > 0
-    assert curves[True][-1] != curves[True][0]      # it trained
-    # Padding to max_length changes no real token; compiled kernels round differently.
-    assert curves[True] == pytest.approx(curves[False], rel=1e-4)
+    # One graph per layer type (student attention and Mamba layers, teacher layers) and
+    # padded width for the whole run: a graph per step (a new shape, a cache object per
+    # call) would cost compile time every step.
+    widths = {padded_width(max(len(examples[i]["prompt_ids"]) + len(examples[i]["answer_ids"])
+                               for i in batch_indices(step, 0, 0, n=12, world=1, batch=3,
+                                                      accum=1, seed=0)), 32, 8)
+              for step in range(3)}
+    assert (graphs["eager"], graphs["one width"], graphs["multiples of 8"]) == (0, 3, 3 * len(widths))
+    assert len(curves["eager"]) == 3 and curves["eager"][0] > 0
+    assert curves["eager"][-1] != curves["eager"][0]      # it trained
+    # Padding changes no real token; compiled kernels round differently.
+    for name in ("one width", "multiples of 8"):
+        assert curves[name] == pytest.approx(curves["eager"], rel=1e-4), name
+
+
+def test_padded_width():
+    assert [padded_width(n, 512, 128) for n in (1, 128, 129, 400, 512)] == [128, 128, 256, 512, 512]
+    assert padded_width(500, 480, 128) == 480          # never past max_length
+    assert padded_width(37, 512, None) == 37 and padded_width(37, 512, 512) == 512

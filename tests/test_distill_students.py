@@ -184,3 +184,46 @@ def test_runtime_engine_pseudo_labels(draft_run, tmp_path):
     again = ensure_pseudo_labels(draft_run / "teacher", tok, train, cfg.pseudo_labels,
                                  tmp_path / "labels", log=logs.append)
     assert again["answer_ids"] == ds["answer_ids"] and "reusing" in logs[-1]
+
+
+def test_prose_continuations_are_teacher_samples_of_prose(draft_run, tmp_path):
+    """``pseudo_labels.prose_prefix_tokens``: the teacher continues every prose window's
+    prefix (greedy token for token its own decoding, samples varied), and the
+    continuations are trained on as prose (empty prompt, prefix included)."""
+    import datasets
+    from distillation.config import load_config
+    from distillation.models import load_causal_lm, load_tokenizer
+    from distillation.pipeline import _kd_examples, preflight, prose_windows
+    n = 16
+    cfg = load_config(draft_run / "distill.yaml", {
+        "output_dir": str(tmp_path / "run"), "data.cache_dir": str(tmp_path / "labels"),
+        "data.max_length": 512, "pseudo_labels.engine": "runtime",
+        "pseudo_labels.prose_prefix_tokens": n})
+    tok = load_tokenizer(draft_run / "teacher")
+    _, windows = prose_windows(cfg, tok)
+    prefixes = [w["answer_ids"][:n] for w in windows if len(w["answer_ids"]) > n]
+    assert len(prefixes) > 10
+    path, _, info = _kd_examples(preflight(cfg))
+    ds = datasets.load_from_disk(str(tmp_path / "labels" / "dataset"))
+    prose = ds.filter(lambda r: r["kind"] == "prose")
+    assert ds["kind"].count("chat") == 12 * 3 and len(prose) == 3 * len(prefixes)
+    assert prose["prompt_ids"] == [p for p in prefixes for _ in range(3)]
+    assert prose["instruction"] == [""] * len(prose) and prose["sample"] == [0, 1, 2] * len(prefixes)
+    teacher = load_causal_lm(draft_run / "teacher").eval()
+    for row in range(0, 12, 3):       # greedy continuations of the first four prefixes
+        prefix = torch.tensor([prose["prompt_ids"][row]])
+        with torch.no_grad():
+            ref = teacher.generate(prefix, max_new_tokens=cfg.pseudo_labels.max_new_tokens,
+                                   do_sample=False, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.eos_token_id)[0, n:].tolist()
+        if tok.eos_token_id in ref:
+            ref = ref[: ref.index(tok.eos_token_id) + 1]
+        assert prose["answer_ids"][row] == ref, row
+    samples = [tuple(a) for a, s in zip(prose["answer_ids"], prose["sample"]) if s > 0]
+    assert len(set(samples)) > len(samples) // 2
+    examples = torch.load(path)
+    assert len(examples) == 36 + 3 * len(prefixes) + len(windows) == info["num_examples"]
+    continued = [e for e in examples if not e["prompt_ids"] and len(e["answer_ids"]) <= n + 24
+                 and e["answer_ids"][:n] in prefixes]
+    assert {tuple(e["answer_ids"]) for e in continued} >= {
+        tuple(p + a) for p, a in zip(prose["prompt_ids"], prose["answer_ids"]) if a}

@@ -379,7 +379,11 @@ def _steps_line(root: Path, names) -> str:
 
 
 def _final_model(root: Path, name: str) -> Path:
-    return _training_stages(root, name)[-1] / "model"
+    stages = _training_stages(root, name)
+    if not stages:
+        raise SystemExit(f"{root / 'runs' / name}: no training stage has begun for {name!r} "
+                         f"(was it launched by gpu-train?)")
+    return stages[-1] / "model"
 
 
 def _wait(root: Path, wait_s: float) -> dict[str, int]:

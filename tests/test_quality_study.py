@@ -63,3 +63,10 @@ def test_every_student_gets_the_same_total_steps(tmp_path, name):
         assert int(pairs["stages.progressive.steps"]) * stages == 1452
     else:
         assert "stages.progressive.enabled" not in pairs and pairs["stages.distill.steps"] == "1452"
+
+
+@pytest.mark.parametrize("cmd", ["gpu-wait", "gpu-finish"])
+def test_waiting_on_a_root_without_students_is_named(tmp_path, cmd):
+    argv = [cmd, "--root", str(tmp_path), "--wait-s", "1", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="pids.train.json not found: no students were launched"):
+        study.main(argv)

@@ -77,7 +77,7 @@ STUDENTS = {
     "draft-2l": {"student.layers": [0, 29], "student.attn_fraction": 1.0,
                  "stages.distill.freeze_embeddings": True, "stages.distill.lr": 5.0e-4},
 }
-# Run 5 trains four students (each gets more of the GPU); run 4's 25% students trained
+# Runs 5 and 6 train four students (each gets more of the GPU); run 4's 25% students trained
 # from the start (mamba2-25, mamba1-25: 1.94x and 4.34x the teacher) join with --only.
 DEFAULT_STUDENTS = ["mamba2-50", "mamba1-50", "mamba2-50-random", "mamba2-25-progressive"]
 DELTAS = ("mamba2-50-mixers", "draft-2l")   # students whose weights come back
@@ -148,17 +148,20 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    """Results of gpu-finish -> benchmarks/results; rebuild the delta students."""
+    """Results of gpu-finish -> benchmarks/results (the plot drawn anew from the JSON, so
+    it follows this file's ``plot``); rebuild the delta students."""
     from vllm_mamba_hybrid.conversion.delta import apply_delta
     res = Path(args.results)
     if not (res / "quality_study.json").is_file():
         log(f"{res} holds no quality_study.json: pass the folder gpu-finish wrote ($OUT)")
         return 2
-    dest = REPO / "benchmarks" / "results"
-    for name in ("quality_study.json", "quality_study.png", "quality_study.md"):
+    dest = Path(args.dest)
+    for name in ("quality_study.json", "quality_study.md"):
         if (res / name).is_file():
             shutil.copy2(res / name, dest / name)
             log(f"{dest / name}")
+    plot(json.loads((res / "quality_study.json").read_text()), dest / "quality_study.png")
+    log(f"{dest / 'quality_study.png'} (drawn from the JSON)")
     cfg = _cfg()
     for student in DELTAS:
         shards = sorted(res.glob(f"{student}-*.safetensors"))
@@ -504,11 +507,12 @@ def cmd_gpu_continue(args) -> int:
 
 
 def plot(result: dict, path: Path) -> None:
-    """KL on the training stream against tokens seen; held-out perplexity bars."""
+    """KL on the training stream against tokens seen; each trained student's held-out
+    perplexity as a multiple of the teacher's, on a linear axis where the goal lines
+    (1.05x, 1.10x) are readable (the step-0 rows, ~100x and more, are named in the title)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
     fig, (ax_kl, ax_ppl) = plt.subplots(1, 2, figsize=(13, 4.6))
     for name, recs in result["progress"].items():
         if recs:
@@ -516,19 +520,19 @@ def plot(result: dict, path: Path) -> None:
     ax_kl.set(xlabel="tokens seen (M)", ylabel="KL(teacher || student), training batches",
               yscale="log", title=f"distillation on {result['device']}")
     ax_kl.legend(fontsize=8)
-    names = ["teacher"] + list(result["models"])
-    ppl = [result["teacher_perplexity"]] + [m["perplexity"] for m in result["models"].values()]
-    bars = ax_ppl.barh(names, ppl, color=["black"] + ["C0"] * (len(names) - 1))
-    ax_ppl.bar_label(bars, labels=[f"{v:.1f}" for v in ppl], fontsize=8, padding=2)
-    ax_ppl.set_xscale("log")
-    ax_ppl.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax_ppl.xaxis.set_minor_formatter(NullFormatter())
-    ax_ppl.set(xlabel="perplexity on the held-out essays (log scale)", xlim=(min(ppl) * 0.8,
-                                                                         max(ppl) * 2.0))
-    ax_ppl.axvline(result["teacher_perplexity"] * 1.1, color="red", lw=0.8, ls="--",
-                   label="teacher + 10%")
+    teacher = result["teacher_perplexity"]
+    trained = {n: m["perplexity"] / teacher for n, m in result["models"].items() if "@init" not in n}
+    at_init = ", ".join(f"{n.split('@')[0]} {m['perplexity'] / teacher:.0f}x"
+                        for n, m in result["models"].items() if "@init" in n)
+    bars = ax_ppl.barh(list(trained), [r - 1 for r in trained.values()], left=1, color="C0")
+    ax_ppl.bar_label(bars, labels=[f"{r:.3f}x" for r in trained.values()], fontsize=8, padding=2)
+    for goal, style in ((1.10, "--"), (1.05, ":")):
+        ax_ppl.axvline(goal, color="red", lw=0.8, ls=style, label=f"teacher x {goal:.2f}")
+    ax_ppl.set(xlabel=f"held-out essay perplexity / the teacher's ({teacher:.2f})",
+               xlim=(1.0, max([1.12, *trained.values()]) * 1.03),
+               title="held-out perplexity" + (f"\nat step 0: {at_init}" if at_init else ""))
     ax_ppl.invert_yaxis()
-    ax_ppl.legend(fontsize=8, loc="lower right")
+    ax_ppl.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -541,6 +545,7 @@ def main(argv=None) -> int:
     s.set_defaults(func=cmd_prepare)
     s = sub.add_parser("fetch", help="CPU machine: results -> benchmarks/results, rebuild deltas")
     s.add_argument("results")
+    s.add_argument("--dest", default=str(REPO / "benchmarks" / "results"))
     s.set_defaults(func=cmd_fetch)
     for name, fn in (("gpu-setup", cmd_gpu_setup), ("gpu-train", cmd_gpu_train),
                      ("gpu-wait", cmd_gpu_wait), ("gpu-finish", cmd_gpu_finish),

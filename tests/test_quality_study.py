@@ -70,3 +70,22 @@ def test_waiting_on_a_root_without_students_is_named(tmp_path, cmd):
     argv = [cmd, "--root", str(tmp_path), "--wait-s", "1", "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit, match="pids.train.json not found: no students were launched"):
         study.main(argv)
+
+
+def test_fetch_copies_metrics_and_draws_the_plot_from_the_json(tmp_path):
+    res, dest = tmp_path / "res", tmp_path / "dest"
+    res.mkdir()
+    dest.mkdir()
+    assert study.main(["fetch", str(res), "--dest", str(dest)]) == 2   # no quality_study.json
+    curve = [{"step": s, "tokens_seen": 1000 * s, "kl": 3.0 / s} for s in (5, 10, 15)]
+    result = {"device": "cpu", "teacher_perplexity": 30.0,
+              "progress": {"mamba2-50": curve, "mamba2-50-random": curve[:2]},
+              "models": {n: {"perplexity": ppl} for n, ppl in
+                         (("mamba2-50", 32.5), ("mamba2-50-random", 34.1),
+                          ("mamba2-50@init", 4000.0))}}
+    (res / "quality_study.json").write_text(json.dumps(result))
+    (res / "quality_study.md").write_text("table\n")
+    assert study.main(["fetch", str(res), "--dest", str(dest)]) == 0
+    assert json.loads((dest / "quality_study.json").read_text()) == result
+    assert (dest / "quality_study.md").read_text() == "table\n"
+    assert (dest / "quality_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

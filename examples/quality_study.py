@@ -302,12 +302,30 @@ def _pseudo_labels(root: Path, args) -> None:
     teacher_pseudo_labels(cfg, teacher, tok, root / "pseudo_labels", windows, log=log)
 
 
+def steady_step_seconds(progress: dict[str, list[dict]], warmup: int,
+                        records: int) -> dict[str, float] | None:
+    """Median step seconds of each student over the progress records logged after every
+    student has logged ``warmup`` records; None until each has ``records`` of those.
+
+    Steps taken while another student still loads or compiles its first padded widths
+    mislead both ways: in the first H200 run the early students' start-up steps doubled
+    the estimate; in run 6 the Mamba1 student ran 0.40 s a step while the Mamba2 ones
+    still compiled, and 0.64 s once they all ran."""
+    if not progress or any(len(recs) < warmup for recs in progress.values()):
+        return None
+    steady_from = max(recs[warmup - 1]["time"] for recs in progress.values())
+    steady = {n: [r["step_time_s"] for r in recs if r["time"] > steady_from]
+              for n, recs in progress.items()}
+    if any(len(times) < records for times in steady.values()):
+        return None
+    return {n: statistics.median(times) for n, times in steady.items()}
+
+
 def _calibrate(root: Path, procs: dict, args) -> dict[str, float]:
-    """Median step seconds of each calibration student, from steps taken once every
-    student was past its start-up: while the last ones still load, the first ones run
-    slower than they will (counting those steps doubled the estimate in the first H200
-    run and left the GPU idle for minutes)."""
-    deadline = time.time() + args.calib_timeout_s
+    """Every student's steady step seconds (``steady_step_seconds``) while all of them
+    run together, as they will; a student that dies or a calibration that outlasts
+    ``--calib-timeout-s`` stops gpu-train with what each student logged."""
+    deadline, progress = time.time() + args.calib_timeout_s, {}
     while time.time() < deadline:
         time.sleep(5)
         dead = [n for n, p in procs.items() if p.poll() not in (None, 0)]
@@ -315,16 +333,13 @@ def _calibrate(root: Path, procs: dict, args) -> dict[str, float]:
             for n in dead:
                 print((root / "logs" / f"{n}.calib.log").read_text()[-3000:])
             raise SystemExit(f"students failed during calibration: {dead}")
-        if min(len(_progress(root, n)) for n in procs) >= args.calib_records:
-            break
-    progress = {n: _progress(root, n) for n in procs}
-    if any(len(r) < 2 for r in progress.values()):
-        raise SystemExit(f"no steady progress during calibration: "
-                         f"{ {n: len(r) for n, r in progress.items()} }")
-    all_running = max(r[1]["time"] for r in progress.values())
-    return {n: statistics.median(r["step_time_s"] for r in
-                                 ([r for r in recs if r["time"] > all_running] or recs[-1:]))
-            for n, recs in progress.items()}
+        progress = {n: _progress(root, n) for n in procs}
+        step_time = steady_step_seconds(progress, args.calib_warmup_records, args.calib_records)
+        if step_time:
+            return step_time
+    raise SystemExit(f"no steady progress within --calib-timeout-s {args.calib_timeout_s:g}: "
+                     f"progress records per student { {n: len(r) for n, r in progress.items()} }, "
+                     f"need {args.calib_warmup_records} + {args.calib_records}")
 
 
 def cmd_gpu_train(args) -> int:
@@ -564,7 +579,10 @@ def main(argv=None) -> int:
     s.add_argument("--safety", type=float, default=0.85)
     s.add_argument("--min-steps", type=int, default=50, help="refuse a shorter run")
     s.add_argument("--calib-steps-total", type=int, default=100000)
-    s.add_argument("--calib-records", type=int, default=5, help="progress lines per student")
+    s.add_argument("--calib-warmup-records", type=int, default=4,
+                   help="progress lines every student logs before steps are timed")
+    s.add_argument("--calib-records", type=int, default=4,
+                   help="progress lines per student timed after the warm-up")
     s.add_argument("--calib-timeout-s", type=float, default=150)
     s.add_argument("--only", nargs="+", choices=list(STUDENTS), default=DEFAULT_STUDENTS,
                    help=f"the students to train (default: {' '.join(DEFAULT_STUDENTS)})")

@@ -89,3 +89,49 @@ def test_fetch_copies_metrics_and_draws_the_plot_from_the_json(tmp_path):
     assert json.loads((dest / "quality_study.json").read_text()) == result
     assert (dest / "quality_study.md").read_text() == "table\n"
     assert (dest / "quality_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _records(start, times, step_s):
+    """Progress records at the given wall times (from ``start``), ``step_s`` each."""
+    return [{"step": 5 * (i + 1), "time": start + t, "step_time_s": s}
+            for i, (t, s) in enumerate(zip(times, step_s))]
+
+
+def test_calibration_times_only_steps_after_every_student_warmed_up():
+    # "fast" runs alone while "slow" still loads and compiles (run 6's Mamba1 student:
+    # 0.40 s a step then, 0.64 s once all ran); only the shared steady phase counts.
+    fast = _records(0, [2, 4, 6, 8, 10, 12, 15, 18, 21, 24, 27],
+                    [0.4] * 6 + [0.64, 0.62, 0.66, 0.64, 0.65])
+    slow = _records(0, [5, 9, 12, 14, 17, 20, 23, 26], [3.0, 2.5, 0.6, 0.57, 0.58, 0.57, 0.56, 0.58])
+    got = study.steady_step_seconds({"fast": fast, "slow": slow}, warmup=4, records=4)
+    assert got == {"fast": pytest.approx(0.64), "slow": pytest.approx(0.575)}
+    # not enough steady records yet: wait (None), whatever the early ones say
+    assert study.steady_step_seconds({"fast": fast, "slow": slow[:6]}, warmup=4, records=4) is None
+    assert study.steady_step_seconds({"fast": fast, "slow": slow[:3]}, warmup=4, records=1) is None
+    assert study.steady_step_seconds({}, warmup=4, records=4) is None
+
+
+def test_calibrate_waits_for_steady_records_and_names_a_timeout(tmp_path):
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+    fast = _records(0, [2, 4, 6, 8, 10, 12, 15, 18, 21, 24, 27],
+                    [0.4] * 6 + [0.64, 0.62, 0.66, 0.64, 0.65])
+    slow = _records(0, [5, 9, 12, 14, 17, 20, 23, 26], [3.0, 2.5, 0.6, 0.57, 0.58, 0.57, 0.56, 0.58])
+    for name, recs in (("mamba1-50", fast), ("mamba2-50", slow)):
+        _stage(tmp_path, name, "01-distill", [{**r, "tokens_seen": 0} for r in recs])
+    running = {n: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+               for n in ("mamba1-50", "mamba2-50")}
+    try:
+        args = SimpleNamespace(calib_timeout_s=30, calib_warmup_records=4, calib_records=4)
+        assert study._calibrate(tmp_path, running, args) == {
+            "mamba1-50": pytest.approx(0.64), "mamba2-50": pytest.approx(0.575)}
+        args.calib_records = 5   # "mamba2-50" has only 4 steady records
+        args.calib_timeout_s = 6
+        with pytest.raises(SystemExit, match=r"no steady progress within --calib-timeout-s 6: "
+                                             r"progress records per student .*'mamba2-50': 8"):
+            study._calibrate(tmp_path, running, args)
+    finally:
+        for p in running.values():
+            p.kill()
+            p.wait()

@@ -311,6 +311,9 @@ def steady_step_seconds(progress: dict[str, list[dict]], warmup: int,
     mislead both ways: in the first H200 run the early students' start-up steps doubled
     the estimate; in run 6 the Mamba1 student ran 0.40 s a step while the Mamba2 ones
     still compiled, and 0.64 s once they all ran."""
+    if warmup < 1 or records < 1:
+        raise ValueError(f"--calib-warmup-records and --calib-records must be >= 1 "
+                         f"(got {warmup}, {records})")
     if not progress or any(len(recs) < warmup for recs in progress.values()):
         return None
     steady_from = max(recs[warmup - 1]["time"] for recs in progress.values())

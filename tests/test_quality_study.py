@@ -97,27 +97,34 @@ def _records(start, times, step_s):
             for i, (t, s) in enumerate(zip(times, step_s))]
 
 
-def test_calibration_times_only_steps_after_every_student_warmed_up():
-    # "fast" runs alone while "slow" still loads and compiles (run 6's Mamba1 student:
-    # 0.40 s a step then, 0.64 s once all ran); only the shared steady phase counts.
+def _warmup_records():
+    """A student running alone at 0.40 s a step while the other still starts and
+    compiles, then both at their shared pace (0.64 / 0.575 s: medians after warm-up 4)."""
     fast = _records(0, [2, 4, 6, 8, 10, 12, 15, 18, 21, 24, 27],
                     [0.4] * 6 + [0.64, 0.62, 0.66, 0.64, 0.65])
     slow = _records(0, [5, 9, 12, 14, 17, 20, 23, 26], [3.0, 2.5, 0.6, 0.57, 0.58, 0.57, 0.56, 0.58])
+    return fast, slow
+
+
+def test_calibration_times_only_steps_after_every_student_warmed_up():
+    # "fast" runs alone while "slow" still loads and compiles (run 6's Mamba1 student:
+    # 0.40 s a step then, 0.64 s once all ran); only the shared steady phase counts.
+    fast, slow = _warmup_records()
     got = study.steady_step_seconds({"fast": fast, "slow": slow}, warmup=4, records=4)
     assert got == {"fast": pytest.approx(0.64), "slow": pytest.approx(0.575)}
     # not enough steady records yet: wait (None), whatever the early ones say
     assert study.steady_step_seconds({"fast": fast, "slow": slow[:6]}, warmup=4, records=4) is None
     assert study.steady_step_seconds({"fast": fast, "slow": slow[:3]}, warmup=4, records=1) is None
     assert study.steady_step_seconds({}, warmup=4, records=4) is None
+    with pytest.raises(ValueError, match="--calib-warmup-records and --calib-records must be >= 1"):
+        study.steady_step_seconds({"fast": fast}, warmup=0, records=4)
 
 
 def test_calibrate_waits_for_steady_records_and_names_a_timeout(tmp_path):
     import subprocess
     import sys
     from types import SimpleNamespace
-    fast = _records(0, [2, 4, 6, 8, 10, 12, 15, 18, 21, 24, 27],
-                    [0.4] * 6 + [0.64, 0.62, 0.66, 0.64, 0.65])
-    slow = _records(0, [5, 9, 12, 14, 17, 20, 23, 26], [3.0, 2.5, 0.6, 0.57, 0.58, 0.57, 0.56, 0.58])
+    fast, slow = _warmup_records()
     for name, recs in (("mamba1-50", fast), ("mamba2-50", slow)):
         _stage(tmp_path, name, "01-distill", [{**r, "tokens_seen": 0} for r in recs])
     running = {n: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -90,6 +90,9 @@ class PseudoLabelConfig:
     # static-cache generator (CUDA graphs) on a GPU where vLLM is not installed; on CPU
     # "runtime" falls back to the slow reference generate.
     engine: Literal["vllm", "runtime"] = "vllm"
+    # The runtime engine's prompts per generate call (0: 128 on a GPU, 8 on CPU); larger
+    # batches take fewer decode loops. The batching changes what the samples draw.
+    batch_size: int = 0
     # vLLM engine settings (see shared/ENVIRONMENT.md for the CPU values).
     gpu_memory_utilization: float = 0.3
     enforce_eager: bool = True
@@ -362,6 +365,9 @@ def _check_semantics(cfg: PipelineConfig) -> None:
     if pl.prose_prefix_tokens >= cfg.data.max_length:
         raise ConfigError(f"`pseudo_labels.prose_prefix_tokens` ({pl.prose_prefix_tokens}) must "
                           f"be below `data.max_length` ({cfg.data.max_length})")
+    if pl.batch_size < 0:
+        raise ConfigError(f"`pseudo_labels.batch_size` must be >= 0 (0 = the engine's default), "
+                          f"got {pl.batch_size}")
     if pl.engine == "runtime" and pl.dtype not in RUNTIME_DTYPES:
         raise ConfigError(f"`pseudo_labels.dtype` {pl.dtype!r}: the runtime engine takes one of "
                           f"{', '.join(RUNTIME_DTYPES)}")

@@ -52,6 +52,7 @@ def _settings(teacher_dir: Path, prompts: list[dict], prose_prefixes: list[list[
         "max_model_len": max_model_len,
         "dtype": gen.dtype,
         "engine": gen.engine,
+        "batch_size": gen.batch_size,
     }
 
 
@@ -178,7 +179,8 @@ def _answers_from_runtime(teacher_dir: Path, tokenizer, prompt_ids: list[list[in
             model, [prompt_ids[i] for i, _ in todo], eos_id=eos, pad_id=pad,
             max_new_tokens=gen.max_new_tokens, do_sample=sample or gen.temperature > 0,
             temperature=gen.sample_temperature if sample else (gen.temperature or 1.0),
-            top_p=gen.top_p, seed=gen.seed + int(sample), batch_size=128 if cuda else 8)
+            top_p=gen.top_p, seed=gen.seed + int(sample),
+            batch_size=gen.batch_size or (128 if cuda else 8))
         out.update(zip(todo, ids))
         log(f"pseudo-labels: {len(todo)} {'samples' if sample else 'answers'}, "
             f"{sum(map(len, ids))} tokens in {time.perf_counter() - t0:.0f} s")

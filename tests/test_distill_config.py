@@ -154,6 +154,8 @@ def test_student_layers_samples_and_text_rules(tmp_path, teacher, capsys, shared
     err = _run(tmp_path, _base(tmp_path, teacher, **with_text,
                                **{"pseudo_labels.prose_prefix_stride": 64}), capsys)
     assert "`pseudo_labels.prose_prefix_stride` (64)" in err and "prose_prefix_tokens` > 0" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"pseudo_labels.batch_size": -1}), capsys)
+    assert "`pseudo_labels.batch_size` must be >= 0" in err and "got -1" in err
 
 
 def test_prose_prefixes_at_window_starts_or_along_them():

@@ -167,6 +167,7 @@ def test_runtime_engine_pseudo_labels(draft_run, tmp_path):
     from distillation.models import load_causal_lm, load_tokenizer
     cfg = load_config(draft_run / "distill.yaml")
     cfg.pseudo_labels.engine = "runtime"
+    cfg.pseudo_labels.batch_size = 3   # several generate calls, uneven last one
     train, _ = load_prompts(cfg.data)
     tok = load_tokenizer(draft_run / "teacher")
     logs = []
@@ -184,7 +185,7 @@ def test_runtime_engine_pseudo_labels(draft_run, tmp_path):
     assert len(set(samples)) > len(samples) // 2
     assert all(0 < len(a) <= cfg.pseudo_labels.max_new_tokens for a in ds["answer_ids"])
     settings = json.loads((tmp_path / "labels" / "settings.json").read_text())
-    assert settings["engine"] == "runtime"
+    assert settings["engine"] == "runtime" and settings["batch_size"] == 3
     again = ensure_pseudo_labels(draft_run / "teacher", tok, train, cfg.pseudo_labels,
                                  tmp_path / "labels", log=logs.append)
     assert again["answer_ids"] == ds["answer_ids"] and "reusing" in logs[-1]

@@ -19,8 +19,9 @@ The lent GPU machine has no vLLM, no Ray and no network, and a run carries at mo
                   joins the GGUF, imports and checks the teacher, has it write the
                   pseudo-labels (answers and samples, the project's CUDA-graph
                   generator: ``pseudo_labels.engine: runtime``), calibrates the step
-                  time of all students running together, sizes the run to the budget
-                  and launches them (detached: they outlive the call)
+                  time of all students running together (or takes an earlier run's:
+                  --step-seconds-from), sizes the run to the budget and launches them
+                  (detached: they outlive the call)
   GPU, call 3   python examples/quality_study.py gpu-wait --out $OUT (optional, repeatable)
                   waits while the students train on, returns their curves so far
   GPU, call 4   python examples/quality_study.py gpu-finish --out $OUT
@@ -345,6 +346,23 @@ def _calibrate(root: Path, procs: dict, args) -> dict[str, float]:
                      f"need {args.calib_warmup_records} + {args.calib_records}")
 
 
+def recorded_step_seconds(results: Path, students: list[str]) -> dict[str, float]:
+    """The step seconds an earlier run's calibration measured (``plan.calibration_step_s``
+    of its quality_study.json) for ``students``: a rerun on the same data skips the
+    calibration, which in run 7 took ~3 of the 16 minutes left for training (a throw-away
+    launch, compiles included)."""
+    try:
+        measured = json.loads(results.read_text())["plan"]["calibration_step_s"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--step-seconds-from {results}: no plan.calibration_step_s in it "
+                         f"({type(e).__name__}: {e})") from None
+    missing = [n for n in students if n not in measured]
+    if missing:
+        raise SystemExit(f"--step-seconds-from {results}: no step time for {', '.join(missing)} "
+                         f"(it has {', '.join(measured) or 'none'}); calibrate instead")
+    return {n: float(measured[n]) for n in students}
+
+
 def cmd_gpu_train(args) -> int:
     root, payload = Path(args.root), Path(args.carry) / "payload"
     t_start = time.time()
@@ -358,24 +376,27 @@ def cmd_gpu_train(args) -> int:
     _import_teacher(root, payload)
     _pseudo_labels(root, args)
 
-    # Calibration: all students together for a few steps, the way they will run.
-    procs = _launch(root, args.calib_steps_total, "calib", args)
-    try:
-        step_time = _calibrate(root, procs, args)
-    finally:  # stopped however calibration ends, so a failure leaves no GPU job behind
-        for p in procs.values():
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
-    for n in args.only:  # keep the init stage and data, redo the training stages
-        for stage in _training_stages(root, n):
-            shutil.rmtree(stage)
+    if args.step_seconds_from:
+        step_time = recorded_step_seconds(Path(args.step_seconds_from), args.only)
+    else:  # calibration: all students together for a few steps, the way they will run
+        procs = _launch(root, args.calib_steps_total, "calib", args)
+        try:
+            step_time = _calibrate(root, procs, args)
+        finally:  # stopped however calibration ends, so a failure leaves no GPU job behind
+            for p in procs.values():
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+        for n in args.only:  # keep the init stage and data, redo the training stages
+            for stage in _training_stages(root, n):
+                shutil.rmtree(stage)
     remaining = args.budget_s - (time.time() - t_start) - args.startup_s
     slowest = max(step_time.values())
     steps = int(remaining * args.safety / slowest)
-    log(f"calibration: step seconds {json.dumps({k: round(v, 3) for k, v in step_time.items()})}; "
+    source = args.step_seconds_from or "calibration"
+    log(f"{source}: step seconds {json.dumps({k: round(v, 3) for k, v in step_time.items()})}; "
         f"{remaining:.0f} s left -> {steps} steps each")
     if steps < args.min_steps:
         raise SystemExit(f"only {steps} steps fit the budget: give a larger --budget-s")
@@ -587,6 +608,9 @@ def main(argv=None) -> int:
     s.add_argument("--calib-records", type=int, default=4,
                    help="progress lines per student timed after the warm-up")
     s.add_argument("--calib-timeout-s", type=float, default=150)
+    s.add_argument("--step-seconds-from", metavar="QUALITY_STUDY_JSON",
+                   help="skip the calibration: the step seconds an earlier run on the same "
+                        "data measured (benchmarks/results/quality_study.json)")
     s.add_argument("--only", nargs="+", choices=list(STUDENTS), default=DEFAULT_STUDENTS,
                    help=f"the students to train (default: {' '.join(DEFAULT_STUDENTS)})")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

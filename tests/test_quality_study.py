@@ -142,3 +142,22 @@ def test_calibrate_waits_for_steady_records_and_names_a_timeout(tmp_path):
         for p in running.values():
             p.kill()
             p.wait()
+
+
+def test_step_seconds_from_an_earlier_run_and_what_it_lacks_is_named(tmp_path):
+    # A rerun on the same data plans with the step times the last run's calibration
+    # measured (its quality_study.json, as gpu-finish writes it) instead of calibrating.
+    fast, slow = _warmup_records()
+    measured = study.steady_step_seconds({"mamba2-50": fast, "mamba1-50": slow}, 4, 4)
+    results = tmp_path / "quality_study.json"
+    results.write_text(json.dumps({"plan": {"steps": 10, "calibration_step_s": measured}}))
+    assert study.recorded_step_seconds(results, ["mamba1-50"]) == {"mamba1-50": measured["mamba1-50"]}
+    with pytest.raises(SystemExit, match=r"no step time for mamba2-50-random \(it has mamba2-50, "
+                                         r"mamba1-50\); calibrate instead"):
+        study.recorded_step_seconds(results, ["mamba2-50", "mamba2-50-random"])
+    results.write_text(json.dumps({"models": {}}))
+    with pytest.raises(SystemExit, match=f"{results}: no plan.calibration_step_s in it .KeyError"):
+        study.recorded_step_seconds(results, ["mamba2-50"])
+    with pytest.raises(SystemExit, match="missing.json: no plan.calibration_step_s in it "
+                                         ".FileNotFoundError"):
+        study.recorded_step_seconds(tmp_path / "missing.json", ["mamba2-50"])

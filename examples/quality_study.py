@@ -356,10 +356,18 @@ def recorded_step_seconds(results: Path, students: list[str]) -> dict[str, float
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--step-seconds-from {results}: no plan.calibration_step_s in it "
                          f"({type(e).__name__}: {e})") from None
+    if not isinstance(measured, dict):
+        raise SystemExit(f"--step-seconds-from {results}: plan.calibration_step_s is not a "
+                         f"mapping of student to seconds")
     missing = [n for n in students if n not in measured]
     if missing:
         raise SystemExit(f"--step-seconds-from {results}: no step time for {', '.join(missing)} "
                          f"(it has {', '.join(measured) or 'none'}); calibrate instead")
+    bad = [n for n in students
+           if not isinstance(measured[n], (int, float)) or not measured[n] > 0]
+    if bad:
+        raise SystemExit(f"--step-seconds-from {results}: plan.calibration_step_s of "
+                         f"{', '.join(bad)} is not a positive number of seconds")
     return {n: float(measured[n]) for n in students}
 
 

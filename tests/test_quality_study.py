@@ -156,6 +156,13 @@ def test_step_seconds_from_an_earlier_run_and_what_it_lacks_is_named(tmp_path):
     with pytest.raises(SystemExit, match=r"no step time for mamba2-50-random \(it has mamba2-50, "
                                          r"mamba1-50\); calibrate instead"):
         study.recorded_step_seconds(results, ["mamba2-50", "mamba2-50-random"])
+    results.write_text(json.dumps({"plan": {"calibration_step_s": {"mamba2-50": 0, "mamba1-50": "x"}}}))
+    with pytest.raises(SystemExit, match="calibration_step_s of mamba2-50, mamba1-50 is not a "
+                                         "positive number of seconds"):
+        study.recorded_step_seconds(results, ["mamba2-50", "mamba1-50"])
+    results.write_text(json.dumps({"plan": {"calibration_step_s": [0.5]}}))
+    with pytest.raises(SystemExit, match="is not a mapping of student to seconds"):
+        study.recorded_step_seconds(results, ["mamba2-50"])
     results.write_text(json.dumps({"models": {}}))
     with pytest.raises(SystemExit, match=re.escape(f"{results}: no plan.calibration_step_s in it "
                                                    f"(KeyError")):

@@ -82,7 +82,7 @@ STUDENTS = {
 # from the start (mamba2-25, mamba1-25: 1.94x and 4.34x the teacher) join with --only.
 DEFAULT_STUDENTS = ["mamba2-50", "mamba1-50", "mamba2-50-random", "mamba2-25-progressive"]
 DELTAS = ("mamba2-50-mixers", "draft-2l")   # students whose weights come back
-INIT_ROWS = ("mamba2-50", "mamba2-50-random")  # also evaluated at step 0
+INIT_ROWS = ("mamba2-50", "mamba1-50", "mamba2-50-random")  # also evaluated at step 0
 
 
 def log(msg: str) -> None:
@@ -402,10 +402,14 @@ def cmd_gpu_train(args) -> int:
                 shutil.rmtree(stage)
     remaining = args.budget_s - (time.time() - t_start) - args.startup_s
     slowest = max(step_time.values())
-    steps = int(remaining * args.safety / slowest)
+    fit = int(remaining * args.safety / slowest)
     source = args.step_seconds_from or "calibration"
     log(f"{source}: step seconds {json.dumps({k: round(v, 3) for k, v in step_time.items()})}; "
-        f"{remaining:.0f} s left -> {steps} steps each")
+        f"{remaining:.0f} s left -> {fit} steps each fit")
+    if args.steps and args.steps > fit:
+        raise SystemExit(f"--steps {args.steps} do not fit the budget: {fit} steps fit "
+                         f"{remaining:.0f} s at {slowest:.3f} s a step with --safety {args.safety:g}")
+    steps = args.steps or fit
     if steps < args.min_steps:
         raise SystemExit(f"only {steps} steps fit the budget: give a larger --budget-s")
     (root / "plan.json").write_text(json.dumps({
@@ -619,6 +623,9 @@ def main(argv=None) -> int:
     s.add_argument("--step-seconds-from", metavar="QUALITY_STUDY_JSON",
                    help="skip the calibration: the step seconds an earlier run on the same "
                         "data measured (benchmarks/results/quality_study.json)")
+    s.add_argument("--steps", type=int,
+                   help="train exactly this many steps (an earlier run's budget, for an A/B "
+                        "against it) instead of as many as fit; refused if they do not fit")
     s.add_argument("--only", nargs="+", choices=list(STUDENTS), default=DEFAULT_STUDENTS,
                    help=f"the students to train (default: {' '.join(DEFAULT_STUDENTS)})")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

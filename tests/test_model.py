@@ -124,6 +124,35 @@ def test_attention_to_mamba_mapping_by_value(variant):
     assert torch.equal(hybrid.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
 
 
+def test_mamba1_attention_init_pairs_dimensions_like_attention():
+    """Mamba1 repeats x (V) and B (K) in d_state-channel groups; with d_state < head_dim
+    each channel's C row (Q) must meet the same head dimension of the matching KV head
+    in B, and its V dimension must reach the O column of that dimension in its query
+    head. Rows and columns are tagged with their index and followed through the mixer's
+    own repeat. The layer also starts mixing: PyTorch's conv scale, dt in Mamba's range."""
+    teacher = LlamaForCausalLM(tiny_llama_config(hidden_size=192, heads=6, kv_heads=2))
+    cfg = hybrid_config_from_teacher(teacher.config, variant="mamba1", attn_fraction=0.5)
+    hd, rep = cfg.head_dim, cfg.repeat_group
+    assert (hd, cfg.d_state, rep) == (32, 16, 3)
+    with torch.no_grad():
+        for layer in teacher.model.layers:
+            a = layer.self_attn
+            for proj in (a.q_proj, a.k_proj, a.v_proj):
+                proj.weight[:, 0] = torch.arange(proj.weight.shape[0])
+            a.o_proj.weight[0] = torch.arange(a.o_proj.weight.shape[1])
+    hybrid = init_hybrid_from_teacher(teacher, cfg)
+    for i in cfg.mamba_layers:
+        m = hybrid.model.layers[i].mamba
+        q, o = m.C_proj.weight[:, 0].long(), m.out_proj.weight[0].long()
+        k, v = m._repeat(m.B_proj.weight[:, 0]).long(), m._repeat(m.in_proj_x.weight[:, 0]).long()
+        assert sorted(q.tolist()) == list(range(cfg.d_inner)) and torch.equal(q, o)
+        assert torch.equal(q % hd, k % hd) and torch.equal(q // hd // rep, k // hd)
+        assert torch.equal(o % hd, v % hd) and torch.equal(o // hd // rep, v // hd)
+        assert m.conv1d.weight.abs().max() <= 0.5 and m.conv1d.weight.std() > 0.2
+        dt = torch.nn.functional.softplus(2 * m.dt_proj.bias)
+        assert dt.min() >= 1e-3 - 1e-6 and dt.max() <= 0.1 + 1e-6
+
+
 def test_paper_layouts_and_shapes():
     cfg2 = tiny_hybrid("mamba2").config
     m2 = LlamaMambaHybridForCausalLM(cfg2).model.layers[0].mamba

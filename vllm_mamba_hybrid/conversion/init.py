@@ -51,10 +51,39 @@ def map_attention_to_mamba(mixer: torch.nn.Module, attn: torch.nn.Module, config
         w[d_in + d_xb:d_in + 2 * d_xb].copy_(k)
         w[d_in + 2 * d_xb:2 * d_in + 2 * d_xb].copy_(q)
     else:
+        heads = query_channels_for_repeated_groups(config)
         mixer.in_proj_x.weight.copy_(v)
         mixer.B_proj.weight.copy_(k)
-        mixer.C_proj.weight.copy_(q)
+        mixer.C_proj.weight.copy_(q[heads])
+        o = o[:, heads]
+        # PyTorch's default conv init (weights and bias ~ U(+-1/2) for 4 taps), as in
+        # MambaInLlama: with no norm after the scan, HF's N(0, 0.02) leaves the layer's
+        # output at ~0.5% of the attention output it replaces, a no-op.
+        mixer.conv1d.reset_parameters()
     mixer.out_proj.weight.copy_(o)
+
+
+def query_channels_for_repeated_groups(config) -> torch.Tensor:
+    """For Mamba1's C (and out_proj's columns): the query channel each channel takes.
+
+    Mamba1 repeats x (from V) and B (from K) in groups of ``d_state`` channels, so with
+    ``d_state < head_dim`` group j sees the K/V sub-block ``(j // rep) % (head_dim //
+    d_state)``, not the sub-block of Q row block j. Group j takes instead the same
+    sub-block of one of the ``rep`` query heads that share that KV head, so that every
+    channel scores q.k over matching dimensions and sends its V dimension to the
+    matching O column, as attention does. The identity where d_state == head_dim.
+    """
+    hd, ds, rep = config.head_dim, config.d_state, config.repeat_group
+    if hd % ds:
+        return torch.arange(config.d_inner)
+    sub_blocks = hd // ds
+    channels = []
+    for j in range(config.d_inner // ds):
+        k_block = j // rep                           # the K/V group of d_state rows B/x take
+        head = rep * (k_block // sub_blocks) + j % rep
+        start = head * hd + (k_block % sub_blocks) * ds
+        channels.extend(range(start, start + ds))
+    return torch.tensor(channels)
 
 
 @torch.no_grad()
@@ -92,7 +121,9 @@ def init_hybrid_from_teacher(teacher: PreTrainedModel, hybrid_config: LlamaMamba
         # newly replaced layer: drop the source's attention tensors, map them instead
         copied = {k: v for k, v in copied.items() if not k.startswith(f"model.layers.{i}.self_attn.")}
         if mamba_init == "attention":
-            map_attention_to_mamba(layer.mamba, src.self_attn, hybrid_config)
+            with torch.random.fork_rng():               # seeded like the mixers themselves
+                torch.manual_seed(seed + 1 + i)
+                map_attention_to_mamba(layer.mamba, src.self_attn, hybrid_config)
     missing = hybrid.load_state_dict(copied, strict=False).missing_keys
     unexpected_missing = [k for k in missing if ".mamba." not in k
                           and not (hybrid_config.tie_word_embeddings and k == "lm_head.weight")]

@@ -43,13 +43,18 @@ class Mamba1Mixer(nn.Module):
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
-        """Mamba's init: S4D-real A = 1..d_state, dt log-uniform, D = 1."""
+        """Mamba's init: S4D-real A = 1..d_state, dt log-uniform, D = 1.
+
+        The dt bias is applied twice (module docstring), so it starts at half Mamba's:
+        the step size starts in [1e-3, 0.1] as in Mamba2. MambaInLlama's full bias gives
+        softplus(2b), a median of ~1e-4 at this init: the SSM then adds almost nothing
+        to D * x and the attention weights it starts from go unused."""
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
         init.copy_(self.A_log, torch.log(A))
         init.ones_(self.D)
         std = self.dt_proj.in_features ** -0.5
         init.uniform_(self.dt_proj.weight, -std, std)
-        init.copy_(self.dt_proj.bias, inverse_softplus_dt(self.d_inner))
+        init.copy_(self.dt_proj.bias, inverse_softplus_dt(self.d_inner) / 2)
 
     def _repeat(self, t: torch.Tensor) -> torch.Tensor:
         """(..., d_xb) -> (..., d_inner): each d_state-channel group repeated in place."""

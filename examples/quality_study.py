@@ -560,7 +560,7 @@ def cmd_gpu_continue(args) -> int:
 def plot(result: dict, path: Path) -> None:
     """KL on the training stream against tokens seen; each trained student's held-out
     perplexity as a multiple of the teacher's, on a linear axis where the goal lines
-    (1.05x, 1.10x) are readable (the step-0 rows, ~100x and more, are named in the title)."""
+    (1.05x, 1.10x) are readable (the step-0 rows, ~100x and more, are named under the axis)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -579,9 +579,9 @@ def plot(result: dict, path: Path) -> None:
     ax_ppl.bar_label(bars, labels=[f"{r:.3f}x" for r in trained.values()], fontsize=8, padding=2)
     for goal, style in ((1.10, "--"), (1.05, ":")):
         ax_ppl.axvline(goal, color="red", lw=0.8, ls=style, label=f"teacher x {goal:.2f}")
-    ax_ppl.set(xlabel=f"held-out essay perplexity / the teacher's ({teacher:.2f})",
-               xlim=(1.0, max([1.12, *trained.values()]) * 1.03),
-               title="held-out perplexity" + (f"\nat step 0: {at_init}" if at_init else ""))
+    ax_ppl.set(xlabel=f"held-out essay perplexity / the teacher's ({teacher:.2f})"
+                      + (f"\nat step 0: {at_init}" if at_init else ""),
+               xlim=(1.0, max([1.12, *trained.values()]) * 1.03), title="held-out perplexity")
     ax_ppl.invert_yaxis()
     ax_ppl.legend(fontsize=8, loc="upper right")
     fig.tight_layout()

@@ -51,11 +51,11 @@ def map_attention_to_mamba(mixer: torch.nn.Module, attn: torch.nn.Module, config
         w[d_in + d_xb:d_in + 2 * d_xb].copy_(k)
         w[d_in + 2 * d_xb:2 * d_in + 2 * d_xb].copy_(q)
     else:
-        heads = query_channels_for_repeated_groups(config)
+        channels = query_channels_for_repeated_groups(config)
         mixer.in_proj_x.weight.copy_(v)
         mixer.B_proj.weight.copy_(k)
-        mixer.C_proj.weight.copy_(q[heads])
-        o = o[:, heads]
+        mixer.C_proj.weight.copy_(q[channels])
+        o = o[:, channels]
         # PyTorch's default conv init (weights and bias ~ U(+-1/2) for 4 taps), as in
         # MambaInLlama: with no norm after the scan, HF's N(0, 0.02) leaves the layer's
         # output at ~0.5% of the attention output it replaces, a no-op.

@@ -371,6 +371,22 @@ def recorded_step_seconds(results: Path, students: list[str]) -> dict[str, float
     return {n: float(measured[n]) for n in students}
 
 
+def planned_steps(remaining_s: float, step_s: float, safety: float, fixed: int | None = None,
+                  min_steps: int = 1) -> int:
+    """Steps every student trains: as many as fit ``remaining_s * safety`` at the slowest
+    student's ``step_s``, or exactly ``fixed`` (an earlier run's budget, for an A/B
+    against it), refused by name where those do not fit."""
+    fit = int(remaining_s * safety / step_s)
+    if fixed and fixed > fit:
+        raise SystemExit(f"--steps {fixed} do not fit the budget: {fit} steps fit "
+                         f"{remaining_s:.0f} s at {step_s:.3f} s a step with --safety {safety:g}")
+    steps = fixed or fit
+    if steps < min_steps:
+        raise SystemExit(f"{steps} steps are fewer than --min-steps {min_steps}"
+                         + ("" if fixed else f": give a larger --budget-s ({remaining_s:.0f} s left)"))
+    return steps
+
+
 def cmd_gpu_train(args) -> int:
     root, payload = Path(args.root), Path(args.carry) / "payload"
     t_start = time.time()
@@ -402,16 +418,11 @@ def cmd_gpu_train(args) -> int:
                 shutil.rmtree(stage)
     remaining = args.budget_s - (time.time() - t_start) - args.startup_s
     slowest = max(step_time.values())
-    fit = int(remaining * args.safety / slowest)
     source = args.step_seconds_from or "calibration"
     log(f"{source}: step seconds {json.dumps({k: round(v, 3) for k, v in step_time.items()})}; "
-        f"{remaining:.0f} s left -> {fit} steps each fit")
-    if args.steps and args.steps > fit:
-        raise SystemExit(f"--steps {args.steps} do not fit the budget: {fit} steps fit "
-                         f"{remaining:.0f} s at {slowest:.3f} s a step with --safety {args.safety:g}")
-    steps = args.steps or fit
-    if steps < args.min_steps:
-        raise SystemExit(f"only {steps} steps fit the budget: give a larger --budget-s")
+        f"{remaining:.0f} s left")
+    steps = planned_steps(remaining, slowest, args.safety, args.steps, args.min_steps)
+    log(f"{steps} steps each")
     (root / "plan.json").write_text(json.dumps({
         "steps": steps, "calibration_step_s": step_time, "budget_s": args.budget_s,
         "launched": time.time(), "expected_end": time.time() + args.startup_s + steps * slowest}))

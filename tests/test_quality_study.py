@@ -170,3 +170,12 @@ def test_step_seconds_from_an_earlier_run_and_what_it_lacks_is_named(tmp_path):
     with pytest.raises(SystemExit, match="missing.json: no plan.calibration_step_s in it "
                                          ".FileNotFoundError"):
         study.recorded_step_seconds(tmp_path / "missing.json", ["mamba2-50"])
+
+
+def test_planned_steps_fit_the_budget_or_take_an_earlier_runs_count():
+    assert study.planned_steps(1000, 0.5, 0.9) == 1800
+    assert study.planned_steps(1000, 0.5, 0.9, fixed=1663) == 1663   # an A/B at run 8's steps
+    with pytest.raises(SystemExit, match=r"--steps 1900 do not fit the budget: 1800 steps fit"):
+        study.planned_steps(1000, 0.5, 0.9, fixed=1900)
+    with pytest.raises(SystemExit, match=r"18 steps are fewer than --min-steps 50"):
+        study.planned_steps(10, 0.5, 0.9, min_steps=50)

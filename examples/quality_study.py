@@ -377,13 +377,13 @@ def planned_steps(remaining_s: float, step_s: float, safety: float, fixed: int |
     student's ``step_s``, or exactly ``fixed`` (an earlier run's budget, for an A/B
     against it), refused by name where those do not fit."""
     fit = int(remaining_s * safety / step_s)
-    if fixed and fixed > fit:
+    if fixed is not None and fixed > fit:
         raise SystemExit(f"--steps {fixed} do not fit the budget: {fit} steps fit "
                          f"{remaining_s:.0f} s at {step_s:.3f} s a step with --safety {safety:g}")
-    steps = fixed or fit
+    steps = fit if fixed is None else fixed
     if steps < min_steps:
-        raise SystemExit(f"{steps} steps are fewer than --min-steps {min_steps}"
-                         + ("" if fixed else f": give a larger --budget-s ({remaining_s:.0f} s left)"))
+        raise SystemExit(f"{steps} steps are fewer than --min-steps {min_steps}" + (
+            "" if fixed is not None else f": give a larger --budget-s ({remaining_s:.0f} s left)"))
     return steps
 
 

@@ -151,6 +151,11 @@ def test_mamba1_attention_init_pairs_dimensions_like_attention():
         assert m.conv1d.weight.abs().max() <= 0.5 and m.conv1d.weight.std() > 0.2
         dt = torch.nn.functional.softplus(2 * m.dt_proj.bias)
         assert dt.min() >= 1e-3 - 1e-6 and dt.max() <= 0.1 + 1e-6
+    # the conv init is seeded like the rest of the mixer: same seed, same student
+    again, other = (init_hybrid_from_teacher(teacher, cfg, seed=s) for s in (0, 1))
+    i = cfg.mamba_layers[0]
+    conv = [h.model.layers[i].mamba.conv1d.weight for h in (hybrid, again, other)]
+    assert torch.equal(conv[0], conv[1]) and not torch.equal(conv[0], conv[2])
 
 
 def test_paper_layouts_and_shapes():

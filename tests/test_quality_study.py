@@ -177,5 +177,7 @@ def test_planned_steps_fit_the_budget_or_take_an_earlier_runs_count():
     assert study.planned_steps(1000, 0.5, 0.9, fixed=1663) == 1663   # an A/B at run 8's steps
     with pytest.raises(SystemExit, match=r"--steps 1900 do not fit the budget: 1800 steps fit"):
         study.planned_steps(1000, 0.5, 0.9, fixed=1900)
-    with pytest.raises(SystemExit, match=r"18 steps are fewer than --min-steps 50"):
+    with pytest.raises(SystemExit, match=r"18 steps are fewer than --min-steps 50: give a larger"):
         study.planned_steps(10, 0.5, 0.9, min_steps=50)
+    with pytest.raises(SystemExit, match=r"^0 steps are fewer than --min-steps 1$"):
+        study.planned_steps(1000, 0.5, 0.9, fixed=0)               # not "as many as fit"

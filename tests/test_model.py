@@ -124,16 +124,19 @@ def test_attention_to_mamba_mapping_by_value(variant):
     assert torch.equal(hybrid.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
 
 
-def test_mamba1_attention_init_pairs_dimensions_like_attention():
+@pytest.mark.parametrize("d_state", [16, 32])
+def test_mamba1_attention_init_pairs_dimensions_like_attention(d_state):
     """Mamba1 repeats x (V) and B (K) in d_state-channel groups; with d_state < head_dim
     each channel's C row (Q) must meet the same head dimension of the matching KV head
     in B, and its V dimension must reach the O column of that dimension in its query
-    head. Rows and columns are tagged with their index and followed through the mixer's
-    own repeat. The layer also starts mixing: PyTorch's conv scale, dt in Mamba's range."""
+    head (at d_state = head_dim each group is one whole head). Rows and columns are
+    tagged with their index and followed through the mixer's own repeat. The layer also
+    starts mixing: PyTorch's conv scale, dt in Mamba's range."""
     teacher = LlamaForCausalLM(tiny_llama_config(hidden_size=192, heads=6, kv_heads=2))
-    cfg = hybrid_config_from_teacher(teacher.config, variant="mamba1", attn_fraction=0.5)
+    cfg = hybrid_config_from_teacher(teacher.config, variant="mamba1", attn_fraction=0.5,
+                                     d_state=d_state)
     hd, rep = cfg.head_dim, cfg.repeat_group
-    assert (hd, cfg.d_state, rep) == (32, 16, 3)
+    assert (hd, cfg.d_state, rep) == (32, d_state, 3)
     with torch.no_grad():
         for layer in teacher.model.layers:
             a = layer.self_attn

@@ -60,8 +60,8 @@ def check_scan(device, dtype, b, g, r, n, l, with_state, layout="contiguous"):
         assert err < tol_grad, f"d{k}: relative error {err:.2e} (b={b} g={g} r={r} n={n} l={l})"
 
 
-CASES = [  # (b, g, r, n, l): r below / at / above the 32-channel block, odd n and l
-    (2, 3, 5, 4, 11), (1, 2, 32, 16, 9), (2, 2, 40, 3, 17), (3, 1, 7, 16, 1)]
+CASES = [  # (b, g, r, n, l): r below / at / above the 32-channel block, odd n and l, n = 64
+    (2, 3, 5, 4, 11), (1, 2, 32, 16, 9), (2, 2, 40, 3, 17), (3, 1, 7, 16, 1), (1, 2, 64, 64, 7)]
 
 
 def interpreter_checks():
@@ -93,7 +93,8 @@ def test_rejects_bad_shapes_by_name(name, bad):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", CASES + [(2, 36, 16, 16, 512)])   # last: SmolLM2's 50% Mamba1 layer
+@pytest.mark.parametrize("case", CASES + [(2, 36, 16, 16, 512),    # SmolLM2's 50% Mamba1 layer,
+                                  (2, 9, 64, 64, 512)])    # at d_state 16 and 64
 def test_triton_scan_gpu(case, dtype):
     for with_state in (False, True):
         check_scan("cuda", dtype, *case, with_state)

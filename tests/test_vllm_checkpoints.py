@@ -47,9 +47,12 @@ def vllm_greedy(model_dir, prompts, **engine_kw):
         gc.collect()
 
 
-def test_smollm2_hybrid_in_vllm_matches_reference(smollm2_teacher, tmp_path):
+# Mamba1 at d_state = head_dim (64): the quality study's Mamba1 student
+@pytest.mark.parametrize("variant,d_state", [("mamba2", None), ("mamba1", 64)])
+def test_smollm2_hybrid_in_vllm_matches_reference(smollm2_teacher, tmp_path, variant, d_state):
     teacher = load_teacher(smollm2_teacher, dtype=torch.float32)
-    cfg = hybrid_config_from_teacher(teacher.config, variant="mamba2", attn_fraction=0.5)
+    cfg = hybrid_config_from_teacher(teacher.config, variant=variant, attn_fraction=0.5,
+                                     d_state=d_state)
     hybrid = init_hybrid_from_teacher(teacher, cfg, seed=1)
     save_hybrid(hybrid, tmp_path / "hybrid", tokenizer_dir=smollm2_teacher)
     hybrid.eval()

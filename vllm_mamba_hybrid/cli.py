@@ -40,7 +40,8 @@ def cmd_init(args) -> int:
     check_output_dir(args.out, args.overwrite)          # fail before the expensive part
     teacher = load_teacher(args.teacher, dtype=_dtype(args.dtype))
     config = hybrid_config_from_teacher(teacher.config, variant=args.variant,
-                                        attn_layers=args.attn_layers, attn_fraction=args.attn_fraction)
+                                        attn_layers=args.attn_layers, attn_fraction=args.attn_fraction,
+                                        d_state=args.d_state)
     hybrid = init_hybrid_from_teacher(teacher, config, mamba_init=args.mamba_init, seed=args.seed)
     save_hybrid(hybrid, args.out, tokenizer_dir=args.teacher, overwrite=args.overwrite)
     print(f"{args.variant} hybrid written to {args.out}: attention layers {config.attn_layers}, "
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--attn-fraction", type=float,
                         help="share of attention layers, paper layout (0.5, 0.25, 0.125)")
     s.add_argument("--mamba-init", default="attention", choices=("attention", "random"))
+    s.add_argument("--d-state", type=int, help="SSM state per channel group (default: head_dim "
+                                                "for mamba2, 16 for mamba1)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", default="bfloat16")
     s.add_argument("--overwrite", action="store_true")

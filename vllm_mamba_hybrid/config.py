@@ -48,7 +48,8 @@ class LlamaMambaHybridConfig(LlamaConfig):
     * ``mamba2`` ("Mamba2InLlama"): one SSM head per attention head,
       ``d_state = head_dim``, conv over ``x||B||C`` before the GQA repeat.
     * ``mamba1`` ("MambaInLlama"): separate x/z/B/C/dt projections,
-      ``d_state = 16``, GQA repeat of x before the conv, double dt bias.
+      ``d_state = 16`` by default (``head_dim`` makes each B/C group one attention
+      head), GQA repeat of x before the conv, double dt bias.
     """
 
     model_type = "llama_mamba_hybrid"

@@ -24,8 +24,10 @@ _NON_LLAMA_KEYS = ("model_type", "architectures", "transformers_version", "quant
 def hybrid_config_from_teacher(teacher_config: PretrainedConfig, *, variant: str,
                                attn_layers: list[int] | None = None,
                                attn_fraction: float | None = None,
+                               d_state: int | None = None,
                                **hybrid_fields) -> LlamaMambaHybridConfig:
-    """The teacher's Llama fields plus the hybrid fields (layers from a list or a fraction)."""
+    """The teacher's Llama fields plus the hybrid fields (layers from a list or a fraction;
+    ``d_state`` None: the variant's default)."""
     check_llama_family(teacher_config)
     if variant not in MAMBA_VARIANTS:
         raise ValueError(f"unknown Mamba variant {variant!r}; choose one of {MAMBA_VARIANTS}")
@@ -36,6 +38,8 @@ def hybrid_config_from_teacher(teacher_config: PretrainedConfig, *, variant: str
         attn_layers = paper_attention_layers(n, attn_fraction)
     fields = {k: v for k, v in teacher_config.to_dict().items() if k not in _NON_LLAMA_KEYS}
     fields.update(hybrid_fields)
+    if d_state is not None:
+        fields["d_state"] = d_state
     return LlamaMambaHybridConfig(**fields, attn_layers=list(attn_layers), mamba_variant=variant,
                                   architectures=["LlamaMambaHybridForCausalLM"])
 

@@ -1,4 +1,4 @@
-"""Mamba1 mixer of MambaInLlama: separate x/z/B/C/dt projections, d_state = 16.
+"""Mamba1 mixer of MambaInLlama: separate x/z/B/C/dt projections, d_state 16 by default.
 
 x (from W_V) and B (from W_K) have ``d_xb`` channels and are repeated GQA-style
 in groups of ``d_state`` channels to ``d_inner``; x is repeated before the conv

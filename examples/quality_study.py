@@ -59,12 +59,7 @@ TEACHER_SMALL_FILES = "teacher_files"
 # name -> config overrides (the base config is the 50% Mamba2 hybrid, attention init).
 STUDENTS = {
     "mamba2-50": {},
-    # Mamba1 at d_state = head_dim (64, from run 10): each B/C group is one attention
-    # head (the whole q.k, not a 16-dim quarter of it) and the state is Mamba2's size.
-    # Its backward keeps every token's state (4x at 64), so 16 x 2 sequences a step
-    # (32 x 1 would need ~57 GiB next to the other students' ~73).
-    "mamba1-50": {"student.variant": "mamba1", "student.d_state": 64,
-                  "training.batch_size": 16, "training.grad_accum": 2},
+    "mamba1-50": {"student.variant": "mamba1"},
     "mamba2-25": {"student.attn_fraction": 0.25},
     "mamba1-25": {"student.variant": "mamba1", "student.attn_fraction": 0.25},
     "mamba2-50-random": {"student.mamba_init": "random"},
@@ -73,8 +68,13 @@ STUDENTS = {
     # attention weights) for the other half; same total steps as every other student.
     "mamba2-25-progressive": {"student.attn_fraction": 0.25, "stages.progressive.enabled": True,
                               "stages.distill.enabled": False},
-    # Not in the default set (--only): Mamba1 at MambaInLlama's d_state 16 (runs 2-9) ...
-    "mamba1-50-state16": {"student.variant": "mamba1"},
+    # Not in the default set (--only): Mamba1 at d_state = head_dim (64; run 10, where it
+    # was named mamba1-50) instead of MambaInLlama's 16: each B/C group is one attention
+    # head (the whole q.k, not a 16-dim quarter of it) and the state is Mamba2's size.
+    # Its backward keeps every token's state, 4x at 64, so 16 x 2 sequences a step
+    # (32 x 1 took 56.5 GiB alone, next to the other students' ~73) ...
+    "mamba1-50-state64": {"student.variant": "mamba1", "student.d_state": 64,
+                          "training.batch_size": 16, "training.grad_accum": 2},
     # ... the base student at run 1-3's learning rate ...
     "mamba2-50-lr3e-4": {"stages.distill.lr": 3.0e-4},
     # ... only the Mamba mixers train (the paper's first stage), the speculative-decoding

@@ -66,6 +66,15 @@ def test_every_student_gets_the_same_total_steps(tmp_path, name):
         assert "stages.progressive.enabled" not in pairs and pairs["stages.distill.steps"] == "1452"
 
 
+def test_every_student_trains_the_same_sequences_a_step():
+    """Students may split a step into micro-batches (memory), never change its size."""
+    base = study._cfg().training
+    for name, overrides in study.STUDENTS.items():
+        batch = overrides.get("training.batch_size", base.batch_size)
+        accum = overrides.get("training.grad_accum", base.grad_accum)
+        assert batch * accum == base.batch_size * base.grad_accum, name
+
+
 @pytest.mark.parametrize("cmd", ["gpu-wait", "gpu-finish"])
 def test_waiting_on_a_root_without_students_is_named(tmp_path, cmd):
     argv = [cmd, "--root", str(tmp_path), "--wait-s", "1", "--out", str(tmp_path / "out")]

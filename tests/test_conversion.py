@@ -111,6 +111,17 @@ def test_cli_init_tiny_teacher_and_generate(tiny_teacher, tmp_path, capsys):
     assert capsys.readouterr().out == plain
 
 
+def test_cli_init_d_state(tiny_teacher, tmp_path, capsys):
+    """The teacher has 2 KV heads of 16 dims: --d-state must divide their 32 rows."""
+    assert cli(["init", "--teacher", str(tiny_teacher), "--variant", "mamba1", "--attn-layers", "1",
+                "--d-state", "32", str(tmp_path / "h")]) == 0
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["d_state"] == 32
+    assert cli(["init", "--teacher", str(tiny_teacher), "--variant", "mamba1", "--attn-layers", "1",
+                "--d-state", "24", str(tmp_path / "o")]) == 2
+    assert "must be multiples of d_state (24)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_unknown_variant(tiny_teacher, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli(["init", "--teacher", str(tiny_teacher), "--variant", "mamba3", "--attn-fraction", "0.5",

@@ -119,6 +119,9 @@ def test_cli_init_d_state(tiny_teacher, tmp_path, capsys):
     assert cli(["init", "--teacher", str(tiny_teacher), "--variant", "mamba1", "--attn-layers", "1",
                 "--d-state", "24", str(tmp_path / "o")]) == 2
     assert "must be multiples of d_state (24)" in capsys.readouterr().err
+    assert cli(["init", "--teacher", str(tiny_teacher), "--variant", "mamba1", "--attn-layers", "1",
+                "--d-state", "0", str(tmp_path / "o")]) == 2
+    assert "d_state must be a positive integer, got 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -99,6 +99,8 @@ class LlamaMambaHybridConfig(LlamaConfig):
         self._check_mamba_shapes()
 
     def _check_mamba_shapes(self) -> None:
+        if self.d_state < 1:
+            raise ValueError(f"d_state must be a positive integer, got {self.d_state}")
         if self.d_xb % self.d_state or self.d_inner % self.d_state:
             raise ValueError(
                 f"d_xb ({self.d_xb}) and d_inner ({self.d_inner}) must be multiples of "

@@ -42,7 +42,8 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
-def build_models(root: Path, teacher: str | None, variant: str, attn_fraction: float):
+def build_models(root: Path, teacher: str | None, variant: str, attn_fraction: float,
+                 d_state: int | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
     from vllm_mamba_hybrid.conversion.init import (hybrid_config_from_teacher,
                                                    init_hybrid_from_teacher, save_hybrid)
@@ -53,7 +54,8 @@ def build_models(root: Path, teacher: str | None, variant: str, attn_fraction: f
         model.save_pretrained(teacher)
     else:
         model = LlamaForCausalLM.from_pretrained(teacher, dtype=torch.float32)
-    hcfg = hybrid_config_from_teacher(model.config, variant=variant, attn_fraction=attn_fraction)
+    hcfg = hybrid_config_from_teacher(model.config, variant=variant, attn_fraction=attn_fraction,
+                                      d_state=d_state)
     save_hybrid(init_hybrid_from_teacher(model, hcfg), root / "student")
     return Path(teacher), root / "student", model.config, hcfg
 

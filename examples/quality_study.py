@@ -68,14 +68,13 @@ STUDENTS = {
     # attention weights) for the other half; same total steps as every other student.
     "mamba2-25-progressive": {"student.attn_fraction": 0.25, "stages.progressive.enabled": True,
                               "stages.distill.enabled": False},
-    # Not in the default set (--only): Mamba1 at d_state = head_dim (64; run 10, where it
-    # was named mamba1-50) instead of MambaInLlama's 16: each B/C group is one attention
-    # head (the whole q.k, not a 16-dim quarter of it) and the state is Mamba2's size.
-    # Its backward keeps every token's state, 4x at 64, so 16 x 2 sequences a step
-    # (32 x 1 took 56.5 GiB alone, next to the other students' ~73) ...
-    "mamba1-50-state64": {"student.variant": "mamba1", "student.d_state": 64,
-                          "training.batch_size": 16, "training.grad_accum": 2},
-    # ... the base student at run 1-3's learning rate ...
+    # Mamba1 at d_state = head_dim (64) instead of MambaInLlama's 16 (mamba1-50, runs
+    # 4-9): each B/C group is one attention head (the whole q.k, not a 16-dim quarter of
+    # it) and the state is Mamba2's size. Run 10 (named mamba1-50 there) took it as
+    # 16 x 2 sequences a step: its scan's backward then kept every token's state (32 x 1
+    # took 56.5 GiB); it keeps one state per 16 tokens since run 11.
+    "mamba1-50-state64": {"student.variant": "mamba1", "student.d_state": 64},
+    # Not in the default set (--only): the base student at run 1-3's learning rate ...
     "mamba2-50-lr3e-4": {"stages.distill.lr": 3.0e-4},
     # ... only the Mamba mixers train (the paper's first stage), the speculative-decoding
     # target of benchmarks/spec_decode.py, shipped back as its mixers alone ...
@@ -85,11 +84,12 @@ STUDENTS = {
     "draft-2l": {"student.layers": [0, 29], "student.attn_fraction": 1.0,
                  "stages.distill.freeze_embeddings": True, "stages.distill.lr": 5.0e-4},
 }
-# Runs 5 and 6 train four students (each gets more of the GPU); run 4's 25% students trained
-# from the start (mamba2-25, mamba1-25: 1.94x and 4.34x the teacher) join with --only.
-DEFAULT_STUDENTS = ["mamba2-50", "mamba1-50", "mamba2-50-random", "mamba2-25-progressive"]
+# Four students since run 5 (each gets more of the GPU); run 4's 25% students trained
+# from the start (mamba2-25, mamba1-25: 1.94x and 4.34x the teacher) and runs 4-9's
+# Mamba1 at d_state 16 (mamba1-50) join with --only.
+DEFAULT_STUDENTS = ["mamba2-50", "mamba1-50-state64", "mamba2-50-random", "mamba2-25-progressive"]
 DELTAS = ("mamba2-50-mixers", "draft-2l")   # students whose weights come back
-INIT_ROWS = ("mamba2-50", "mamba1-50", "mamba2-50-random")  # also evaluated at step 0
+INIT_ROWS = ("mamba2-50", "mamba1-50", "mamba1-50-state64", "mamba2-50-random")  # also at step 0
 
 
 def log(msg: str) -> None:
@@ -378,11 +378,42 @@ def recorded_step_seconds(results: Path, students: list[str]) -> dict[str, float
     return {n: float(measured[n]) for n in students}
 
 
+def recorded_tail_step_seconds(results: Path, name: str) -> float:
+    """Median step seconds of ``name`` in an earlier run once it trained alone: its
+    progress records logged after every other student's last one. In run 11 the Mamba1
+    student stepped 0.87 s sharing the GPU and 0.24 s alone; a plan at the shared time
+    ended 280 s (27%) before its budget."""
+    try:
+        progress = json.loads(results.read_text())["progress"]
+        others = [recs[-1]["time"] for n, recs in progress.items() if n != name and recs]
+        tail = [r["step_time_s"] for r in progress[name] if r["time"] > max(others)]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise SystemExit(f"--tail-step-seconds-from {results}: no progress of {name} and of "
+                         f"other students in it ({type(e).__name__}: {e})") from None
+    if len(tail) < 3:
+        raise SystemExit(f"--tail-step-seconds-from {results}: {name} logged {len(tail)} "
+                         f"progress records after the other students finished; need 3")
+    return statistics.median(tail)
+
+
+def seconds_per_step(step_s: dict[str, float], tail_s: float | None = None) -> float:
+    """Wall seconds a step of the run costs, planned on its slowest student: the shared
+    step time throughout, or, with ``tail_s`` (that student's step time alone), shared
+    steps until the second slowest is done and the rest alone. The students
+    time-share the GPU, so once the others stop, the slowest steps at its own speed."""
+    slowest = max(step_s.values())
+    others = sorted(step_s.values())[:-1]
+    if tail_s is None or not others:
+        return slowest
+    second = others[-1]
+    return second + (1 - second / slowest) * min(tail_s, slowest)
+
+
 def planned_steps(remaining_s: float, step_s: float, safety: float, fixed: int | None = None,
                   min_steps: int = 1) -> int:
-    """Steps every student trains: as many as fit ``remaining_s * safety`` at the slowest
-    student's ``step_s``, or exactly ``fixed`` (an earlier run's budget, for an A/B
-    against it), refused by name where those do not fit."""
+    """Steps every student trains: as many as fit ``remaining_s * safety`` at ``step_s``
+    wall seconds a step (:func:`seconds_per_step`), or exactly ``fixed`` (an earlier
+    run's budget, for an A/B against it), refused by name where those do not fit."""
     fit = int(remaining_s * safety / step_s)
     if fixed is not None and fixed > fit:
         raise SystemExit(f"--steps {fixed} do not fit the budget: {fit} steps fit "
@@ -424,15 +455,21 @@ def cmd_gpu_train(args) -> int:
             for stage in _training_stages(root, n):
                 shutil.rmtree(stage)
     remaining = args.budget_s - (time.time() - t_start) - args.startup_s
-    slowest = max(step_time.values())
     source = args.step_seconds_from or "calibration"
     log(f"{source}: step seconds {json.dumps({k: round(v, 3) for k, v in step_time.items()})}; "
         f"{remaining:.0f} s left")
-    steps = planned_steps(remaining, slowest, args.safety, args.steps, args.min_steps)
-    log(f"{steps} steps each")
+    tail = None
+    if args.tail_step_seconds_from:
+        slowest_name = max(step_time, key=step_time.get)
+        tail = recorded_tail_step_seconds(Path(args.tail_step_seconds_from), slowest_name)
+        log(f"{slowest_name} alone: {tail:.3f} s a step ({args.tail_step_seconds_from})")
+    per_step = seconds_per_step(step_time, tail)
+    steps = planned_steps(remaining, per_step, args.safety, args.steps, args.min_steps)
+    log(f"{steps} steps each ({per_step:.3f} s a step planned)")
     (root / "plan.json").write_text(json.dumps({
-        "steps": steps, "calibration_step_s": step_time, "budget_s": args.budget_s,
-        "launched": time.time(), "expected_end": time.time() + args.startup_s + steps * slowest}))
+        "steps": steps, "calibration_step_s": step_time, "tail_step_s": tail,
+        "budget_s": args.budget_s, "launched": time.time(),
+        "expected_end": time.time() + args.startup_s + steps * per_step}))
     _launch(root, steps, "train", args)
     while time.time() - t_start < args.return_after_s:
         time.sleep(20)
@@ -563,6 +600,7 @@ def cmd_gpu_continue(args) -> int:
         batch_size=args.batch_size, max_length=cfg.data.max_length,
         length_grouping_steps=cfg.training.length_grouping_steps, checkpoint_every=10 ** 9,
         log_every=50, dtype=cfg.training.dtype, device=args.device, compile=True,
+        pad_multiple=cfg.training.compile_pad_multiple,
         pad_id=pad_id_of(load_tokenizer(teacher))).to_dict())
     progress = read_progress(stage)
     name = f"{args.student}+{args.steps}x{args.batch_size}"
@@ -641,6 +679,9 @@ def main(argv=None) -> int:
     s.add_argument("--step-seconds-from", metavar="QUALITY_STUDY_JSON",
                    help="skip the calibration: the step seconds an earlier run on the same "
                         "data measured (benchmarks/results/quality_study.json)")
+    s.add_argument("--tail-step-seconds-from", metavar="QUALITY_STUDY_JSON",
+                   help="plan the slowest student's last steps, after the others finish, at "
+                        "its step time alone in an earlier run (its progress in that JSON)")
     s.add_argument("--steps", type=int,
                    help="train exactly this many steps (an earlier run's budget, for an A/B "
                         "against it) instead of as many as fit; refused if they do not fit")

@@ -190,3 +190,30 @@ def test_planned_steps_fit_the_budget_or_take_an_earlier_runs_count():
         study.planned_steps(10, 0.5, 0.9, min_steps=50)
     with pytest.raises(SystemExit, match=r"^0 steps are fewer than --min-steps 1$"):
         study.planned_steps(1000, 0.5, 0.9, fixed=0)               # not "as many as fit"
+
+
+def test_plan_counts_the_slowest_students_steps_alone_after_the_others_finish(tmp_path):
+    # Run 11's shape: Mamba2 students at ~0.53 s a step sharing the GPU, the Mamba1 one at
+    # 0.88 s sharing and 0.24 s alone once they finished.
+    shared = {"mamba2-50": 0.52, "mamba1-50-state64": 0.88, "mamba2-50-random": 0.50}
+    assert study.seconds_per_step(shared) == 0.88                     # no tail: as before
+    per_step = study.seconds_per_step(shared, tail_s=0.24)
+    assert per_step == pytest.approx(0.52 + (1 - 0.52 / 0.88) * 0.24)
+    assert study.planned_steps(1000, per_step, 1.0) > study.planned_steps(1000, 0.88, 1.0) * 1.3
+    assert study.seconds_per_step(shared, tail_s=5.0) == 0.88         # never above shared
+    assert study.seconds_per_step({"mamba2-50": 0.3}, tail_s=0.1) == 0.3   # one student
+
+    results = tmp_path / "quality_study.json"
+    fast = _records(0, [10, 20, 30], [0.52] * 3)
+    slow = _records(0, [10, 20, 30, 31, 32, 33, 34], [0.88] * 3 + [0.25, 0.23, 0.24, 0.30])
+    results.write_text(json.dumps({"progress": {"mamba2-50": fast, "mamba1-50-state64": slow}}))
+    assert study.recorded_tail_step_seconds(results, "mamba1-50-state64") == pytest.approx(0.245)
+    with pytest.raises(SystemExit, match="mamba2-50 logged 0 progress records after the other "
+                                         "students finished; need 3"):
+        study.recorded_tail_step_seconds(results, "mamba2-50")
+    with pytest.raises(SystemExit, match=re.escape(f"--tail-step-seconds-from {results}: no "
+                                                   f"progress of mamba1-50 and of other")):
+        study.recorded_tail_step_seconds(results, "mamba1-50")
+    results.write_text(json.dumps({"progress": {"mamba1-50-state64": slow}}))
+    with pytest.raises(SystemExit, match="no progress of mamba1-50-state64 and of other students"):
+        study.recorded_tail_step_seconds(results, "mamba1-50-state64")

@@ -60,8 +60,10 @@ def check_scan(device, dtype, b, g, r, n, l, with_state, layout="contiguous"):
         assert err < tol_grad, f"d{k}: relative error {err:.2e} (b={b} g={g} r={r} n={n} l={l})"
 
 
-CASES = [  # (b, g, r, n, l): r below / at / above the 32-channel block, odd n and l, n = 64
-    (2, 3, 5, 4, 11), (1, 2, 32, 16, 9), (2, 2, 40, 3, 17), (3, 1, 7, 16, 1), (1, 2, 64, 64, 7)]
+CASES = [  # (b, g, r, n, l): r below / at / above the kernel's channel block (LAUNCH), odd n
+    # and l, n = 64, l below, at and across the backward's 16-token chunks (a short last one)
+    (2, 3, 5, 4, 11), (1, 2, 32, 16, 9), (2, 2, 40, 3, 17), (3, 1, 7, 16, 1), (1, 2, 64, 64, 7),
+    (2, 1, 16, 4, 32), (2, 2, 3, 8, 45)]
 
 
 def interpreter_checks():

@@ -5,9 +5,13 @@ decays per channel and state, (b, d, n, T, T) per chunk, so a 50% Mamba1 student
 SmolLM2 trains 9x slower than its Mamba2 twin and needs ~35 GB at 8 x 512 tokens.
 Here one program owns a block of channels of one B/C group of one sequence and walks
 the tokens in order with its (channels x d_state) fp32 state in registers: O(b*d*n)
-live state, inputs read once. The forward stores the state after every token (fp32,
-(b, l, d, n): 150 MB per SmolLM2 layer at 8 x 512) so the backward can walk the
-tokens in reverse with the adjoint ``g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}``.
+live state, inputs read once. The backward walks the tokens in reverse with the
+adjoint ``g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}`` and needs every state, but the
+forward keeps only the state entering each chunk of ``CHUNK`` tokens; the backward
+recomputes a chunk's states from it into a scratch of ``CHUNK`` tokens before
+walking that chunk back. Storing every token's state instead cost (b, l, d, n) fp32
+per layer: 2.4 GB for one SmolLM2 layer at d_state 64 and 32 x 512 tokens, 36 GB for
+a 50% student; the checkpoints are 1/CHUNK of that, for one more pass over the inputs.
 Channels of one program share their group, so dB/dC are summed in registers and
 added with one atomic per state index and token.
 
@@ -22,6 +26,8 @@ import torch
 from ._dtype import no_autocast
 from .selective_scan import _prepare_delta, skip_and_gate
 from .triton_step import HAVE_TRITON, available
+
+CHUNK = 16  # tokens between saved states; the scratch holds one chunk of states
 
 if HAVE_TRITON:
     import triton
@@ -41,11 +47,11 @@ if HAVE_TRITON:
         return u, dt, Bt, Ct
 
     @triton.jit
-    def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, h0_ptr, y_ptr, hs_ptr, hT_ptr,
-                         L, D, N, R,
+    def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, h0_ptr, y_ptr, cp_ptr, hT_ptr,
+                         L, D, N, R, NC,
                          s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
                          s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l,
-                         HAS_H0: tl.constexpr, SAVE: tl.constexpr,
+                         HAS_H0: tl.constexpr, SAVE: tl.constexpr, CHUNK: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
@@ -60,25 +66,26 @@ if HAVE_TRITON:
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         if HAS_H0:
             h = tl.load(h0_ptr + st, mask=m2, other=0.0)
-        for t in range(0, L):
-            u, dt, Bt, Ct = _load_token(u_ptr, dt_ptr, B_ptr, C_ptr, b, g, c, n, t, mc, mn,
-                                        s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
-                                        s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-            y = tl.sum(h * Ct[None, :], axis=1)
-            tl.store(y_ptr + (b * L + t) * D + c, y, mask=mc)      # (b, l, d) fp32
-            if SAVE:
-                tl.store(hs_ptr + ((b * L + t) * D + c[:, None]) * N + n[None, :], h, mask=m2)
+        for k in range(0, NC):
+            if SAVE:  # the state entering chunk k: (b, NC, d, n)
+                tl.store(cp_ptr + ((b * NC + k) * D + c[:, None]) * N + n[None, :], h, mask=m2)
+            for t in range(k * CHUNK, tl.minimum(k * CHUNK + CHUNK, L)):
+                u, dt, Bt, Ct = _load_token(u_ptr, dt_ptr, B_ptr, C_ptr, b, g, c, n, t, mc, mn,
+                                            s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
+                                            s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l)
+                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                y = tl.sum(h * Ct[None, :], axis=1)
+                tl.store(y_ptr + (b * L + t) * D + c, y, mask=mc)      # (b, l, d) fp32
         tl.store(hT_ptr + st, h, mask=m2)
 
     @triton.jit
-    def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, h0_ptr, hs_ptr, dy_ptr, dhT_ptr,
+    def _scan_bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, cp_ptr, hw_ptr, dy_ptr, dhT_ptr,
                          du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dh0_ptr,
-                         L, D, N, R, G,
+                         L, D, N, R, G, NC,
                          s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
                          s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l,
                          s_dy_b, s_dy_d, s_dy_l,
-                         HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
+                         HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, CHUNK: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
@@ -94,36 +101,50 @@ if HAVE_TRITON:
         if HAS_DHT:
             gh = tl.load(dhT_ptr + st, mask=m2, other=0.0)
         dA = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-        if HAS_H0:
-            h0 = tl.load(h0_ptr + st, mask=m2, other=0.0)
-        h = tl.load(hs_ptr + ((b * L + L - 1) * D + c[:, None]) * N + n[None, :], mask=m2, other=0.0)
-        for i in range(0, L):
-            t = L - 1 - i
-            u, dt, Bt, Ct = _load_token(u_ptr, dt_ptr, B_ptr, C_ptr, b, g, c, n, t, mc, mn,
-                                        s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
-                                        s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l)
-            dy = tl.load(dy_ptr + b * s_dy_b + c * s_dy_d + t * s_dy_l, mask=mc,
-                         other=0.0).to(tl.float32)
-            # the state before token t: saved for t > 0, the initial state (or 0) for t = 0;
-            # masks as bounds: the interpreter rejects block & scalar masks
-            before = (j < tl.where(t > 0, R, 0))[:, None] & mn[None, :]
-            hp = tl.load(hs_ptr + ((b * L + t - 1) * D + c[:, None]) * N + n[None, :], mask=before,
-                         other=0.0)
-            if HAS_H0:
-                hp = tl.where(t > 0, hp, h0)
-            a = tl.exp(dt[:, None] * A)
-            gh += dy[:, None] * Ct[None, :]
-            tl.atomic_add(dC_ptr + ((b * L + t) * G + g) * N + n, tl.sum(dy[:, None] * h, axis=0),
-                          mask=mn)
-            gB = tl.sum(gh * Bt[None, :], axis=1)
-            tl.store(du_ptr + (b * L + t) * D + c, dt * gB, mask=mc)
-            gAh = gh * a * hp
-            tl.store(ddt_ptr + (b * L + t) * D + c, u * gB + tl.sum(gAh * A, axis=1), mask=mc)
-            tl.atomic_add(dB_ptr + ((b * L + t) * G + g) * N + n,
-                          tl.sum(gh * (dt * u)[:, None], axis=0), mask=mn)
-            dA += gAh * dt[:, None]
-            gh = gh * a
-            h = hp
+        for kk in range(0, NC):
+            k = NC - 1 - kk
+            t0 = k * CHUNK
+            nt = tl.minimum(t0 + CHUNK, L) - t0
+            h_in = tl.load(cp_ptr + ((b * NC + k) * D + c[:, None]) * N + n[None, :], mask=m2,
+                           other=0.0)
+            # the chunk's states again, into this sequence's window of the scratch (b, CHUNK, d, n)
+            h = h_in
+            for q in range(0, nt):
+                u, dt, Bt, Ct = _load_token(u_ptr, dt_ptr, B_ptr, C_ptr, b, g, c, n, t0 + q, mc, mn,
+                                            s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
+                                            s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l)
+                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                tl.store(hw_ptr + ((b * CHUNK + q) * D + c[:, None]) * N + n[None, :], h, mask=m2)
+            tl.debug_barrier()  # the scratch is read below by whichever thread holds the element
+            for ii in range(0, nt):
+                i = nt - 1 - ii
+                t = t0 + i
+                u, dt, Bt, Ct = _load_token(u_ptr, dt_ptr, B_ptr, C_ptr, b, g, c, n, t, mc, mn,
+                                            s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
+                                            s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l)
+                dy = tl.load(dy_ptr + b * s_dy_b + c * s_dy_d + t * s_dy_l, mask=mc,
+                             other=0.0).to(tl.float32)
+                # the state before token t: the scratch inside the chunk, the chunk's entering
+                # state at its first token; masks as bounds: the interpreter rejects block &
+                # scalar masks
+                before = (j < tl.where(i > 0, R, 0))[:, None] & mn[None, :]
+                hp = tl.load(hw_ptr + ((b * CHUNK + i - 1) * D + c[:, None]) * N + n[None, :],
+                             mask=before, other=0.0)
+                hp = tl.where(i > 0, hp, h_in)
+                a = tl.exp(dt[:, None] * A)
+                gh += dy[:, None] * Ct[None, :]
+                tl.atomic_add(dC_ptr + ((b * L + t) * G + g) * N + n,
+                              tl.sum(dy[:, None] * h, axis=0), mask=mn)
+                gB = tl.sum(gh * Bt[None, :], axis=1)
+                tl.store(du_ptr + (b * L + t) * D + c, dt * gB, mask=mc)
+                gAh = gh * a * hp
+                tl.store(ddt_ptr + (b * L + t) * D + c, u * gB + tl.sum(gAh * A, axis=1), mask=mc)
+                tl.atomic_add(dB_ptr + ((b * L + t) * G + g) * N + n,
+                              tl.sum(gh * (dt * u)[:, None], axis=0), mask=mn)
+                dA += gAh * dt[:, None]
+                gh = gh * a
+                h = hp
+            tl.debug_barrier()  # every read of this chunk's scratch before the next overwrites it
         tl.atomic_add(dA_ptr + c[:, None] * N + n[None, :], dA, mask=m2)
         if HAS_H0:
             tl.store(dh0_ptr + st, gh, mask=m2)
@@ -134,9 +155,16 @@ def supports(u: torch.Tensor) -> bool:
     return HAVE_TRITON and u.is_cuda and u.dtype != torch.float64
 
 
-def _launch_shape(b: int, g: int, r: int, n: int):
-    block_d = max(2, min(triton.next_power_of_2(r), 32))
+def _launch_shape(b: int, g: int, r: int, n: int, block_d: int):
+    """(grid, channels a program, padded d_state); ``block_d`` is benchmarks/training_scan.py's knob."""
+    block_d = max(2, min(triton.next_power_of_2(r), block_d))
     return (b, g, triton.cdiv(r, block_d)), block_d, max(2, triton.next_power_of_2(n))
+
+
+# Channels (at most) and warps a program, for both kernels: the fastest of
+# benchmarks/training_scan.py's sweep on the H200 at SmolLM2's layer, 32 x 512 (2.6 / 7.0
+# ms forward + backward at d_state 16 / 64, against 4.2 / 8.7 at 32 channels, 4 warps).
+LAUNCH = {"block_d": 16, "num_warps": 2}
 
 
 class _SelectiveScanCore(torch.autograd.Function):
@@ -149,26 +177,29 @@ class _SelectiveScanCore(torch.autograd.Function):
         r = d // g
         dev = u.device
         save = any(ctx.needs_input_grad)
+        nc = triton.cdiv(l, CHUNK)
         y = torch.empty(b, l, d, device=dev, dtype=torch.float32)
-        hs = torch.empty(b, l, d, n, device=dev, dtype=torch.float32) if save else y
+        cp = torch.empty(b, nc, d, n, device=dev, dtype=torch.float32) if save else y
         hT = torch.empty(b, d, n, device=dev, dtype=torch.float32)
         h0c = h0.float().contiguous() if h0 is not None else hT
         Af = A.float().contiguous()
-        grid, bd, bn = _launch_shape(b, g, r, n)
-        _scan_fwd_kernel[grid](u, dt, Af, B, C, h0c, y, hs, hT, l, d, n, r,
+        grid, bd, bn = _launch_shape(b, g, r, n, LAUNCH["block_d"])
+        _scan_fwd_kernel[grid](u, dt, Af, B, C, h0c, y, cp, hT, l, d, n, r, nc,
                                *u.stride(), *dt.stride(), *B.stride(), *C.stride(),
-                               HAS_H0=h0 is not None, SAVE=save, BLOCK_D=bd, BLOCK_N=bn)
+                               HAS_H0=h0 is not None, SAVE=save, CHUNK=CHUNK,
+                               BLOCK_D=bd, BLOCK_N=bn, num_warps=LAUNCH["num_warps"])
         if save:
-            ctx.save_for_backward(u, dt, Af, B, C, h0c if h0 is not None else None, hs)
-            ctx.a_dtype = A.dtype
+            ctx.save_for_backward(u, dt, Af, B, C, cp)
+            ctx.a_dtype, ctx.has_h0 = A.dtype, h0 is not None
         return y.transpose(1, 2), hT
 
     @staticmethod
     def backward(ctx, dy, dhT):
-        u, dt, A, B, C, h0, hs = ctx.saved_tensors
+        u, dt, A, B, C, cp = ctx.saved_tensors
         b, d, l = u.shape
         g, n = B.shape[1], A.shape[1]
         r = d // g
+        nc = cp.shape[1]
         dev = u.device
         dy = torch.zeros_like(u, dtype=torch.float32) if dy is None else dy
         du = torch.empty(b, l, d, device=dev, dtype=torch.float32)
@@ -176,17 +207,18 @@ class _SelectiveScanCore(torch.autograd.Function):
         dA = torch.zeros(d, n, device=dev, dtype=torch.float32)
         dB = torch.zeros(b, l, g, n, device=dev, dtype=torch.float32)
         dC = torch.zeros(b, l, g, n, device=dev, dtype=torch.float32)
-        dh0 = torch.empty(b, d, n, device=dev, dtype=torch.float32) if h0 is not None else dA
+        dh0 = torch.empty(b, d, n, device=dev, dtype=torch.float32) if ctx.has_h0 else dA
         dhT = dhT.float().contiguous() if dhT is not None else dA
-        grid, bd, bn = _launch_shape(b, g, r, n)
-        _scan_bwd_kernel[grid](u, dt, A, B, C, h0 if h0 is not None else dA, hs, dy, dhT,
-                               du, ddt, dA, dB, dC, dh0, l, d, n, r, g,
+        scratch = torch.empty(b, CHUNK, d, n, device=dev, dtype=torch.float32)
+        grid, bd, bn = _launch_shape(b, g, r, n, LAUNCH["block_d"])
+        _scan_bwd_kernel[grid](u, dt, A, B, C, cp, scratch, dy, dhT,
+                               du, ddt, dA, dB, dC, dh0, l, d, n, r, g, nc,
                                *u.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(),
-                               HAS_H0=h0 is not None, HAS_DHT=dhT is not dA,
-                               BLOCK_D=bd, BLOCK_N=bn)
+                               HAS_H0=ctx.has_h0, HAS_DHT=dhT is not dA, CHUNK=CHUNK,
+                               BLOCK_D=bd, BLOCK_N=bn, num_warps=LAUNCH["num_warps"])
         return (du.transpose(1, 2).to(u.dtype), ddt.transpose(1, 2).to(dt.dtype),
                 dA.to(ctx.a_dtype), dB.permute(0, 2, 3, 1).to(B.dtype),
-                dC.permute(0, 2, 3, 1).to(C.dtype), dh0 if h0 is not None else None)
+                dC.permute(0, 2, 3, 1).to(C.dtype), dh0 if ctx.has_h0 else None)
 
 
 @torch.compiler.disable  # a compiled layer calls the kernels as they are (graph break)

@@ -156,7 +156,7 @@ def supports(u: torch.Tensor) -> bool:
 
 
 def _launch_shape(b: int, g: int, r: int, n: int, block_d: int):
-    """(grid, channels a program, padded d_state); ``block_d`` is benchmarks/training_scan.py's knob."""
+    """(grid, channels a program, padded d_state) for at most ``block_d`` channels a program."""
     block_d = max(2, min(triton.next_power_of_2(r), block_d))
     return (b, g, triton.cdiv(r, block_d)), block_d, max(2, triton.next_power_of_2(n))
 

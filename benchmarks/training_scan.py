@@ -57,6 +57,15 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
+    for flag, values in (("--block-d", args.block_d), ("--num-warps", args.num_warps)):
+        bad = [v for v in values if v < 1 or v & (v - 1)]
+        if bad:   # Triton block sizes and warp counts are powers of two
+            p.error(f"{flag} takes powers of two, got {bad}")
+    if args.reps < 1:
+        p.error(f"--reps must be >= 1, got {args.reps}")
+    bad = [s for s in args.shape or [] if min(s) < 1]
+    if bad:
+        p.error(f"--shape takes positive B G R N L, got {bad}")
     if not torch.cuda.is_available():
         raise SystemExit("training_scan.py times the Triton scan on a CUDA GPU; none is visible")
     shapes = args.shape or [[32, 36, 16, 16, 512], [32, 9, 64, 64, 512]]

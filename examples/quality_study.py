@@ -393,6 +393,9 @@ def recorded_tail_step_seconds(results: Path, name: str) -> float:
     if len(tail) < 3:
         raise SystemExit(f"--tail-step-seconds-from {results}: {name} logged {len(tail)} "
                          f"progress records after the other students finished; need 3")
+    if not all(isinstance(t, (int, float)) and t > 0 for t in tail):
+        raise SystemExit(f"--tail-step-seconds-from {results}: a step_time_s of {name} after "
+                         f"the other students finished is not a positive number of seconds")
     return statistics.median(tail)
 
 

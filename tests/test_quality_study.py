@@ -214,6 +214,11 @@ def test_plan_counts_the_slowest_students_steps_alone_after_the_others_finish(tm
     with pytest.raises(SystemExit, match=re.escape(f"--tail-step-seconds-from {results}: no "
                                                    f"progress of mamba1-50 and of other")):
         study.recorded_tail_step_seconds(results, "mamba1-50")
+    slow[-1]["step_time_s"] = -0.2
+    results.write_text(json.dumps({"progress": {"mamba2-50": fast, "mamba1-50-state64": slow}}))
+    with pytest.raises(SystemExit, match="a step_time_s of mamba1-50-state64 after the other "
+                                         "students finished is not a positive number"):
+        study.recorded_tail_step_seconds(results, "mamba1-50-state64")
     results.write_text(json.dumps({"progress": {"mamba1-50-state64": slow}}))
     with pytest.raises(SystemExit, match="no progress of mamba1-50-state64 and of other students"):
         study.recorded_tail_step_seconds(results, "mamba1-50-state64")

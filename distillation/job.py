@@ -29,6 +29,7 @@ class TrainJob:
     grad_accum: int = 1
     max_length: int = 512
     length_grouping_steps: int = 0  # see trainer.batch_indices
+    data_start: int = 0            # walk position of step 0 (an earlier stage's data_end)
     pad_id: int = 0
     kl_weight: float = 1.0
     ce_weight: float = 0.0

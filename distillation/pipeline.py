@@ -294,6 +294,14 @@ def _job(ctx: Context, name: str, d: Path, init_dir: Path, data_file: Path, obje
         fail_mode="raise" if cfg.backend.kind == "local" else "kill", **extra)
 
 
+def data_end(model_dir: Path) -> int:
+    """Where the walk through the training examples stopped for the stage that wrote
+    ``model_dir`` (trainer.batch_indices), so the next stage on the same examples goes on
+    from there; 0 for a model no stage trained (or one trained before this was recorded)."""
+    state = model_dir / "train_state.json"
+    return json.loads(state.read_text()).get("data_end", 0) if state.is_file() else 0
+
+
 def _train(ctx: Context, job: TrainJob, extra_summary: dict) -> dict:
     ctx.log(f"[{job.stage}] training {job.steps} steps ({job.objective}) on "
             f"{ctx.cfg.backend.kind} x{ctx.cfg.backend.num_workers} ({ctx.device})")
@@ -377,6 +385,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     need_kd = st.progressive.enabled or st.distill.enabled or (st.dpo.enabled and not st.dpo.dataset)
     kd_file, kd_fp, data_info = _kd_examples(ctx) if need_kd else (None, "", {})
     k = 1
+    walked = 0  # KD examples the stages so far have used: the next one goes on from there
     if st.progressive.enabled:
         for i, attn in enumerate(layouts):
             name = f"{k:02d}-progressive-{len(attn)}attn"
@@ -395,9 +404,10 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
                            ce_weight=st.progressive.ce_weight,
                            kl_direction=st.progressive.kl_direction,
                            freeze_mlp=st.progressive.freeze_mlp,
-                           freeze_embeddings=st.progressive.freeze_embeddings)
+                           freeze_embeddings=st.progressive.freeze_embeddings, data_start=walked)
                 _finish_stage(d, fp, _train(ctx, job, {"attn_layers": attn}))
             current = d / "model"
+            walked = data_end(current)
             stages.append({"name": name, **_stage_summary(d)})
             k += 1
 
@@ -410,7 +420,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
                        teacher_dir=str(ctx.teacher_dir), kl_weight=st.distill.kl_weight,
                        ce_weight=st.distill.ce_weight, kl_direction=st.distill.kl_direction,
                        freeze_mlp=st.distill.freeze_mlp,
-                       freeze_embeddings=st.distill.freeze_embeddings)
+                       freeze_embeddings=st.distill.freeze_embeddings, data_start=walked)
             _finish_stage(d, fp, _train(ctx, job, {"kl_direction": st.distill.kl_direction}))
         current = d / "model"
         stages.append({"name": name, **_stage_summary(d)})

@@ -1,9 +1,12 @@
 """The training loop every worker runs (Ray Train, torchrun or a single process).
 
 Determinism is what makes resume exact: the examples of step ``s`` are a pure
-function of (seed, s, rank, world), so a checkpoint needs only the step to
+function of (seed, s, rank, world, data_start), so a checkpoint needs only the step to
 restore the data position; together with the model, optimizer, scheduler and RNG
-states a resumed run continues the same loss curve.
+states a resumed run continues the same loss curve. A stage that trains on from an
+earlier one on the same data starts its walk where that one stopped (``data_start``;
+the model's ``train_state.json`` records ``data_end``), so the two together see what
+one stage of their summed steps would have seen.
 """
 from __future__ import annotations
 
@@ -77,16 +80,18 @@ def _grouped_window(seed: int, n: int, w0: int, size: int, batch: int,
 
 def batch_indices(step: int, micro: int, rank: int, *, n: int, world: int, batch: int,
                   accum: int, seed: int, lengths: tuple[int, ...] | None = None,
-                  group_steps: int = 0) -> list[int]:
+                  group_steps: int = 0, offset: int = 0) -> list[int]:
     """Example indices of one micro-batch: a fixed walk through seeded per-epoch shuffles.
 
     With ``group_steps`` the walk is cut into windows of that many optimizer steps whose
     sequences are sorted by ``lengths`` into micro-batches (padding to the longest row
     then costs little), the micro-batches shuffled within the window: every example is
     still used once per pass, and the result is still a pure function of its arguments.
+    ``offset`` is the walk position of step 0 (windows stay aligned to the walk, not to
+    the offset, so consecutive stages split one window between them without overlap).
     """
     global_batch = world * batch * accum
-    start = step * global_batch + (micro * world + rank) * batch
+    start = offset + step * global_batch + (micro * world + rank) * batch
     if not group_steps:
         return [_walk(seed, n, pos) for pos in range(start, start + batch)]
     size = global_batch * group_steps
@@ -238,7 +243,8 @@ def train_worker(job_dict: dict) -> None:
         micro = [collate([examples[i] for i in batch_indices(
                     step, j, d.rank, n=n, world=d.world, batch=job.batch_size,
                     accum=job.grad_accum, seed=job.seed, lengths=lengths,
-                    group_steps=job.length_grouping_steps)], job.pad_id, job.max_length,
+                    group_steps=job.length_grouping_steps, offset=job.data_start)],
+                    job.pad_id, job.max_length,
                     (job.pad_multiple or job.max_length) if job.compile else None)
                  for j in range(job.grad_accum)]
         if job.objective == "kd":
@@ -317,7 +323,8 @@ def train_worker(job_dict: dict) -> None:
     if d.rank == 0:
         student.save_pretrained(stage_dir / "model", state_dict=msd)
         (stage_dir / "model" / "train_state.json").write_text(
-            json.dumps({"steps": step, "tokens_seen": tokens_seen}))
+            json.dumps({"steps": step, "tokens_seen": tokens_seen, "data_end":
+                        job.data_start + step * d.world * job.batch_size * job.grad_accum}))
     d.barrier()
 
 

@@ -55,6 +55,11 @@ sys.path.insert(0, str(REPO))
 CONFIG = REPO / "examples" / "quality_study.yaml"
 GGUF_SPLIT = 50_000_000  # bytes in part 1; a run carries at most 64 MiB
 TEACHER_SMALL_FILES = "teacher_files"
+# What the pipeline needs and the GPU machine's Python 3.12 lacks (the device README's
+# package list), carried as wheels at the versions this machine runs: ~1 MiB in all.
+GPU_WHEELS = ("datasets", "dill", "multiprocess", "gguf")
+GPU_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                 "manylinux2014_x86_64", "manylinux1_x86_64")
 
 # name -> config overrides (the base config is the 50% Mamba2 hybrid, attention init).
 STUDENTS = {
@@ -112,6 +117,17 @@ def _cfg():
 # ------------------------------------------------------------------ CPU machine
 
 
+def download_gpu_wheels(dest: Path) -> int:
+    """pip download GPU_WHEELS for the GPU machine's Python into ``dest``; pip's exit code."""
+    from importlib.metadata import version
+    pins = [f"{name}=={version(name)}" for name in GPU_WHEELS]
+    log(f"downloading wheels for the GPU machine's Python 3.12: {' '.join(pins)}")
+    platforms = [a for p in GPU_PLATFORMS for a in ("--platform", p)]
+    return subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                           "--only-binary=:all:", "--python-version", "3.12", "--implementation",
+                           "cp", *platforms, "-d", str(dest), *pins]).returncode
+
+
 def cmd_prepare(args) -> int:
     """Teacher import on the CPU machine; pack the two carries."""
     from distillation import fingerprint
@@ -145,9 +161,9 @@ def cmd_prepare(args) -> int:
                 "teacher_weights_sha256": {f.name: sha256(f) for f in teacher.glob("*.safetensors")}}
     (run2 / "payload" / "manifest.json").write_text(json.dumps(manifest, indent=1))
     whl = run1 / "whl"
-    if not any(whl.glob("*.whl")):
-        log(f"no wheels in {whl}: download datasets, dill, multiprocess and gguf for the GPU "
-            f"machine's Python there (see .library/device/README.md)")
+    if not any(whl.glob("*.whl")) and download_gpu_wheels(whl) != 0:
+        log(f"pip could not download {', '.join(GPU_WHEELS)} into {whl} (no network?): put "
+            f"their cp312 manylinux wheels there by hand and run prepare again")
         return 2
     for d in (run1, run2):
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
@@ -581,7 +597,8 @@ def cmd_gpu_finish(args) -> int:
 
 def cmd_gpu_continue(args) -> int:
     """One finished student trains on alone (the GPU to itself: compiled, larger
-    micro-batches) from its final model, then is evaluated: what more tokens buy."""
+    micro-batches) from its final model, then is evaluated: what more tokens buy. Its
+    walk through the training examples goes on where the student's stages stopped."""
     root, out = Path(args.root), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(root / "site"))
@@ -589,15 +606,16 @@ def cmd_gpu_continue(args) -> int:
     from distillation.evaluate import evaluate_models, format_table
     from distillation.job import TrainJob
     from distillation.models import load_tokenizer
+    from distillation.pipeline import data_end
     from distillation.reporting import read_progress
     from distillation.tokens import pad_id_of
     from distillation.trainer import train_worker
     cfg = _study_config(root, args)
     run, teacher = root / "runs" / args.student, root / "teacher"
-    stage = run / "continued"
+    stage, final = run / "continued", _final_model(root, args.student)
     t0 = time.time()
     train_worker(TrainJob(
-        stage="continued", stage_dir=str(stage), init_dir=str(_final_model(root, args.student)),
+        stage="continued", stage_dir=str(stage), init_dir=str(final), data_start=data_end(final),
         data_file=str(next((run / "data").glob("kd_examples-*.pt"))), objective="kd",
         teacher_dir=str(teacher), steps=args.steps, lr=args.lr, warmup_steps=20,
         batch_size=args.batch_size, max_length=cfg.data.max_length,

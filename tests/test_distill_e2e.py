@@ -59,6 +59,20 @@ def test_pipeline_runs_all_stages(run):
     print(f"e2e pipeline took {run['seconds']:.0f} s")
 
 
+def test_stages_continue_one_walk_through_the_examples(run):
+    """Each KD stage starts its walk where the one before stopped (two Ray workers of 4
+    rows each: 8 examples a step), so the progressive stages and the distill stage see
+    new examples, not the first ones again; DPO walks its own pairs from the start."""
+    from distillation.pipeline import data_end
+    stages = run["root"] / "run" / "stages"
+    walked = 0
+    for name, steps in (("01-progressive-3attn", 4), ("02-progressive-2attn", 4),
+                        ("03-distill", 12)):
+        walked += steps * 2 * 4
+        assert data_end(stages / name / "model") == walked, name
+    assert data_end(stages / "04-dpo" / "model") == 3 * 2 * 4
+
+
 def test_killed_worker_recovers_and_loss_falls(run):
     d = run["root"] / "run" / "stages" / "03-distill"
     assert (d / FAULT_MARKER).exists()  # a worker was SIGKILLed after step 6 ...

@@ -112,6 +112,25 @@ def test_length_grouping_pads_less_and_keeps_the_walk():
     assert real / padded(grouped) > 0.9 > real / padded(plain)
 
 
+def test_consecutive_stages_continue_one_walk():
+    """A stage of s steps, then one that starts where it stopped (offset = the first's
+    data_end), use exactly the micro-batches of one stage of 2s steps: no example seen
+    twice before the pass is over, also when a grouping window straddles the boundary."""
+    from distillation.trainer import batch_indices
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    n, world, batch, accum, s = 203, 2, 3, 2, 7   # 2s steps: 168 of the 203 examples
+    lengths = tuple(torch.randint(8, 512, (n,), generator=g).tolist())
+    for extra in ({}, {"lengths": lengths, "group_steps": 5}):
+        kw = dict(n=n, world=world, batch=batch, accum=accum, seed=5, **extra)
+
+        def walk(steps, offset=0):
+            return [batch_indices(t, j, r, offset=offset, **kw)
+                    for t in range(steps) for j in range(accum) for r in range(world)]
+        first, second = walk(s), walk(s, offset=s * world * batch * accum)
+        assert first + second == walk(2 * s)
+        assert not {i for mb in first for i in mb} & {i for mb in second for i in mb}
+
+
 def test_length_grouped_training_resumes_exactly(setup):
     """Killed after a checkpoint inside a grouping window (steps 3-5), the resumed run
     ends with the uninterrupted run's weights and loss curve."""

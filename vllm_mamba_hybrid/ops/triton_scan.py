@@ -47,6 +47,11 @@ if HAVE_TRITON:
         return u, dt, Bt, Ct
 
     @triton.jit
+    def _advance(h, A, u, dt, Bt):
+        """One token of the recurrence: exp(dt A) h + dt u B, for the program's channels."""
+        return tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+
+    @triton.jit
     def _scan_fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, h0_ptr, y_ptr, cp_ptr, hT_ptr,
                          L, D, N, R, NC,
                          s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
@@ -113,7 +118,7 @@ if HAVE_TRITON:
                 u, dt, Bt, Ct = _load_token(u_ptr, dt_ptr, B_ptr, C_ptr, b, g, c, n, t0 + q, mc, mn,
                                             s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
                                             s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l)
-                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                h = _advance(h, A, u, dt, Bt)
                 tl.store(hw_ptr + ((b * CHUNK + q) * D + c[:, None]) * N + n[None, :], h, mask=m2)
             tl.debug_barrier()  # the scratch is read below by whichever thread holds the element
             for ii in range(0, nt):

@@ -222,3 +222,35 @@ def test_plan_counts_the_slowest_students_steps_alone_after_the_others_finish(tm
     results.write_text(json.dumps({"progress": {"mamba1-50-state64": slow}}))
     with pytest.raises(SystemExit, match="no progress of mamba1-50-state64 and of other students"):
         study.recorded_tail_step_seconds(results, "mamba1-50-state64")
+
+
+def test_gpu_continue_rehearsed_on_cpu_goes_on_with_the_students_walk(tmp_path, shared_dir):
+    """gpu-continue on CPU with a tiny teacher and student: the student trains on from its
+    final model (compiled, as the study trains), its walk starting where its
+    stages stopped (their model's data_end), and comes back evaluated."""
+    import torch
+
+    from distillation.pipeline import data_end
+    from tests.utils import make_random_hybrid, make_random_llama, random_kd_examples
+    root, name = tmp_path / "study", "mamba2-50"
+    root.mkdir()
+    (root / "code").symlink_to(study.REPO)
+    (root / "data").symlink_to(shared_dir / "data")
+    make_random_llama(root / "teacher", num_layers=2)
+    final = _stage(root, name, "01-distill", done=True) / "model"
+    make_random_hybrid(final, "mamba2", num_layers=2, attn_layers=(1,))
+    (final / "train_state.json").write_text(json.dumps({"steps": 4, "data_end": 8}))
+    (root / "runs" / name / "data").mkdir()
+    torch.save(random_kd_examples(40, prompt=(2, 12), answer=(4, 40)),
+               root / "runs" / name / "data" / "kd_examples-0.pt")
+    out = tmp_path / "out"
+    sets = ["data.max_length=96", "training.compile_pad_multiple=48", "eval.num_prompts=2",
+            "eval.num_essays=1", "eval.max_new_tokens=4", "eval.ppl_max_tokens=128",
+            "eval.num_samples=1"]
+    assert study.main(["gpu-continue", "--root", str(root), "--device", "cpu", "--student", name,
+                       "--steps", "3", "--batch-size", "2", "--out", str(out),
+                       *[a for s in sets for a in ("--set", s)]]) == 0
+    assert data_end(root / "runs" / name / "continued" / "model") == 8 + 3 * 2
+    result = json.loads((out / "quality_study_continued.json").read_text())
+    assert result["progress"][f"{name}+3x2"][-1]["step"] == 3
+    assert result["models"][f"{name}+3x2"]["perplexity"] > 1

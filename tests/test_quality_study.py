@@ -226,8 +226,8 @@ def test_plan_counts_the_slowest_students_steps_alone_after_the_others_finish(tm
 
 def test_gpu_continue_rehearsed_on_cpu_goes_on_with_the_students_walk(tmp_path, shared_dir):
     """gpu-continue on CPU with a tiny teacher and student: the student trains on from its
-    final model (compiled, as the study trains), its walk starting where its
-    stages stopped (their model's data_end), and comes back evaluated."""
+    final model (compiled, as the study trains), its walk starting where its stages
+    stopped (their model's data_end), and comes back evaluated."""
     import torch
 
     from distillation.pipeline import data_end

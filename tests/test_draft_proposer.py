@@ -16,12 +16,14 @@ VOCAB = 96
 K = 4
 
 
-def _engine_config(k: int, max_model_len: int = 4096):
+def _engine_config(k: int, max_model_len: int = 4096, schedule=None):
     """The fields of vLLM's VllmConfig the proposer reads."""
     return types.SimpleNamespace(
-        speculative_config=types.SimpleNamespace(num_speculative_tokens=k),
+        speculative_config=types.SimpleNamespace(num_speculative_tokens=k,
+                                                 num_speculative_tokens_per_batch_size=schedule),
         model_config=types.SimpleNamespace(max_model_len=max_model_len,
                                            get_vocab_size=lambda: VOCAB),
+        scheduler_config=types.SimpleNamespace(max_num_seqs=8),
         device_config=types.SimpleNamespace(device_type="cpu"))
 
 
@@ -71,6 +73,22 @@ def test_rows_at_the_length_limit_get_fewer_drafts(draft, tmp_path):
     assert len(drafts[0]) == 3 and drafts[0] == _greedy(draft.model, ctx, 3)
     assert drafts[1] == _greedy(draft.model, [5, 6, 7], K)
     assert _call(draft, [list(range(3, 23))])[0] == []   # at the limit: no draft
+
+
+def test_batch_size_schedule_sets_the_drafts_per_row(draft):
+    """vLLM's num_speculative_tokens_per_batch_size: K drafts for 1-2 requests, 2 for 3,
+    none from 4 on (no draft forward); rows that went without drafts (no snapshot of
+    their latest tokens) still get their own greedy continuation when drafting resumes."""
+    proposer = HybridDraftProposer(_engine_config(K, schedule=[[1, 2, K], [3, 3, 2], [4, 4, 0]]),
+                                   draft_path=draft.draft_path)
+    proposer.model = draft.model
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    contexts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (4, 11, 30, 2, 17)]
+    for rows, per_row in ((5, 0), (4, 0), (3, 2), (2, K), (5, 0), (1, K)):
+        drafts = _call(proposer, contexts[:rows])
+        for c, d in zip(contexts, drafts):
+            assert d == (_greedy(draft.model, c, per_row) if per_row else []), (rows, len(c))
+        contexts = [c + [int(torch.randint(3, VOCAB, (1,), generator=g))] for c in contexts]
 
 
 def test_stacked_cache_decodes_each_row_at_its_own_position(draft):

@@ -9,6 +9,8 @@ all eight requests). Every case runs one engine:
   k = 2 and 4, prompts with repeats; a 64-token vocabulary makes greedy outputs
   fall into loops, so proposals get accepted at every draft position (partial
   acceptance exercises the rollback: start state / conv column a-1).
+* vLLM's batch-size schedule (speculation only in a shrinking batch's tail), with
+  n-gram and with the project's draft proposer.
 * the project's draft proposer (``custom_class``) with the target itself as the
   draft (near-full acceptance: checks the proposer's prefix-keyed state), and
   on a SmolLM2-derived hybrid with a layer-subset draft of the teacher.
@@ -68,16 +70,19 @@ def _reference_greedy(ckpt, prompts, dtype=torch.float32, min_gap=1e-3):
     return out
 
 
-def _run(ckpt, prompts, spec: dict, **engine_kw):
-    """Greedy outputs (prompt order), spec-decode metrics and preemption count."""
+def _run(ckpt, prompts, spec: dict, max_tokens=None, **engine_kw):
+    """Greedy outputs (prompt order), spec-decode metrics and preemption count;
+    ``max_tokens``: one per prompt (default NEW_TOKENS each)."""
     from vllm import LLM, SamplingParams
 
     from vllm_mamba_hybrid.spec_decode import spec_decode_metrics
 
+    max_tokens = max_tokens or [NEW_TOKENS] * len(prompts)
     llm = LLM(ckpt, **{**ENGINE_KW, **engine_kw}, speculative_config=spec)
     try:
         outs = llm.generate([{"prompt_token_ids": prompts[i]} for i in ORDER],
-                            SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
+                            [SamplingParams(max_tokens=max_tokens[i], temperature=0,
+                                            ignore_eos=True) for i in ORDER])
         greedy = [None] * len(prompts)
         for i, o in zip(ORDER, outs):
             greedy[i] = list(o.outputs[0].token_ids)
@@ -90,9 +95,11 @@ def _run(ckpt, prompts, spec: dict, **engine_kw):
     return greedy, metrics, preemptions
 
 
-def _assert_matches(ref, got, label):
+def _assert_matches(ref, got, label, max_tokens=None):
     for i, (r, g) in enumerate(zip(ref, got)):
-        assert len(g) == NEW_TOKENS, f"{label}: prompt {i} produced {len(g)} tokens"
+        want = max_tokens[i] if max_tokens else NEW_TOKENS
+        assert len(g) == want, f"{label}: prompt {i} produced {len(g)} tokens, not {want}"
+        r = r[:want]
         assert g[:len(r)] == r, (f"{label}: prompt of {len(_PROMPTS[i])} tokens diverged at "
                                  f"{next(j for j, (a, b) in enumerate(zip(r, g)) if a != b)}"
                                  f":\nref  {r}\nspec {g}")
@@ -129,6 +136,30 @@ def test_ngram_matches_plain_greedy(tiny, k):
     assert 0 < m["acceptance_rate"] < 1, m
     if tiny["variant"] == "mamba1":  # its outputs loop: drafts accepted at every position
         assert len(m["accepted_per_position"]) == k and min(m["accepted_per_position"]) > 0, m
+
+
+@pytest.mark.parametrize("method", ["ngram", "custom_class"])
+def test_batch_size_schedule_matches_plain_greedy(tiny, method, monkeypatch):
+    """vLLM's dynamic speculation (``num_speculative_tokens_per_batch_size``): k = 4
+    while at most 3 requests are scheduled, none above; vLLM's n-gram proposer and the
+    project's draft proposer (the target as its own draft: drafts accepted) both follow
+    it. The requests stop at different lengths, so the batch shrinks and rows that
+    decoded without drafts go on with them: the mixers' state must carry over."""
+    spec = {"method": method, "num_speculative_tokens": 4,
+            "num_speculative_tokens_per_batch_size": [[1, 3, 4], [4, 8, 0]]}
+    if method == "ngram":
+        spec.update(prompt_lookup_max=3, prompt_lookup_min=1)
+    else:
+        spec["model"] = DRAFT_CLASS
+        monkeypatch.setenv("VLLM_MAMBA_HYBRID_DRAFT", tiny["ckpt"])
+    max_tokens = [NEW_TOKENS - 7 * i for i in range(len(_PROMPTS))]
+    greedy, m, _ = _run(tiny["ckpt"], _PROMPTS, spec, max_tokens=max_tokens)
+    _assert_matches(tiny["ref"], greedy, f"{tiny['variant']} {method} by batch size", max_tokens)
+    assert m["num_drafts"] > 0, m   # the batch's tail speculated
+    if method == "custom_class":    # its own greedy: every draft accepted
+        assert m["acceptance_rate"] == 1.0, m
+    elif tiny["variant"] == "mamba1":  # its outputs loop: drafts are accepted
+        assert m["acceptance_rate"] > 0, m
 
 
 def test_draft_proposer(tiny, tmp_path, monkeypatch):

@@ -25,6 +25,13 @@ the accepted drafts + the target's token, so the snapshot of the context minus i
 last token is always there (the (k+1)-th step exists for the all-accepted case);
 only rows without one (new, preempted, evicted) are prefilled, one at a time.
 Snapshots unused for two calls are dropped, so finished requests free their memory.
+
+vLLM's batch-size schedule (``num_speculative_tokens_per_batch_size``, e.g.
+``[[1, 2, 4], [3, 3, 0]]``: k = 4 up to 2 requests, none from 3 on) reaches only vLLM's
+own proposers, so this one applies it itself: k for the number of requests in the
+call's batch, and no draft forward at all where that is 0 (drafts cost more than they
+save once the cores are busy; speculation's fixed costs stay: README, "Speculation by
+batch size").
 """
 from __future__ import annotations
 
@@ -81,6 +88,12 @@ class HybridDraftProposer:
     def __init__(self, vllm_config, draft_path: str | os.PathLike | None = None):
         spec = vllm_config.speculative_config
         self.k = spec.num_speculative_tokens
+        self._k_by_batch_size = None  # lookup[number of requests] -> k
+        if spec.num_speculative_tokens_per_batch_size:
+            from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+            self._k_by_batch_size = build_dynamic_sd_schedule_lookup(
+                spec.num_speculative_tokens_per_batch_size,
+                vllm_config.scheduler_config.max_num_seqs, self.k)
         self.max_model_len = vllm_config.model_config.max_model_len
         self.target_vocab = vllm_config.model_config.get_vocab_size()
         self.draft_path = draft_path or os.environ.get(DRAFT_ENV)
@@ -140,10 +153,13 @@ class HybridDraftProposer:
             self.load_model()
         self._calls += 1
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
+        k = self.k
+        if self._k_by_batch_size is not None:
+            k = self._k_by_batch_size[min(len(sampled_token_ids), len(self._k_by_batch_size) - 1)]
         rows = []  # (batch row, context, budget)
         for i, sampled in enumerate(sampled_token_ids):
             n = int(num_tokens_no_spec[i])
-            budget = min(self.k, self.max_model_len - n)
+            budget = min(k, self.max_model_len - n)
             if len(sampled) and budget > 0:  # not mid-prefill, not at max length
                 rows.append((i, np.ascontiguousarray(token_ids_cpu[i, :n]), budget))
         if rows:

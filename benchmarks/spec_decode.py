@@ -88,6 +88,7 @@ def prompts(tokenizer_dir: Path, n: int) -> list[list[int]]:
 
 
 def max_tokens_per_request(max_tokens: int, n: int, staggered: bool) -> list[int]:
+    """Each request's length: all ``max_tokens``, or staggered so the batch shrinks."""
     return [max(1, max_tokens * (i + 1) // n) if staggered else max_tokens for i in range(n)]
 
 

@@ -299,7 +299,15 @@ def data_end(model_dir: Path) -> int:
     ``model_dir`` (trainer.batch_indices), so the next stage on the same examples goes on
     from there; 0 for a model no stage trained (or one trained before this was recorded)."""
     state = model_dir / "train_state.json"
-    return json.loads(state.read_text()).get("data_end", 0) if state.is_file() else 0
+    if not state.is_file():
+        return 0
+    try:
+        end = json.loads(state.read_text()).get("data_end", 0)
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise RuntimeError(f"{state}: not a training state the trainer wrote ({e})") from None
+    if not isinstance(end, int) or end < 0:
+        raise RuntimeError(f"{state}: data_end must be a walk position >= 0, got {end!r}")
+    return end
 
 
 def _train(ctx: Context, job: TrainJob, extra_summary: dict) -> dict:

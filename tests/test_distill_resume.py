@@ -131,6 +131,22 @@ def test_consecutive_stages_continue_one_walk():
         assert not {i for mb in first for i in mb} & {i for mb in second for i in mb}
 
 
+def test_data_end_of_a_bad_training_state_is_named(tmp_path):
+    from distillation.pipeline import data_end
+    assert data_end(tmp_path) == 0                         # no stage trained this model
+    state = tmp_path / "train_state.json"
+    state.write_text(json.dumps({"steps": 3}))             # written before data_end existed
+    assert data_end(tmp_path) == 0
+    state.write_text(json.dumps({"steps": 3, "data_end": 96}))
+    assert data_end(tmp_path) == 96
+    for bad, match in (("{not json", "not a training state"), ("[1]", "not a training state"),
+                       ('{"data_end": -4}', "data_end must be"),
+                       ('{"data_end": "12"}', "data_end must be")):
+        state.write_text(bad)
+        with pytest.raises(RuntimeError, match=f"train_state.json: {match}"):
+            data_end(tmp_path)
+
+
 def test_length_grouped_training_resumes_exactly(setup):
     """Killed after a checkpoint inside a grouping window (steps 3-5), the resumed run
     ends with the uninterrupted run's weights and loss curve."""

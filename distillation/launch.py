@@ -11,12 +11,15 @@ Workers append to ``<stage_dir>/progress.jsonl``; the driver tails it into tqdm.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import torch
 
 from .config import BackendConfig
 from .job import TrainJob
@@ -124,6 +127,17 @@ def _run_torchrun(job: TrainJob, backend: BackendConfig) -> None:
                              f"{Path(job.stage_dir) / 'checkpoints'} are kept and a rerun resumes")
 
 
+def release_stage_memory() -> None:
+    """Free what a stage trained in this process still holds. Its student, teacher and
+    optimizer sit in reference cycles that only the cyclic collector frees, which may
+    not run for a long time: in study run 12 a progressive student's second stage ran
+    out of GPU memory with the first stage's ~2 GiB still allocated. The emptied CUDA
+    cache goes back to the other processes sharing the GPU."""
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def run_job(job: TrainJob, backend: BackendConfig) -> None:
     """Train one stage to completion on ``backend`` (resuming from its checkpoints)."""
     Path(job.stage_dir).mkdir(parents=True, exist_ok=True)
@@ -135,6 +149,8 @@ def run_job(job: TrainJob, backend: BackendConfig) -> None:
                 raise TrainingFailed(
                     f"stage {job.stage} failed: {e}; checkpoints in "
                     f"{Path(job.stage_dir) / 'checkpoints'} are kept and a rerun resumes") from e
+            finally:
+                release_stage_memory()
         elif backend.kind == "torchrun":
             _run_torchrun(job, backend)
         else:

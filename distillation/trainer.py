@@ -182,6 +182,7 @@ def train_worker(job_dict: dict) -> None:
         local = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)   # max_memory_gb: this stage's own peak
     else:
         device = torch.device("cpu")
     torch.manual_seed(job.seed + d.rank)

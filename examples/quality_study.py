@@ -415,6 +415,41 @@ def recorded_tail_step_seconds(results: Path, name: str) -> float:
     return statistics.median(tail)
 
 
+# GPU memory a student process holds beyond its peak allocation (CUDA context, allocator
+# slack: 25.8 GiB in use at a 23.6 GiB peak in run 12), and what gpu-train's own process
+# keeps after the pseudo-labels (0.96 GiB in run 12).
+STUDENT_OVERHEAD_GIB = 2.5
+STUDY_PROCESS_GIB = 1.0
+
+
+def recorded_peak_memory(results: Path, students: list[str]) -> dict[str, float]:
+    """Each student's highest ``max_memory_gb`` in an earlier run's progress; a student
+    that run lacks is taken at the largest peak it has (the students are one size)."""
+    try:
+        progress = json.loads(results.read_text())["progress"]
+        peaks = {n: max(r["max_memory_gb"] for r in recs)
+                 for n, recs in progress.items() if recs}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--step-seconds-from {results}: no progress with max_memory_gb in it "
+                         f"({type(e).__name__}: {e})") from None
+    if not peaks:
+        raise SystemExit(f"--step-seconds-from {results}: no student's progress in it")
+    return {n: peaks.get(n, max(peaks.values())) for n in students}
+
+
+def check_students_fit(peaks: dict[str, float], total_gib: float, card: str) -> None:
+    """Refuse a launch whose students cannot all be in GPU memory at once: one that runs
+    out mid-run is lost with its share of the budget (run 12: three students on an
+    80 GB H100, the progressive one stopped at its second stage)."""
+    need = sum(peaks.values()) + STUDENT_OVERHEAD_GIB * len(peaks) + STUDY_PROCESS_GIB
+    if need > total_gib:
+        each = ", ".join(f"{n} {p:.1f}" for n, p in peaks.items())
+        raise SystemExit(
+            f"the students need ~{need:.1f} GiB together (peaks {each} GiB, plus "
+            f"{STUDENT_OVERHEAD_GIB:g} GiB a process and {STUDY_PROCESS_GIB:g} GiB for this "
+            f"one) and the {card} has {total_gib:.1f} GiB: train fewer at once (--only)")
+
+
 def seconds_per_step(step_s: dict[str, float], tail_s: float | None = None) -> float:
     """Wall seconds a step of the run costs, planned on its slowest student: the shared
     step time throughout, or, with ``tail_s`` (that student's step time alone), shared
@@ -447,6 +482,11 @@ def planned_steps(remaining_s: float, step_s: float, safety: float, fixed: int |
 def cmd_gpu_train(args) -> int:
     root, payload = Path(args.root), Path(args.carry) / "payload"
     t_start = time.time()
+    if args.step_seconds_from and args.device == "cuda":
+        import torch
+        props = torch.cuda.get_device_properties(0)
+        check_students_fit(recorded_peak_memory(Path(args.step_seconds_from), args.only),
+                           props.total_memory / 2**30, props.name)
     if (root / "code").exists():
         shutil.rmtree(root / "code")
     # A private copy of the code: the next call re-syncs the working tree under the
@@ -699,7 +739,8 @@ def main(argv=None) -> int:
     s.add_argument("--calib-timeout-s", type=float, default=150)
     s.add_argument("--step-seconds-from", metavar="QUALITY_STUDY_JSON",
                    help="skip the calibration: the step seconds an earlier run on the same "
-                        "data measured (benchmarks/results/quality_study.json)")
+                        "data measured (benchmarks/results/quality_study.json); its students' "
+                        "peak GPU memory refuses a launch that cannot fit the card")
     s.add_argument("--tail-step-seconds-from", metavar="QUALITY_STUDY_JSON",
                    help="plan the slowest student's last steps, after the others finish, at "
                         "its step time alone in an earlier run (its progress in that JSON)")

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from examples import quality_study as study
 
@@ -179,6 +180,34 @@ def test_step_seconds_from_an_earlier_run_and_what_it_lacks_is_named(tmp_path):
     with pytest.raises(SystemExit, match="missing.json: no plan.calibration_step_s in it "
                                          ".FileNotFoundError"):
         study.recorded_step_seconds(tmp_path / "missing.json", ["mamba2-50"])
+
+
+def test_a_launch_whose_students_cannot_share_the_gpu_is_refused(tmp_path):
+    # Run 12's shape on an 80 GB H100 (79.2 GiB): three students at ~23.6 GiB, the
+    # progressive one at ~26 GiB in its second stage; two fit, three do not.
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    peak = {"mamba2-50": 23.4 + float(torch.rand((), generator=g)) * 0.2,
+            "mamba2-25-progressive": 26.0}
+    progress = {n: [dict(r, max_memory_gb=p - 0.2 * (i == 0))
+                    for i, r in enumerate(_records(0, [10, 20, 30], [0.5] * 3))]
+                for n, p in peak.items()}
+    results = tmp_path / "quality_study.json"
+    results.write_text(json.dumps({"progress": progress}))
+    three = ["mamba2-50", "mamba2-50-random", "mamba2-25-progressive"]
+    got = study.recorded_peak_memory(results, three)
+    # a student the earlier run lacks is taken at its largest peak
+    assert got == {"mamba2-50": peak["mamba2-50"], "mamba2-50-random": 26.0,
+                   "mamba2-25-progressive": 26.0}
+    study.check_students_fit({n: got[n] for n in three[:2]}, 79.2, "NVIDIA H100")
+    study.check_students_fit(got, 139.8, "NVIDIA H200")
+    with pytest.raises(SystemExit, match=r"the students need ~8\d\.\d GiB together \(peaks "
+                                         r"mamba2-50 23\.\d, .* and the NVIDIA H100 has 79\.2 "
+                                         r"GiB: train fewer at once \(--only\)"):
+        study.check_students_fit(got, 79.2, "NVIDIA H100")
+    results.write_text(json.dumps({"progress": {"mamba2-50": [{"step": 5}]}}))
+    with pytest.raises(SystemExit, match=re.escape(f"--step-seconds-from {results}: no progress "
+                                                   f"with max_memory_gb in it (KeyError")):
+        study.recorded_peak_memory(results, three)
 
 
 def test_planned_steps_fit_the_budget_or_take_an_earlier_runs_count():

@@ -78,7 +78,7 @@ if HAVE_TRITON:
                 u, dt, Bt, Ct = _load_token(u_ptr, dt_ptr, B_ptr, C_ptr, b, g, c, n, t, mc, mn,
                                             s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l,
                                             s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l)
-                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                h = _advance(h, A, u, dt, Bt)
                 y = tl.sum(h * Ct[None, :], axis=1)
                 tl.store(y_ptr + (b * L + t) * D + c, y, mask=mc)      # (b, l, d) fp32
         tl.store(hT_ptr + st, h, mask=m2)

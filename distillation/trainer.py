@@ -78,6 +78,11 @@ def _grouped_window(seed: int, n: int, w0: int, size: int, batch: int,
     return tuple(slots[j] for j in torch.randperm(len(slots), generator=g).tolist())
 
 
+def walk_position(step: int, *, world: int, batch: int, accum: int, offset: int = 0) -> int:
+    """Walk position of step ``step``'s first example; a stage of s steps ends at step s."""
+    return offset + step * world * batch * accum
+
+
 def batch_indices(step: int, micro: int, rank: int, *, n: int, world: int, batch: int,
                   accum: int, seed: int, lengths: tuple[int, ...] | None = None,
                   group_steps: int = 0, offset: int = 0) -> list[int]:
@@ -90,11 +95,11 @@ def batch_indices(step: int, micro: int, rank: int, *, n: int, world: int, batch
     ``offset`` is the walk position of step 0 (windows stay aligned to the walk, not to
     the offset, so consecutive stages split one window between them without overlap).
     """
-    global_batch = world * batch * accum
-    start = offset + step * global_batch + (micro * world + rank) * batch
+    start = (walk_position(step, world=world, batch=batch, accum=accum, offset=offset)
+             + (micro * world + rank) * batch)
     if not group_steps:
         return [_walk(seed, n, pos) for pos in range(start, start + batch)]
-    size = global_batch * group_steps
+    size = world * batch * accum * group_steps
     w0 = start - start % size
     return list(_grouped_window(seed, n, w0, size, batch, lengths)[(start - w0) // batch])
 
@@ -324,8 +329,9 @@ def train_worker(job_dict: dict) -> None:
     if d.rank == 0:
         student.save_pretrained(stage_dir / "model", state_dict=msd)
         (stage_dir / "model" / "train_state.json").write_text(
-            json.dumps({"steps": step, "tokens_seen": tokens_seen, "data_end":
-                        job.data_start + step * d.world * job.batch_size * job.grad_accum}))
+            json.dumps({"steps": step, "tokens_seen": tokens_seen, "data_end": walk_position(
+                step, world=d.world, batch=job.batch_size, accum=job.grad_accum,
+                offset=job.data_start)}))
     d.barrier()
 
 

@@ -431,7 +431,8 @@ def recorded_peak_memory(results: Path, students: list[str]) -> dict[str, float]
                  for n, recs in progress.items() if recs}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"--step-seconds-from {results}: no progress with max_memory_gb in it "
-                         f"({type(e).__name__}: {e})") from None
+                         f"({type(e).__name__}: {e}), so no memory check; calibrate "
+                         f"instead") from None
     if not peaks:
         raise SystemExit(f"--step-seconds-from {results}: no student's progress in it")
     return {n: peaks.get(n, max(peaks.values())) for n in students}

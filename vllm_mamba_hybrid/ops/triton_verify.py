@@ -26,6 +26,32 @@ def _dt_eff(dt, dt_bias, DT_SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _mamba2_state_tile(state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, P, N,
+                       s_st, s_st_h, s_st_p, s_st_n,
+                       HAS_DT_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Both Mamba2 kernels' prologue: this program's fp32 state tile (rows of p of head h,
+    of sequence b's slot; a padded row, slot < 0, reads zeros and must not store), its
+    pointers and masks, and the head's A and dt bias."""
+    slot = tl.load(idx_ptr + b).to(tl.int64)
+    active = slot >= 0
+    slot = tl.maximum(slot, 0)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mp = offs_p < P
+    mn = offs_n < N
+    # masks as bounds: the interpreter rejects block & scalar masks
+    ms = (offs_p < tl.where(active, P, 0))[:, None] & mn[None, :]
+    st_ptrs = (state_ptr + slot * s_st + h * s_st_h
+               + offs_p[:, None] * s_st_p + offs_n[None, :] * s_st_n)
+    S = tl.load(st_ptrs, mask=ms, other=0.0)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    dtb = 0.0
+    if HAS_DT_BIAS:
+        dtb = tl.load(dtb_ptr + h).to(tl.float32)
+    return S, st_ptrs, ms, active, offs_p, offs_n, mp, mn, A, dtb
+
+
+@triton.jit
 def _mamba2_verify_kernel(
     state_ptr, idx_ptr, nrep_ptr, rx_ptr, rdt_ptr, rB_ptr,
     x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr, A_ptr, D_ptr, dtb_ptr,
@@ -42,25 +68,11 @@ def _mamba2_verify_kernel(
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    slot = tl.load(idx_ptr + b).to(tl.int64)
-    active = slot >= 0
-    slot = tl.maximum(slot, 0)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mp = offs_p < P
-    mn = offs_n < N
-    # masks as bounds: the interpreter rejects block & scalar masks
-    ms = (offs_p < tl.where(active, P, 0))[:, None] & mn[None, :]
-    st_ptrs = (state_ptr + slot * s_st + h * s_st_h
-               + offs_p[:, None] * s_st_p + offs_n[None, :] * s_st_n)
-    S = tl.load(st_ptrs, mask=ms, other=0.0)
-    A = tl.load(A_ptr + h).to(tl.float32)
-    dtb = 0.0
-    if HAS_DT_BIAS:
-        dtb = tl.load(dtb_ptr + h).to(tl.float32)
+    S, st_ptrs, ms, active, offs_p, offs_n, mp, mn, A, dtb = _mamba2_state_tile(
+        state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, P, N, s_st, s_st_h, s_st_p, s_st_n,
+        HAS_DT_BIAS, BLOCK_P, BLOCK_N)
     gB = h // heads_per_gB
     gC = h // heads_per_gC
 
@@ -132,24 +144,11 @@ def _mamba2_verify_dot_kernel(
     one rank-R update ``S = e^{sum dA} S0 + (w x)^T B`` and the outputs
     ``Y = e^{cum} C S^T + (L o C B^T) x``: matrix products instead of a token loop,
     so the per-element work no longer grows with k."""
-    pid_p = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    slot = tl.load(idx_ptr + b).to(tl.int64)
-    active = slot >= 0
-    slot = tl.maximum(slot, 0)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mp = offs_p < P
-    mn = offs_n < N
-    ms = (offs_p < tl.where(active, P, 0))[:, None] & mn[None, :]
-    st_ptrs = (state_ptr + slot * s_st + h * s_st_h
-               + offs_p[:, None] * s_st_p + offs_n[None, :] * s_st_n)
-    S = tl.load(st_ptrs, mask=ms, other=0.0)
-    A = tl.load(A_ptr + h).to(tl.float32)
-    dtb = 0.0
-    if HAS_DT_BIAS:
-        dtb = tl.load(dtb_ptr + h).to(tl.float32)
+    S, st_ptrs, ms, active, offs_p, offs_n, mp, mn, A, dtb = _mamba2_state_tile(
+        state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, P, N, s_st, s_st_h, s_st_p, s_st_n,
+        HAS_DT_BIAS, BLOCK_P, BLOCK_N)
     gB = h // heads_per_gB
     gC = h // heads_per_gC
 

@@ -82,6 +82,22 @@ def _check_rows(state_idx, num_replay, batch, replay_len, what):
         raise ValueError(f"{what}: num_replay > 0 but no replay inputs")
 
 
+def _run_impl(variant: str, impl: str, args: tuple, out: torch.Tensor | None) -> torch.Tensor:
+    """Call ``{variant}_verify`` of the picked implementation (the Triton kernel writes
+    ``out`` itself; the others return y, copied into ``out`` when one is given)."""
+    if impl == "triton":
+        from . import triton_verify
+        return getattr(triton_verify, f"{variant}_verify_triton")(*args, out=out)
+    if impl == "cpp":
+        y = getattr(cpp_kernels(), f"{variant}_verify")(*args)
+    elif impl == "reference":
+        y = {"mamba2": _mamba2_reference, "mamba1": _mamba1_reference}[variant](*args)
+    else:
+        from . import cpu_verify
+        y = getattr(cpu_verify, f"{variant}_verify_torch")(*args)
+    return y if out is None else out.copy_(y)
+
+
 def mamba2_verify(
     state: torch.Tensor,
     state_idx: torch.Tensor,
@@ -112,17 +128,7 @@ def mamba2_verify(
     impl = _pick(impl, x)
     args = (state, state_idx, replay_x, replay_dt, replay_B, num_replay, x, dt, A, B, C, D,
             dt_bias, dt_softplus)
-    if impl == "triton":
-        from .triton_verify import mamba2_verify_triton
-        return mamba2_verify_triton(*args, out=out)
-    if impl == "cpp":
-        y = cpp_kernels().mamba2_verify(*args)
-    elif impl == "reference":
-        y = _mamba2_reference(*args)
-    else:
-        from .cpu_verify import mamba2_verify_torch
-        y = mamba2_verify_torch(*args)
-    return y if out is None else out.copy_(y)
+    return _run_impl("mamba2", impl, args, out)
 
 
 def mamba1_verify(
@@ -156,17 +162,7 @@ def mamba1_verify(
     impl = _pick(impl, x)
     args = (state, state_idx, replay_x, replay_dt, replay_B, num_replay, x, dt, A, B, C, D, z,
             dt_bias, dt_softplus)
-    if impl == "triton":
-        from .triton_verify import mamba1_verify_triton
-        return mamba1_verify_triton(*args, out=out)
-    if impl == "cpp":
-        y = cpp_kernels().mamba1_verify(*args)
-    elif impl == "reference":
-        y = _mamba1_reference(*args)
-    else:
-        from .cpu_verify import mamba1_verify_torch
-        y = mamba1_verify_torch(*args)
-    return y if out is None else out.copy_(y)
+    return _run_impl("mamba1", impl, args, out)
 
 
 def conv_verify(

@@ -294,6 +294,17 @@ def _job(ctx: Context, name: str, d: Path, init_dir: Path, data_file: Path, obje
         fail_mode="raise" if cfg.backend.kind == "local" else "kill", **extra)
 
 
+def _kd_job(ctx: Context, name: str, d: Path, init_dir: Path, kd_file: Path, stage_cfg,
+            data_start: int) -> TrainJob:
+    """A job on the teacher's KL/CE objective: the progressive and distill stages differ
+    only in their stage config and where their walk through the examples starts."""
+    return _job(ctx, name, d, init_dir, kd_file, "kd", stage_cfg,
+                teacher_dir=str(ctx.teacher_dir), kl_weight=stage_cfg.kl_weight,
+                ce_weight=stage_cfg.ce_weight, kl_direction=stage_cfg.kl_direction,
+                freeze_mlp=stage_cfg.freeze_mlp, freeze_embeddings=stage_cfg.freeze_embeddings,
+                data_start=data_start)
+
+
 def data_end(model_dir: Path) -> int:
     """Where the walk through the training examples stopped for the stage that wrote
     ``model_dir`` (trainer.batch_indices), so the next stage on the same examples goes on
@@ -407,12 +418,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
                     if not (start / "config.json").is_file():
                         log(f"[{name}] replacing layers {sorted(set(layouts[i - 1]) - set(attn))}")
                         _build_hybrid(ctx, attn, start, previous=current)
-                job = _job(ctx, name, d, start, kd_file, "kd", st.progressive,
-                           teacher_dir=str(ctx.teacher_dir), kl_weight=st.progressive.kl_weight,
-                           ce_weight=st.progressive.ce_weight,
-                           kl_direction=st.progressive.kl_direction,
-                           freeze_mlp=st.progressive.freeze_mlp,
-                           freeze_embeddings=st.progressive.freeze_embeddings, data_start=walked)
+                job = _kd_job(ctx, name, d, start, kd_file, st.progressive, walked)
                 _finish_stage(d, fp, _train(ctx, job, {"attn_layers": attn}))
             current = d / "model"
             walked = data_end(current)
@@ -424,11 +430,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
         fp = fingerprint.of_json({"prev": fp, "data": kd_fp, "stage": asdict(st.distill)})
         d, done = _open_stage(ctx, name, fp)
         if not done:
-            job = _job(ctx, name, d, current, kd_file, "kd", st.distill,
-                       teacher_dir=str(ctx.teacher_dir), kl_weight=st.distill.kl_weight,
-                       ce_weight=st.distill.ce_weight, kl_direction=st.distill.kl_direction,
-                       freeze_mlp=st.distill.freeze_mlp,
-                       freeze_embeddings=st.distill.freeze_embeddings, data_start=walked)
+            job = _kd_job(ctx, name, d, current, kd_file, st.distill, walked)
             _finish_stage(d, fp, _train(ctx, job, {"kl_direction": st.distill.kl_direction}))
         current = d / "model"
         stages.append({"name": name, **_stage_summary(d)})

@@ -152,7 +152,8 @@ def main():
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--variants", nargs="+", default=["mamba2", "mamba1"],
                     help="mamba2, mamba2-dot (block-form kernel, GPU), mamba1")
-    ap.add_argument("--sweep", action="store_true", help="also try tile sizes / warps (GPU)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also try tile sizes / warps at k = 4 for --variants and --batches (GPU)")
     ap.add_argument("--impls", nargs="+", default=None,
                     help="CPU implementations to time (default: cpp torch; GPU: triton)")
     ap.add_argument("--out", default=None)
@@ -165,12 +166,14 @@ def main():
     name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
     rows = []
-    if args.sweep and dev == "cuda":
-        for variant, key, blocks, warp_set in (("mamba2", "block_p", (32, 64), (4,)),
+    if args.sweep and dev == "cuda":   # tiles x warps at k = 4 for each batch (default 8, 64)
+        for variant, key, blocks, warp_set in (("mamba2", "block_p", (8, 16, 32, 64), (1, 2, 4, 8)),
                                                ("mamba2-dot", "block_p", (16, 32, 64), (4, 8))):
-            for blk in blocks:
-                for warps in warp_set:
-                    for batch in (64,):
+            if variant not in args.variants:
+                continue
+            for batch in args.batches or (8, 64):
+                for blk in blocks:
+                    for warps in warp_set:
                         r = run_case(variant, batch, 4, dev, bw, seq=False,
                                      **{key: blk, "num_warps": warps})
                         rows.append(dict(r, sweep=True))

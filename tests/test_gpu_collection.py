@@ -1,0 +1,32 @@
+"""The lent GPU machine has no vLLM: conftest leaves out the test modules that cannot be
+imported without it. The list must be exactly those modules, or `pytest -m gpu tests/`
+stops at collection there again (a module missing from it) or skips tests it could run
+(a module listed that does not need vLLM)."""
+import subprocess
+import sys
+
+from tests.conftest import NEEDS_VLLM_TO_IMPORT
+from tests.utils import REPO
+
+# Imports every test module with vLLM made unimportable; prints those that fail on it.
+PROBE = """
+import importlib, pathlib, sys
+sys.modules["vllm"] = None
+failing = []
+for path in sorted(pathlib.Path("tests").glob("test_*.py")):
+    try:
+        importlib.import_module(f"tests.{path.stem}")
+    except ImportError as e:
+        if "vllm" not in str(e):
+            raise
+        failing.append(path.name)
+print("FAILING", " ".join(failing))
+"""
+
+
+def test_modules_left_out_without_vllm_are_exactly_those_that_need_it():
+    res = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("FAILING")]
+    assert res.returncode == 0 and lines, res.stdout[-2000:] + res.stderr[-3000:]
+    assert sorted(lines[-1].split()[1:]) == sorted(NEEDS_VLLM_TO_IMPORT)

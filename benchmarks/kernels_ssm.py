@@ -159,6 +159,9 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = args.device
+    if args.sweep and (dev != "cuda" or not {"mamba2", "mamba2-dot"} & set(args.variants)):
+        ap.error("--sweep times the Mamba2 Triton kernels' tiles: it needs --device cuda and "
+                 "mamba2 or mamba2-dot in --variants")
     batches = args.batches or ([1, 8, 64] if dev == "cuda" else [1, 8])
     impls = args.impls or (["triton"] if dev == "cuda" else ["cpp", "torch"])
     torch.manual_seed(0)
@@ -166,7 +169,7 @@ def main():
     name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
     rows = []
-    if args.sweep and dev == "cuda":   # tiles x warps at k = 4 for each batch (default 8, 64)
+    if args.sweep:   # tiles x warps at k = 4 for each batch (default 8, 64)
         for variant, key, blocks, warp_set in (("mamba2", "block_p", (8, 16, 32, 64), (1, 2, 4, 8)),
                                                ("mamba2-dot", "block_p", (16, 32, 64), (4, 8))):
             if variant not in args.variants:

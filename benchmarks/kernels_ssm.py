@@ -29,6 +29,7 @@ CPU timing: median wall time, the C++ kernels and the torch path side by side
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -169,19 +170,19 @@ def main():
     name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
     rows = []
-    if args.sweep:   # tiles x warps at k = 4 for each batch (default 8, 64)
-        for variant, key, blocks, warp_set in (("mamba2", "block_p", (8, 16, 32, 64), (1, 2, 4, 8)),
-                                               ("mamba2-dot", "block_p", (16, 32, 64), (4, 8))):
+    if args.sweep:   # tiles x warps (x n-slice width for the loop kernel) at k = 4 per batch
+        for variant, blocks, warp_set, subs in (("mamba2", (8, 16, 32, 64), (1, 2, 4, 8), (16, 32)),
+                                                ("mamba2-dot", (16, 32, 64), (4, 8), (None,))):
             if variant not in args.variants:
                 continue
-            for batch in args.batches or (8, 64):
-                for blk in blocks:
-                    for warps in warp_set:
-                        r = run_case(variant, batch, 4, dev, bw, seq=False,
-                                     **{key: blk, "num_warps": warps})
-                        rows.append(dict(r, sweep=True))
-                        print(f"sweep {variant} b{batch} {key}={blk} warps={warps}: "
-                              f"{r['t_verify_us']:.1f} us {r['frac_copy']:.0%} of copy", flush=True)
+            for batch, blk, warps, sub in itertools.product(args.batches or (8, 64), blocks,
+                                                            warp_set, subs):
+                kw = dict(block_p=blk, num_warps=warps,
+                          **({"sub_n": sub, "algo": "loop"} if sub else {}))
+                r = run_case(variant, batch, 4, dev, bw, seq=False, **kw)
+                rows.append(dict(r, sweep=True))
+                print(f"sweep {variant} b{batch} " + " ".join(f"{k}={v}" for k, v in kw.items())
+                      + f": {r['t_verify_us']:.1f} us {r['frac_copy']:.0%} of copy", flush=True)
     hdr = (f"{'variant':10} {'impl':>6} {'batch':>5} {'k':>2} {'verify us':>10} "
            f"{'roofline us':>11} {'GB/s':>7} {'%copy':>6} {'seq us':>9} {'speedup':>7}")
     table = []

@@ -22,6 +22,9 @@ NAN = float("nan")
 TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1.5e-2, 1e-4)}
 SMALL2 = dict(h=4, g=2, gc=4, p=8, n=16)          # Mamba2: heads, B groups, C groups, headdim, d_state
 SMALL1 = dict(d=32, n=8, g=2, gc=4)               # Mamba1: channels, d_state, B groups, C groups
+# d_state cut into several 32-wide slices by the Triton Mamba2 loop kernel, the last one
+# part-masked (48 pads to 64)
+SLICED2 = [dict(h=2, g=1, gc=2, p=8, n=n) for n in (64, 48)]
 
 
 def _rows(k, device, n_eos=2):
@@ -299,6 +302,13 @@ def triton_interpreter_checks():
         check_conv("triton", k, torch.float32, "cpu")
     for variant in ("mamba2", "mamba2-dot", "mamba1"):
         check_ssm(variant, "triton", 3, torch.bfloat16, "cpu")
+    from vllm_mamba_hybrid.ops import triton_verify
+    picked = triton_verify._SLICES_FIRST
+    for slices_first in (False, True):          # both tile orders, whatever Triton this is
+        triton_verify._SLICES_FIRST = slices_first
+        for shape in SLICED2:
+            check_ssm("mamba2", "triton", 3, torch.float32, "cpu", shape=shape)
+    triton_verify._SLICES_FIRST = picked
     for variant in ("mamba2", "mamba1"):
         check_spec_loop(variant, "triton", "cpu", rounds=3)
     print("triton interpreter checks passed")
@@ -318,6 +328,8 @@ def test_triton_kernels_interpreted():
 def test_triton_gpu(k, dtype):
     for variant in ("mamba2", "mamba2-dot", "mamba1"):
         check_ssm(variant, "triton", k, dtype, "cuda")
+    for shape in SLICED2:
+        check_ssm("mamba2", "triton", k, dtype, "cuda", shape=shape)
     check_conv("triton", k, dtype, "cuda")
 
 

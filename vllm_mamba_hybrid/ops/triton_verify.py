@@ -11,6 +11,8 @@ is how the tests check these kernels on a machine without a GPU.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -26,23 +28,68 @@ def _dt_eff(dt, dt_bias, DT_SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _rows(v, SLICES_FIRST: tl.constexpr):
+    """A [BLOCK_P] vector broadcast over the sliced state tile (see `_mamba2_state_tile`)."""
+    if SLICES_FIRST:
+        out = v[None, :, None]
+    else:
+        out = v[:, None, None]
+    return out
+
+
+@triton.jit
+def _slices(v, SLICES_FIRST: tl.constexpr):
+    """A [BLOCK_N // SUB_N, SUB_N] (sliced n) vector broadcast over the sliced state tile."""
+    if SLICES_FIRST:
+        out = v[:, None, :]
+    else:
+        out = v[None, :, :]
+    return out
+
+
+@triton.jit
+def _sum_n(tile, SLICES_FIRST: tl.constexpr):
+    """Sum of the sliced state tile over n: over the slices (in-thread) first."""
+    if SLICES_FIRST:
+        out = tl.sum(tl.sum(tile, axis=0), axis=1)
+    else:
+        out = tl.sum(tl.sum(tile, axis=1), axis=1)
+    return out
+
+
+@triton.jit
 def _mamba2_state_tile(state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, P, N,
                        s_st, s_st_h, s_st_p, s_st_n,
-                       HAS_DT_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                       HAS_DT_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SUB_N: tl.constexpr, SLICES_FIRST: tl.constexpr):
     """Both Mamba2 kernels' prologue: this program's fp32 state tile (rows of p of head h,
     of sequence b's slot; a padded row, slot < 0, reads zeros and must not store), its
-    pointers and masks, and the head's A and dt bias."""
+    pointers and masks, and the head's A and dt bias.
+
+    SUB_N = 0: the tile is [BLOCK_P, BLOCK_N]. Else n is cut into SUB_N-wide slices,
+    the tile [BLOCK_P, BLOCK_N // SUB_N, SUB_N], or with SLICES_FIRST [BLOCK_N // SUB_N,
+    BLOCK_P, SUB_N]: the order in which the Triton version at hand puts its lanes on rows
+    and SUB_N, not on slices, so a thread holds every slice of its rows and a sum over n
+    is in-thread adds and a few shuffles over SUB_N / 4 lanes, not a 32-lane shuffle tree
+    per row and token (`benchmarks/kernel_sass.py` shows the layouts' instruction counts)."""
     slot = tl.load(idx_ptr + b).to(tl.int64)
     active = slot >= 0
     slot = tl.maximum(slot, 0)
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     mp = offs_p < P
-    mn = offs_n < N
-    # masks as bounds: the interpreter rejects block & scalar masks
-    ms = (offs_p < tl.where(active, P, 0))[:, None] & mn[None, :]
-    st_ptrs = (state_ptr + slot * s_st + h * s_st_h
-               + offs_p[:, None] * s_st_p + offs_n[None, :] * s_st_n)
+    rows = offs_p < tl.where(active, P, 0)      # masks as bounds: the interpreter rejects
+    base = state_ptr + slot * s_st + h * s_st_h   # block & scalar masks
+    if SUB_N == 0:
+        offs_n = tl.arange(0, BLOCK_N)
+        mn = offs_n < N
+        ms = rows[:, None] & mn[None, :]
+        st_ptrs = base + offs_p[:, None] * s_st_p + offs_n[None, :] * s_st_n
+    else:
+        offs_n = tl.arange(0, BLOCK_N // SUB_N)[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]
+        mn = offs_n < N
+        ms = _rows(rows, SLICES_FIRST) & _slices(mn, SLICES_FIRST)
+        st_ptrs = (base + _rows(offs_p, SLICES_FIRST) * s_st_p
+                   + _slices(offs_n, SLICES_FIRST) * s_st_n)
     S = tl.load(st_ptrs, mask=ms, other=0.0)
     A = tl.load(A_ptr + h).to(tl.float32)
     dtb = 0.0
@@ -66,32 +113,38 @@ def _mamba2_verify_kernel(
     s_C_b, s_C_t, s_C_g, s_C_n,
     s_y_b, s_y_t, s_y_h, s_y_p,
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
+    SLICES_FIRST: tl.constexpr,
 ):
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     S, st_ptrs, ms, active, offs_p, offs_n, mp, mn, A, dtb = _mamba2_state_tile(
         state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, P, N, s_st, s_st_h, s_st_p, s_st_n,
-        HAS_DT_BIAS, BLOCK_P, BLOCK_N)
+        HAS_DT_BIAS, BLOCK_P, BLOCK_N, SUB_N, SLICES_FIRST)
     gB = h // heads_per_gB
     gC = h // heads_per_gC
 
     # Token t+1's inputs are loaded while token t is computed (look-ahead rows, zeros
     # past the end): their latency overlaps the sequential update instead of stalling it.
+    # B and C become fp32 as loaded, one element a thread, before Triton broadcasts them
+    # to the tile's rows (converted after, every thread unpacks all its slices' values).
     n_rep = tl.load(nrep_ptr + b)
     rdt_row = rdt_ptr + b * s_rdt_b + h * s_rdt_h
     rx_row = rx_ptr + b * s_rx_b + h * s_rx_h + offs_p * s_rx_p
     rB_row = rB_ptr + b * s_rB_b + gB * s_rB_g + offs_n * s_rB_n
     d = tl.load(rdt_row, mask=n_rep > 0, other=0.0)
     xv = tl.load(rx_row, mask=offs_p < tl.where(n_rep > 0, P, 0), other=0.0)
-    Bv = tl.load(rB_row, mask=offs_n < tl.where(n_rep > 0, N, 0), other=0.0)
+    Bv = tl.load(rB_row, mask=offs_n < tl.where(n_rep > 0, N, 0),
+                 other=0.0).to(tl.float32)
     for t in range(0, n_rep):
         more = t + 1 < n_rep
         d_n = tl.load(rdt_row + (t + 1) * s_rdt_t, mask=more, other=0.0)
         x_n = tl.load(rx_row + (t + 1) * s_rx_t, mask=offs_p < tl.where(more, P, 0), other=0.0)
-        B_n = tl.load(rB_row + (t + 1) * s_rB_t, mask=offs_n < tl.where(more, N, 0), other=0.0)
+        B_n = tl.load(rB_row + (t + 1) * s_rB_t, mask=offs_n < tl.where(more, N, 0),
+                      other=0.0).to(tl.float32)
         de = _dt_eff(d, dtb, DT_SOFTPLUS)
-        S = S * tl.exp(de * A) + (de * xv.to(tl.float32))[:, None] * Bv.to(tl.float32)[None, :]
+        S = (S * tl.exp(de * A)
+             + _rows(de * xv.to(tl.float32), SLICES_FIRST) * _slices(Bv, SLICES_FIRST))
         d, xv, Bv = d_n, x_n, B_n
     tl.store(st_ptrs, S, mask=ms)
 
@@ -104,18 +157,22 @@ def _mamba2_verify_kernel(
     C_row = C_ptr + b * s_C_b + gC * s_C_g + offs_n * s_C_n
     d = tl.load(dt_row, mask=T > 0, other=0.0)
     xv = tl.load(x_row, mask=offs_p < tl.where(T > 0, P, 0), other=0.0)
-    Bv = tl.load(B_row, mask=offs_n < tl.where(T > 0, N, 0), other=0.0)
-    Cv = tl.load(C_row, mask=offs_n < tl.where(T > 0, N, 0), other=0.0)
+    Bv = tl.load(B_row, mask=offs_n < tl.where(T > 0, N, 0),
+                 other=0.0).to(tl.float32)
+    Cv = tl.load(C_row, mask=offs_n < tl.where(T > 0, N, 0),
+                 other=0.0).to(tl.float32)
     for t in range(0, T):
         more = t + 1 < T
         d_n = tl.load(dt_row + (t + 1) * s_dt_t, mask=more, other=0.0)
         x_n = tl.load(x_row + (t + 1) * s_x_t, mask=offs_p < tl.where(more, P, 0), other=0.0)
-        B_n = tl.load(B_row + (t + 1) * s_B_t, mask=offs_n < tl.where(more, N, 0), other=0.0)
-        C_n = tl.load(C_row + (t + 1) * s_C_t, mask=offs_n < tl.where(more, N, 0), other=0.0)
+        B_n = tl.load(B_row + (t + 1) * s_B_t, mask=offs_n < tl.where(more, N, 0),
+                      other=0.0).to(tl.float32)
+        C_n = tl.load(C_row + (t + 1) * s_C_t, mask=offs_n < tl.where(more, N, 0),
+                      other=0.0).to(tl.float32)
         de = _dt_eff(d, dtb, DT_SOFTPLUS)
         xf = xv.to(tl.float32)
-        S = S * tl.exp(de * A) + (de * xf)[:, None] * Bv.to(tl.float32)[None, :]
-        yv = tl.sum(S * Cv.to(tl.float32)[None, :], axis=1) + Dh * xf
+        S = S * tl.exp(de * A) + _rows(de * xf, SLICES_FIRST) * _slices(Bv, SLICES_FIRST)
+        yv = _sum_n(S * _slices(Cv, SLICES_FIRST), SLICES_FIRST) + Dh * xf
         yv = tl.where(active, yv, 0.0)
         tl.store(y_ptr + b * s_y_b + t * s_y_t + h * s_y_h + offs_p * s_y_p,
                  yv.to(y_ptr.dtype.element_ty), mask=mp)
@@ -148,7 +205,7 @@ def _mamba2_verify_dot_kernel(
     b = tl.program_id(2).to(tl.int64)
     S, st_ptrs, ms, active, offs_p, offs_n, mp, mn, A, dtb = _mamba2_state_tile(
         state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, P, N, s_st, s_st_h, s_st_p, s_st_n,
-        HAS_DT_BIAS, BLOCK_P, BLOCK_N)
+        HAS_DT_BIAS, BLOCK_P, BLOCK_N, 0, False)
     gB = h // heads_per_gB
     gC = h // heads_per_gC
 
@@ -337,6 +394,12 @@ def _conv_verify_kernel(
         tl.store(buf_row + c * s_buf_l, v, mask=offs < lim)
 
 
+# Triton >= 3.7 puts the lanes of a [rows, slices, SUB_N] tile on the slices, <= 3.6 on
+# the rows (compiled for sm_90 with 3.4-3.9: benchmarks/kernel_sass.py); the Mamba2 loop
+# kernel orders its tile so that the rows get them.
+_SLICES_FIRST = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7)
+
+
 def _replay_or_new(replay, new):
     """With no replay tokens (R = 0) num_replay is all 0 and nothing is read: pass a real tensor."""
     return new if replay.shape[1] == 0 else replay
@@ -346,24 +409,37 @@ def _block(n: int, cap: int) -> int:
     return min(triton.next_power_of_2(n), cap)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_replay, x, dt, A, B,
                          C, D, dt_bias, dt_softplus, out=None, block_p: int | None = None,
-                         num_warps: int = 4, algo: str = "auto", dot_precision: str = "tf32x3"):
+                         num_warps: int | None = None, algo: str = "auto",
+                         dot_precision: str = "tf32x3", sub_n: int = 32):
     """algo "loop": token loop on the register state; "dot": SSD block form (matrix
     products; R and T padded to powers of two >= 16, BLOCK_P >= 16); "auto": "dot"
-    only where it measured faster on an H100 (batch <= 2 with T >= 5, batch <= 8 with
-    T >= 9: its cost does not grow with k but its fixed cost is 1.4-2.4x the loop's)."""
+    only where it measured faster on an H100 (batch 1, T = 9; batch <= 2 with T >= 9 here:
+    its cost does not grow with k, but its fixed cost is ~2x the loop's). Loop tile: 32
+    rows x 2 warps, n in 32-wide slices, within 2-5% of the best of 32 tiles at batch 8
+    and 64, k = 4 (H100, benchmarks/results/kernels_ssm_h100_run4_sweep.json); fewer rows
+    where that grid would not give each SM 4 programs (batch 1: 8 rows, 9.2 -> 8.0 us)."""
     batch, T, H, P = x.shape
     if algo == "auto":
-        algo = "dot" if (batch <= 2 and T >= 5) or (batch <= 8 and T >= 9) else "loop"
+        algo = "dot" if batch <= 2 and T >= 9 else "loop"
     N = B.shape[-1]
     assert state.dtype == torch.float32, "the verify kernels keep an fp32 state"
     rx, rdt, rB = (_replay_or_new(r, n) for r, n in ((replay_x, x), (replay_dt, dt), (replay_B, B)))
     y = torch.empty_like(x) if out is None else out
     BLOCK_N = triton.next_power_of_2(N)
-    BLOCK_P = block_p or _block(P, max(1, 4096 // BLOCK_N))   # 32 x 128: best of the H100 sweep
-    extra = {}
+    BLOCK_P = block_p or _block(P, max(1, 4096 // BLOCK_N))   # 32 rows at d_state 128
+    extra = dict(SUB_N=min(sub_n, BLOCK_N), SLICES_FIRST=_SLICES_FIRST)
     kernel = _mamba2_verify_kernel
+    num_warps = num_warps or (4 if algo == "dot" else 2)
+    if algo == "loop" and block_p is None and x.is_cuda:
+        while BLOCK_P > 8 and batch * H * triton.cdiv(P, BLOCK_P) < 4 * _sm_count(x.device):
+            BLOCK_P //= 2
     if algo == "dot":
         BLOCK_P = max(BLOCK_P, 16)
         kernel = _mamba2_verify_dot_kernel

@@ -3,15 +3,18 @@ loop and block form, Mamba1), compiled for an H100 (sm_90) on a machine without 
 
 Why: a kernel's time at batch 1-64 follows its instruction count per token and its
 registers (programs resident per SM), and both can be read before any GPU time is
-spent. Triton versions lay the same tile out differently (3.6 and 3.9 put the lanes
-of the sliced Mamba2 tile on different axes), so compile with the GPU's Triton:
+spent. Triton versions lay the same tile out differently (<= 3.6 and >= 3.7 put the
+lanes of the sliced Mamba2 tile on different axes), so compile with the GPU's Triton:
 
   pip install --target /tmp/t36 --no-deps triton==3.6.0
-  PYTHONPATH=/tmp/t36:. python benchmarks/kernel_sass.py --block-p 16 32 --warps 2 4 --sub-n 32 128
+  PYTHONPATH=/tmp/t36:. python benchmarks/kernel_sass.py --block-p 16 32 --warps 2 4 \
+      --sub-n 32 128
+  PYTHONPATH=/tmp/t36:. python benchmarks/kernel_sass.py --kernel mamba1 --block-p 64
 
 The launch is specialised as at run time on contiguous inputs: each tensor's last
-stride is the constant 1, other strides and pointers are divisible by 16. Loops are the replay and the
-new-token loops (backward branches in the SASS), counted per iteration.
+stride is the constant 1, other strides and pointers are divisible by 16. Loops are
+the replay and the new-token loops (backward branches in the SASS), counted per
+iteration.
 """
 from __future__ import annotations
 

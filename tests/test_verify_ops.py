@@ -292,6 +292,29 @@ def test_spec_loop_equals_sequential(variant, impl):
     check_spec_loop(variant, impl, "cpu")
 
 
+def test_triton_loop_rows_fill_the_sms():
+    """Rows per Mamba2 loop program, hand-computed for the 8B layer (32 heads, p = d_state
+    = 128) on 132 SMs: 32 unless fewer than 4 x 132 programs result."""
+    from vllm_mamba_hybrid.ops.triton_verify import _loop_rows
+    heads = 32
+    assert _loop_rows(128, 128, 8 * heads, 132) == 32      # 1,024 programs
+    assert _loop_rows(128, 128, 4 * heads, 132) == 16      # 512 < 528 at 32 rows
+    assert _loop_rows(128, 128, 1 * heads, 132) == 8       # 128, 256 < 528; 8 is the floor
+    assert _loop_rows(128, 128, 1 * heads, None) == 32     # no GPU: no halving
+    assert _loop_rows(128, 64, 16 * heads, 132) == 64      # 4096 state values at d_state 64
+    assert _loop_rows(128, 64, 8 * heads, 132) == 32       # 512 programs of 64 rows < 528
+    assert _loop_rows(8, 16, 1, 132) == 8                  # p smaller than the floor
+
+
+@pytest.mark.parametrize("bad", [dict(sub_n=24), dict(block_p=12), dict(sub_n=0)])
+def test_triton_mamba2_refuses_tiles_that_are_not_powers_of_two(bad):
+    from vllm_mamba_hybrid.ops.triton_verify import mamba2_verify_triton
+    case = mamba2_case(2, torch.float32, "cpu", **SMALL2)
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"{name} must be a power of two"):
+        mamba2_verify_triton(**case, dt_softplus=True, **bad)
+
+
 # --- Triton kernels under the interpreter (CPU, subprocess) ---------------------------------
 
 def triton_interpreter_checks():

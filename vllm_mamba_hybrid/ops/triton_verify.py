@@ -415,6 +415,17 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _loop_rows(P: int, BLOCK_N: int, programs_per_block: int, sm_count: int | None) -> int:
+    """Rows of p per loop-kernel program: 4096 state values (32 rows at d_state 128),
+    halved down to 8 while the grid would give an SM fewer than 4 programs (batch 1 at
+    the 8B shape: 8 rows, 1.13-1.16x; batch 4: 16). ``programs_per_block``: sequences x
+    heads; ``sm_count`` None (no GPU): no halving."""
+    rows = _block(P, max(1, 4096 // BLOCK_N))
+    while sm_count and rows > 8 and programs_per_block * triton.cdiv(P, rows) < 4 * sm_count:
+        rows //= 2
+    return rows
+
+
 def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_replay, x, dt, A, B,
                          C, D, dt_bias, dt_softplus, out=None, block_p: int | None = None,
                          num_warps: int | None = None, algo: str = "auto",
@@ -427,6 +438,9 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     and 64, k = 4 (H100, benchmarks/results/kernels_ssm_h100_run4_sweep.json); fewer rows
     where that grid would not give each SM 4 programs (batch 1: 8 rows, 9.2 -> 8.0 us)."""
     batch, T, H, P = x.shape
+    for name, v in (("block_p", block_p), ("sub_n", sub_n)):
+        if v is not None and (v < 1 or v & (v - 1)):
+            raise ValueError(f"mamba2_verify_triton: {name} must be a power of two, got {v}")
     if algo == "auto":
         algo = "dot" if batch <= 2 and T >= 9 else "loop"
     N = B.shape[-1]
@@ -434,13 +448,11 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     rx, rdt, rB = (_replay_or_new(r, n) for r, n in ((replay_x, x), (replay_dt, dt), (replay_B, B)))
     y = torch.empty_like(x) if out is None else out
     BLOCK_N = triton.next_power_of_2(N)
-    BLOCK_P = block_p or _block(P, max(1, 4096 // BLOCK_N))   # 32 rows at d_state 128
+    sms = _sm_count(x.device) if x.is_cuda and algo == "loop" else None
+    BLOCK_P = block_p or _loop_rows(P, BLOCK_N, batch * H, sms)
     extra = dict(SUB_N=min(sub_n, BLOCK_N), SLICES_FIRST=_SLICES_FIRST)
     kernel = _mamba2_verify_kernel
     num_warps = num_warps or (4 if algo == "dot" else 2)
-    if algo == "loop" and block_p is None and x.is_cuda:
-        while BLOCK_P > 8 and batch * H * triton.cdiv(P, BLOCK_P) < 4 * _sm_count(x.device):
-            BLOCK_P //= 2
     if algo == "dot":
         BLOCK_P = max(BLOCK_P, 16)
         kernel = _mamba2_verify_dot_kernel

@@ -110,13 +110,20 @@ def mamba1_kernel(block_d: int, num_warps: int, d_state: int = 16):
                      .asm["cubin"])
 
 
+def power_of_two(text: str) -> int:
+    v = int(text)
+    if v < 1 or v & (v - 1):
+        raise argparse.ArgumentTypeError(f"{text}: tile sizes and warps are powers of two")
+    return v
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kernel", choices=("loop", "dot", "mamba1"), default="loop",
                     help="Mamba2 loop / block form, or Mamba1 (--block-p is then BLOCK_D)")
-    ap.add_argument("--block-p", type=int, nargs="+", default=[32])
-    ap.add_argument("--warps", type=int, nargs="+", default=[2])
-    ap.add_argument("--sub-n", type=int, nargs="+", default=[32],
+    ap.add_argument("--block-p", type=power_of_two, nargs="+", default=[32])
+    ap.add_argument("--warps", type=power_of_two, nargs="+", default=[2])
+    ap.add_argument("--sub-n", type=power_of_two, nargs="+", default=[32],
                     help="loop kernel: n-slice width (d_state or more: one slice)")
     ap.add_argument("--slices-first", type=int, choices=(0, 1), default=None,
                     help="loop kernel: tile axis order (default: the one picked for this Triton)")

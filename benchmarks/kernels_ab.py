@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 
 import torch
 
@@ -23,10 +24,27 @@ KEYS = ["state", "state_idx", "replay_x", "replay_dt", "replay_B", "num_replay",
 
 
 def load_baseline(path: str):
+    """``mamba2_verify_triton`` of a triton_verify.py file."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--baseline {path}: no such file")
     spec = importlib.util.spec_from_file_location("baseline_triton_verify", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    if not hasattr(module, "mamba2_verify_triton"):
+        raise SystemExit(f"--baseline {path}: defines no mamba2_verify_triton")
+    return module.mamba2_verify_triton
+
+
+def tile(text: str) -> tuple[int, int, int]:
+    """'sub_n,block_p,num_warps', each a power of two."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(v < 1 or v & (v - 1) for v in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: want sub_n,block_p,num_warps, three powers of two (e.g. 32,32,2)")
+    return values
 
 
 def call(fn, state, inputs, **kw):
@@ -35,11 +53,9 @@ def call(fn, state, inputs, **kw):
 
 def time_verify(fn, batch, k, **kw):
     """Seconds per verify call, cycling over input sets that exceed the L2 cache 4x."""
-    nbytes = ks.min_bytes("mamba2", batch, k + 1, k + 1)
-    nsets = max(1, min(32, -(-4 * ks.L2_BYTES // nbytes)))
     torch.manual_seed(0)
-    state, sets = ks.make_sets("mamba2", batch, k + 1, k + 1, nsets, "cuda")
-    return ks.time_fn(lambda: [call(fn, state, s, **kw) for s in sets], "cuda") / nsets, nbytes
+    state, sets, nbytes = ks.cache_busting_sets("mamba2", batch, k, "cuda")
+    return ks.time_fn(lambda: [call(fn, state, s, **kw) for s in sets], "cuda") / len(sets), nbytes
 
 
 def difference(fn_a, kw_a, fn_b, kw_b, batch, k):
@@ -56,14 +72,20 @@ def main():
     ap.add_argument("--baseline", required=True, help="a triton_verify.py of another revision")
     ap.add_argument("--baseline-kw", default='{"algo": "loop"}',
                     help="JSON keyword arguments of the baseline's mamba2_verify_triton")
-    ap.add_argument("--tiles", nargs="+", default=["32,32,2", "32,32,4", "16,32,4", "32,16,2"],
+    ap.add_argument("--tiles", nargs="+", type=tile,
+                    default=[(32, 32, 2), (32, 32, 4), (16, 32, 4), (32, 16, 2)],
                     help="sub_n,block_p,num_warps of the current loop kernel")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    base_fn = load_baseline(args.baseline).mamba2_verify_triton
-    base_kw = json.loads(args.baseline_kw)
+    base_fn = load_baseline(args.baseline)
+    try:
+        base_kw = json.loads(args.baseline_kw)
+    except json.JSONDecodeError as e:
+        ap.error(f"--baseline-kw: not JSON ({e})")
+    if not torch.cuda.is_available():
+        ap.error("times Triton kernels: needs a CUDA GPU")
     bw = ks.copy_bandwidth("cuda")
     name = torch.cuda.get_device_name()
     print(f"{name}, copy {bw / 1e9:.0f} GB/s; baseline {args.baseline} {base_kw}")
@@ -71,8 +93,7 @@ def main():
     for batch in args.batches:
         for k in args.ks:
             t_base, nbytes = time_verify(base_fn, batch, k, **base_kw)
-            for tile in args.tiles:
-                sub, bp, nw = (int(v) for v in tile.split(","))
+            for sub, bp, nw in args.tiles:
                 kw = dict(algo="loop", sub_n=sub, block_p=bp, num_warps=nw)
                 t, _ = time_verify(triton_verify.mamba2_verify_triton, batch, k, **kw)
                 err_y, err_state = difference(base_fn, base_kw, triton_verify.mamba2_verify_triton,

@@ -81,6 +81,15 @@ def make_sets(variant, batch, R, T, nsets, device, dtype=torch.bfloat16):
     return state, sets
 
 
+def cache_busting_sets(variant, batch, k, device):
+    """(state, input sets, minimum bytes of one call): enough sets of R = T = k+1 tokens
+    that cycling over them exceeds the L2 cache 4x (GPU) or the last-level cache 2x."""
+    nbytes = min_bytes(variant, batch, k + 1, k + 1)
+    cache = 4 * L2_BYTES if device == "cuda" else 2 * CPU_CACHE_BYTES
+    nsets = max(1, min(32, -(-cache // nbytes)))
+    return (*make_sets(variant, batch, k + 1, k + 1, nsets, device), nbytes)
+
+
 def step_sets(sets, k):
     """The sequential baseline's k+1 single steps: replay 1 token, score 1 token."""
     out = []
@@ -120,11 +129,8 @@ def run_case(variant, batch, k, device, copy_bw, seq=True, impl=None, **kernel_k
         return dict(run_case("mamba2", batch, k, device, copy_bw, seq, algo="dot", **kernel_kw),
                     variant=variant)
     op = mamba2_verify if variant == "mamba2" else mamba1_verify
-    R = T = k + 1
-    nbytes = min_bytes(variant, batch, R, T)
-    cache = 4 * L2_BYTES if device == "cuda" else 2 * CPU_CACHE_BYTES
-    nsets = max(1, min(32, -(-cache // nbytes)))
-    state, sets = make_sets(variant, batch, R, T, nsets, device)
+    state, sets, nbytes = cache_busting_sets(variant, batch, k, device)
+    nsets = len(sets)
     impl = impl or ("triton" if device == "cuda" else "torch")
     if kernel_kw:
         from vllm_mamba_hybrid.ops import triton_verify

@@ -55,7 +55,7 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int):
             if name.startswith("s_") or name in ("P", "N", "DIM"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, **({"maxnreg": int(os.environ["MAXNREG"])} if os.environ.get("MAXNREG") else {})))
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
 
 def _nvidia_tool(name: str) -> str:
@@ -97,9 +97,7 @@ def mamba2_kernel(algo: str, block_p: int, num_warps: int, sub_n: int | None = 3
     else:
         kernel = triton_verify._mamba2_verify_kernel
         consts.update(SUB_N=min(sub_n, block_n), SLICES_FIRST=triton_verify._SLICES_FIRST
-                      if slices_first is None else slices_first, R_PAD=8, T_PAD=8,
-                      BLOCK_K=max(16, block_n), NATIVE_DOT=True,
-                      DOT_PRECISION="tf32x3")
+                      if slices_first is None else slices_first)
     return resources(compile_sm90(kernel, consts, num_warps).asm["cubin"])
 
 

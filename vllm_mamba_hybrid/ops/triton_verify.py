@@ -12,7 +12,6 @@ is how the tests check these kernels on a machine without a GPU.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -115,14 +114,8 @@ def _mamba2_verify_kernel(
     s_y_b, s_y_t, s_y_h, s_y_p,
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
-    SLICES_FIRST: tl.constexpr, R_PAD: tl.constexpr, T_PAD: tl.constexpr,
-    BLOCK_K: tl.constexpr, NATIVE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SLICES_FIRST: tl.constexpr,
 ):
-    """One FMA per state value and token: the replay decays the state once and adds
-    each token's rank-1 term scaled by its decay to the end, and the new tokens read
-    their outputs from the checkpoint without advancing it (``y_t = e^{cum_t} C_t.S +
-    sum_{s<=t} e^{cum_t - cum_s} dt_s (C_t.B_s) x_s``, the T x T part as small dots);
-    stepping the state token by token costs three."""
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     S, st_ptrs, ms, active, offs_p, offs_n, mp, mn, A, dtb = _mamba2_state_tile(
@@ -131,49 +124,19 @@ def _mamba2_verify_kernel(
     gB = h // heads_per_gB
     gC = h // heads_per_gC
 
-    # The new tokens' own terms, (L o C B^T) X + D X, computed while the state load is
-    # in flight: L_ts = e^{cum_t - cum_s} dt_s (s <= t), cum over the new tokens.
-    offs_t = tl.arange(0, T_PAD)
-    mt = offs_t < T
-    d_t = tl.where(mt, _dt_eff(tl.load(dt_ptr + b * s_dt_b + offs_t * s_dt_t + h * s_dt_h,
-                                       mask=mt, other=0.0), dtb, DT_SOFTPLUS), 0.0)
-    cum_t = tl.cumsum(d_t * A, axis=0)
-    offs_k = tl.arange(0, BLOCK_K)
-    mtk = mt[:, None] & (offs_k < N)[None, :]
-    Bt = tl.load(B_ptr + b * s_B_b + offs_t[:, None] * s_B_t + gB * s_B_g + offs_k[None, :] * s_B_n,
-                 mask=mtk, other=0.0)
-    Ct = tl.load(C_ptr + b * s_C_b + offs_t[:, None] * s_C_t + gC * s_C_g + offs_k[None, :] * s_C_n,
-                 mask=mtk, other=0.0)
-    if NATIVE_DOT:      # 16-bit B and C: exact products on the tensor cores
-        CB = tl.dot(Ct, tl.trans(Bt))
-    else:
-        CB = tl.dot(Ct.to(tl.float32), tl.trans(Bt.to(tl.float32)), input_precision=DOT_PRECISION)
-    causal = offs_t[:, None] >= offs_t[None, :]
-    L = tl.exp(tl.where(causal, cum_t[:, None] - cum_t[None, :], float("-inf"))) * d_t[None, :] * CB
-    Xt = tl.load(x_ptr + b * s_x_b + offs_t[:, None] * s_x_t + h * s_x_h + offs_p[None, :] * s_x_p,
-                 mask=mt[:, None] & mp[None, :], other=0.0).to(tl.float32)
-    Y_own = tl.sum(L[:, :, None] * Xt[None, :, :], axis=1)
-    if HAS_D:
-        Y_own += tl.load(D_ptr + h).to(tl.float32) * Xt
-
-    # replay: S <- e^{total} S + sum_s e^{total - cum_s} dt_s x_s B_s^T (cum inclusive).
     # Token t+1's inputs are loaded while token t is computed (look-ahead rows, zeros
-    # past the end): their latency overlaps the update instead of stalling it. B becomes
-    # fp32 as loaded, one element a thread, before Triton broadcasts it to the tile's rows.
+    # past the end): their latency overlaps the sequential update instead of stalling it.
+    # B and C become fp32 as loaded, one element a thread, before Triton broadcasts them
+    # to the tile's rows (converted after the broadcast, every thread unpacks all of its
+    # slices' bf16 values: ~25 more instructions a token).
     n_rep = tl.load(nrep_ptr + b)
     rdt_row = rdt_ptr + b * s_rdt_b + h * s_rdt_h
-    offs_r = tl.arange(0, R_PAD)
-    mr = offs_r < n_rep
-    dA_r = _dt_eff(tl.load(rdt_row + offs_r * s_rdt_t, mask=mr, other=0.0), dtb, DT_SOFTPLUS) * A
-    total = tl.sum(tl.where(mr, dA_r, 0.0), axis=0)
     rx_row = rx_ptr + b * s_rx_b + h * s_rx_h + offs_p * s_rx_p
     rB_row = rB_ptr + b * s_rB_b + gB * s_rB_g + offs_n * s_rB_n
     d = tl.load(rdt_row, mask=n_rep > 0, other=0.0)
     xv = tl.load(rx_row, mask=offs_p < tl.where(n_rep > 0, P, 0), other=0.0)
     Bv = tl.load(rB_row, mask=offs_n < tl.where(n_rep > 0, N, 0),
                  other=0.0).to(tl.float32)
-    S = S * tl.exp(total)
-    cum = 0.0
     for t in range(0, n_rep):
         more = t + 1 < n_rep
         d_n = tl.load(rdt_row + (t + 1) * s_rdt_t, mask=more, other=0.0)
@@ -181,26 +144,40 @@ def _mamba2_verify_kernel(
         B_n = tl.load(rB_row + (t + 1) * s_rB_t, mask=offs_n < tl.where(more, N, 0),
                       other=0.0).to(tl.float32)
         de = _dt_eff(d, dtb, DT_SOFTPLUS)
-        cum += de * A
-        w = de * tl.exp(total - cum)
-        S += _rows(w * xv.to(tl.float32), SLICES_FIRST) * _slices(Bv, SLICES_FIRST)
+        S = (S * tl.exp(de * A)
+             + _rows(de * xv.to(tl.float32), SLICES_FIRST) * _slices(Bv, SLICES_FIRST))
         d, xv, Bv = d_n, x_n, B_n
     tl.store(st_ptrs, S, mask=ms)
 
-    # the new tokens read C_t.S from the checkpoint (row t of Y), decayed to each token
+    Dh = 0.0
+    if HAS_D:
+        Dh = tl.load(D_ptr + h).to(tl.float32)
+    dt_row = dt_ptr + b * s_dt_b + h * s_dt_h
+    x_row = x_ptr + b * s_x_b + h * s_x_h + offs_p * s_x_p
+    B_row = B_ptr + b * s_B_b + gB * s_B_g + offs_n * s_B_n
     C_row = C_ptr + b * s_C_b + gC * s_C_g + offs_n * s_C_n
-    Cv = tl.load(C_row, mask=offs_n < tl.where(T > 0, N, 0), other=0.0).to(tl.float32)
-    Y = tl.zeros([T_PAD, BLOCK_P], dtype=tl.float32)
+    d = tl.load(dt_row, mask=T > 0, other=0.0)
+    xv = tl.load(x_row, mask=offs_p < tl.where(T > 0, P, 0), other=0.0)
+    Bv = tl.load(B_row, mask=offs_n < tl.where(T > 0, N, 0),
+                 other=0.0).to(tl.float32)
+    Cv = tl.load(C_row, mask=offs_n < tl.where(T > 0, N, 0),
+                 other=0.0).to(tl.float32)
     for t in range(0, T):
         more = t + 1 < T
+        d_n = tl.load(dt_row + (t + 1) * s_dt_t, mask=more, other=0.0)
+        x_n = tl.load(x_row + (t + 1) * s_x_t, mask=offs_p < tl.where(more, P, 0), other=0.0)
+        B_n = tl.load(B_row + (t + 1) * s_B_t, mask=offs_n < tl.where(more, N, 0),
+                      other=0.0).to(tl.float32)
         C_n = tl.load(C_row + (t + 1) * s_C_t, mask=offs_n < tl.where(more, N, 0),
                       other=0.0).to(tl.float32)
-        r = _sum_n(S * _slices(Cv, SLICES_FIRST), SLICES_FIRST)
-        Y = tl.where(offs_t[:, None] == t, r[None, :], Y)
-        Cv = C_n
-    Y = tl.where(active, Y * tl.exp(cum_t)[:, None] + Y_own, 0.0)
-    tl.store(y_ptr + b * s_y_b + offs_t[:, None] * s_y_t + h * s_y_h + offs_p[None, :] * s_y_p,
-             Y.to(y_ptr.dtype.element_ty), mask=mt[:, None] & mp[None, :])
+        de = _dt_eff(d, dtb, DT_SOFTPLUS)
+        xf = xv.to(tl.float32)
+        S = S * tl.exp(de * A) + _rows(de * xf, SLICES_FIRST) * _slices(Bv, SLICES_FIRST)
+        yv = _sum_n(S * _slices(Cv, SLICES_FIRST), SLICES_FIRST) + Dh * xf
+        yv = tl.where(active, yv, 0.0)
+        tl.store(y_ptr + b * s_y_b + t * s_y_t + h * s_y_h + offs_p * s_y_p,
+                 yv.to(y_ptr.dtype.element_ty), mask=mp)
+        d, xv, Bv, Cv = d_n, x_n, B_n, C_n
 
 
 @triton.jit
@@ -429,13 +406,6 @@ def _replay_or_new(replay, new):
     return new if replay.shape[1] == 0 else replay
 
 
-def _native_dot(B: torch.Tensor, C: torch.Tensor) -> bool:
-    """C B^T on the 16-bit inputs themselves (exact products, fp32 sums), but not under
-    the interpreter: numpy has no bfloat16 and its dot multiplies the bit patterns."""
-    return (B.dtype == C.dtype and B.element_size() == 2
-            and os.environ.get("TRITON_INTERPRET", "0") != "1")
-
-
 def _block(n: int, cap: int) -> int:
     return min(triton.next_power_of_2(n), cap)
 
@@ -480,16 +450,9 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     BLOCK_N = triton.next_power_of_2(N)
     sms = _sm_count(x.device) if x.is_cuda and algo == "loop" else None
     BLOCK_P = block_p or _loop_rows(P, BLOCK_N, batch * H, sms)
-    extra = dict(SUB_N=min(sub_n, BLOCK_N), SLICES_FIRST=_SLICES_FIRST,
-                 R_PAD=triton.next_power_of_2(max(1, replay_x.shape[1])),
-                 T_PAD=max(2, triton.next_power_of_2(T)), BLOCK_K=max(16, BLOCK_N),
-                 NATIVE_DOT=_native_dot(B, C), DOT_PRECISION=dot_precision)
+    extra = dict(SUB_N=min(sub_n, BLOCK_N), SLICES_FIRST=_SLICES_FIRST)
     kernel = _mamba2_verify_kernel
     num_warps = num_warps or (4 if algo == "dot" else 2)
-    if BLOCK_P * BLOCK_N <= 64 * 32 * num_warps:
-        # <= 64 state values a thread fit 128 registers without spilling (kernel_sass.py);
-        # the readout's T x T terms would take ~150 and cut the programs an SM holds 8 -> 6
-        extra["maxnreg"] = 128
     if algo == "dot":
         BLOCK_P = max(BLOCK_P, 16)
         kernel = _mamba2_verify_dot_kernel

@@ -166,9 +166,8 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = args.device
-    if args.sweep and (dev != "cuda" or not {"mamba2", "mamba2-dot"} & set(args.variants)):
-        ap.error("--sweep times the Mamba2 Triton kernels' tiles: it needs --device cuda and "
-                 "mamba2 or mamba2-dot in --variants")
+    if args.sweep and dev != "cuda":
+        ap.error("--sweep times the Triton kernels' tiles: it needs --device cuda")
     batches = args.batches or ([1, 8, 64] if dev == "cuda" else [1, 8])
     impls = args.impls or (["triton"] if dev == "cuda" else ["cpp", "torch"])
     torch.manual_seed(0)
@@ -176,14 +175,16 @@ def main():
     name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
     rows = []
-    if args.sweep:   # tiles x warps (x n-slice width for the loop kernel) at k = 4 per batch
+    if args.sweep:   # tiles (Mamba2 rows, Mamba1 channels) x warps (x n-slice width) at k = 4
         for variant, blocks, warp_set, subs in (("mamba2", (8, 16, 32, 64), (1, 2, 4, 8), (16, 32)),
-                                                ("mamba2-dot", (16, 32, 64), (4, 8), (None,))):
+                                                ("mamba2-dot", (16, 32, 64), (4, 8), (None,)),
+                                                ("mamba1", (32, 64, 128, 256), (1, 2, 4, 8), (None,))):
             if variant not in args.variants:
                 continue
             for batch, blk, warps, sub in itertools.product(args.batches or (8, 64), blocks,
                                                             warp_set, subs):
-                kw = dict(block_p=blk, num_warps=warps,
+                kw = dict(num_warps=warps, **({"block_d": blk} if variant == "mamba1" else
+                                              {"block_p": blk}),
                           **({"sub_n": sub, "algo": "loop"} if sub else {}))
                 r = run_case(variant, batch, 4, dev, bw, seq=False, **kw)
                 rows.append(dict(r, sweep=True))

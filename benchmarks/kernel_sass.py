@@ -86,7 +86,7 @@ def resources(cubin: bytes) -> tuple[dict, list[collections.Counter]]:
 
 
 def mamba2_kernel(algo: str, block_p: int, num_warps: int, sub_n: int | None = 32,
-                  slices_first: bool | None = None, d_state: int = 128, tiles: int = 1):
+                  slices_first: bool | None = None, d_state: int = 128):
     """Resources and loop bodies of the Mamba2 verify kernel ("loop" or "dot") as
     `mamba2_verify_triton` would launch it (slice order: this Triton's, unless given)."""
     block_n = triton.next_power_of_2(d_state)
@@ -97,7 +97,7 @@ def mamba2_kernel(algo: str, block_p: int, num_warps: int, sub_n: int | None = 3
     else:
         kernel = triton_verify._mamba2_verify_kernel
         consts.update(SUB_N=min(sub_n, block_n), SLICES_FIRST=triton_verify._SLICES_FIRST
-                      if slices_first is None else slices_first, TILES=tiles)
+                      if slices_first is None else slices_first)
     return resources(compile_sm90(kernel, consts, num_warps).asm["cubin"])
 
 

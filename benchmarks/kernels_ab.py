@@ -35,16 +35,16 @@ def load_baseline(path: str):
     return module.mamba2_verify_triton
 
 
-def tile(text: str) -> tuple[int, ...]:
-    """'sub_n,block_p,num_warps[,tiles]', each a power of two (tiles: row tiles a program)."""
+def tile(text: str) -> tuple[int, int, int]:
+    """'sub_n,block_p,num_warps', each a power of two."""
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) not in (3, 4) or any(v < 1 or v & (v - 1) for v in values):
+    if len(values) != 3 or any(v < 1 or v & (v - 1) for v in values):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: want sub_n,block_p,num_warps[,tiles], powers of two (e.g. 32,32,2)")
-    return values + (1,) * (4 - len(values))
+            f"{text!r}: want sub_n,block_p,num_warps, three powers of two (e.g. 32,32,2)")
+    return values
 
 
 def call(fn, state, inputs, **kw):
@@ -74,7 +74,7 @@ def main():
                     help="JSON keyword arguments of the baseline's mamba2_verify_triton")
     ap.add_argument("--tiles", nargs="+", type=tile,
                     default=[(32, 32, 2), (32, 32, 4), (16, 32, 4), (32, 16, 2)],
-                    help="sub_n,block_p,num_warps[,tiles] of the current loop kernel")
+                    help="sub_n,block_p,num_warps of the current loop kernel")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--out", default=None)
@@ -93,17 +93,16 @@ def main():
     for batch in args.batches:
         for k in args.ks:
             t_base, nbytes = time_verify(base_fn, batch, k, **base_kw)
-            for sub, bp, nw, tiles in args.tiles:
-                kw = dict(algo="loop", sub_n=sub, block_p=bp, num_warps=nw,
-                          **({"tiles": tiles} if tiles > 1 else {}))
+            for sub, bp, nw in args.tiles:
+                kw = dict(algo="loop", sub_n=sub, block_p=bp, num_warps=nw)
                 t, _ = time_verify(triton_verify.mamba2_verify_triton, batch, k, **kw)
                 err_y, err_state = difference(base_fn, base_kw, triton_verify.mamba2_verify_triton,
                                               kw, batch, k)
-                rows.append(dict(batch=batch, k=k, sub=sub, block_p=bp, warps=nw, tiles=tiles,
+                rows.append(dict(batch=batch, k=k, sub=sub, block_p=bp, warps=nw,
                                  t_base_us=t_base * 1e6, t_us=t * 1e6, frac_copy=nbytes / t / bw,
                                  frac_copy_base=nbytes / t_base / bw, err_y=err_y,
                                  err_state=err_state))
-                print(f"b{batch} k{k} sub {sub} block_p {bp} warps {nw} tiles {tiles}: "
+                print(f"b{batch} k{k} sub {sub} block_p {bp} warps {nw}: "
                       f"baseline {t_base * 1e6:.1f} us ({nbytes / t_base / bw:.0%}) "
                       f"now {t * 1e6:.1f} us ({nbytes / t / bw:.0%}) "
                       f"x{t_base / t:.2f}; diff y {err_y:.1e} state {err_state:.1e}", flush=True)

@@ -58,7 +58,7 @@ def _sum_n(tile, SLICES_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _mamba2_state_tile(state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, row_block, P, N,
+def _mamba2_state_tile(state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, P, N,
                        s_st, s_st_h, s_st_p, s_st_n,
                        HAS_DT_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                        SUB_N: tl.constexpr, SLICES_FIRST: tl.constexpr):
@@ -75,7 +75,7 @@ def _mamba2_state_tile(state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, row_block, P, N
     slot = tl.load(idx_ptr + b).to(tl.int64)
     active = slot >= 0
     slot = tl.maximum(slot, 0)
-    offs_p = row_block * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     mp = offs_p < P
     rows = offs_p < tl.where(active, P, 0)      # masks as bounds: the interpreter rejects
     base = state_ptr + slot * s_st + h * s_st_h   # block & scalar masks
@@ -99,9 +99,11 @@ def _mamba2_state_tile(state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, row_block, P, N
 
 
 @triton.jit
-def _mamba2_verify_rows(
-    S, st_ptrs, ms, active, offs_p, offs_n, mp, A, dtb, Dh, b, h, gB, gC, n_rep, T, P, N,
-    rx_ptr, rdt_ptr, rB_ptr, x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr,
+def _mamba2_verify_kernel(
+    state_ptr, idx_ptr, nrep_ptr, rx_ptr, rdt_ptr, rB_ptr,
+    x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr, A_ptr, D_ptr, dtb_ptr,
+    T, P, N, heads_per_gB, heads_per_gC,
+    s_st, s_st_h, s_st_p, s_st_n,
     s_rx_b, s_rx_t, s_rx_h, s_rx_p,
     s_rdt_b, s_rdt_t, s_rdt_h,
     s_rB_b, s_rB_t, s_rB_g, s_rB_n,
@@ -110,14 +112,24 @@ def _mamba2_verify_rows(
     s_B_b, s_B_t, s_B_g, s_B_n,
     s_C_b, s_C_t, s_C_g, s_C_n,
     s_y_b, s_y_t, s_y_h, s_y_p,
-    DT_SOFTPLUS: tl.constexpr, SLICES_FIRST: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
+    SLICES_FIRST: tl.constexpr,
 ):
-    """One state tile through the verify: replay, store the checkpoint, new tokens."""
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    S, st_ptrs, ms, active, offs_p, offs_n, mp, mn, A, dtb = _mamba2_state_tile(
+        state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, P, N, s_st, s_st_h, s_st_p, s_st_n,
+        HAS_DT_BIAS, BLOCK_P, BLOCK_N, SUB_N, SLICES_FIRST)
+    gB = h // heads_per_gB
+    gC = h // heads_per_gC
+
     # Token t+1's inputs are loaded while token t is computed (look-ahead rows, zeros
     # past the end): their latency overlaps the sequential update instead of stalling it.
     # B and C become fp32 as loaded, one element a thread, before Triton broadcasts them
     # to the tile's rows (converted after the broadcast, every thread unpacks all of its
     # slices' bf16 values: ~25 more instructions a token).
+    n_rep = tl.load(nrep_ptr + b)
     rdt_row = rdt_ptr + b * s_rdt_b + h * s_rdt_h
     rx_row = rx_ptr + b * s_rx_b + h * s_rx_h + offs_p * s_rx_p
     rB_row = rB_ptr + b * s_rB_b + gB * s_rB_g + offs_n * s_rB_n
@@ -137,6 +149,9 @@ def _mamba2_verify_rows(
         d, xv, Bv = d_n, x_n, B_n
     tl.store(st_ptrs, S, mask=ms)
 
+    Dh = 0.0
+    if HAS_D:
+        Dh = tl.load(D_ptr + h).to(tl.float32)
     dt_row = dt_ptr + b * s_dt_b + h * s_dt_h
     x_row = x_ptr + b * s_x_b + h * s_x_h + offs_p * s_x_p
     B_row = B_ptr + b * s_B_b + gB * s_B_g + offs_n * s_B_n
@@ -166,60 +181,6 @@ def _mamba2_verify_rows(
 
 
 @triton.jit
-def _mamba2_verify_kernel(
-    state_ptr, idx_ptr, nrep_ptr, rx_ptr, rdt_ptr, rB_ptr,
-    x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr, A_ptr, D_ptr, dtb_ptr,
-    T, P, N, heads_per_gB, heads_per_gC,
-    s_st, s_st_h, s_st_p, s_st_n,
-    s_rx_b, s_rx_t, s_rx_h, s_rx_p,
-    s_rdt_b, s_rdt_t, s_rdt_h,
-    s_rB_b, s_rB_t, s_rB_g, s_rB_n,
-    s_x_b, s_x_t, s_x_h, s_x_p,
-    s_dt_b, s_dt_t, s_dt_h,
-    s_B_b, s_B_t, s_B_g, s_B_n,
-    s_C_b, s_C_t, s_C_g, s_C_n,
-    s_y_b, s_y_t, s_y_h, s_y_p,
-    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
-    SLICES_FIRST: tl.constexpr, TILES: tl.constexpr,
-):
-    """TILES = 2: the program takes two row tiles and loads both up front, so the second
-    tile's load is in flight while the first is replayed and read out, and the first's
-    stores drain while the second is computed (a wave of programs in lock-step otherwise
-    loads, computes and stores all at once)."""
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    S, st_ptrs, ms, active, offs_p, offs_n, mp, mn, A, dtb = _mamba2_state_tile(
-        state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, tl.program_id(0) * TILES, P, N,
-        s_st, s_st_h, s_st_p, s_st_n, HAS_DT_BIAS, BLOCK_P, BLOCK_N, SUB_N, SLICES_FIRST)
-    if TILES == 2:
-        S2, st_ptrs2, ms2, _, offs_p2, _, mp2, _, _, _ = _mamba2_state_tile(
-            state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, tl.program_id(0) * TILES + 1, P, N,
-            s_st, s_st_h, s_st_p, s_st_n, HAS_DT_BIAS, BLOCK_P, BLOCK_N, SUB_N, SLICES_FIRST)
-    gB = h // heads_per_gB
-    gC = h // heads_per_gC
-    n_rep = tl.load(nrep_ptr + b)
-    Dh = 0.0
-    if HAS_D:
-        Dh = tl.load(D_ptr + h).to(tl.float32)
-    _mamba2_verify_rows(
-        S, st_ptrs, ms, active, offs_p, offs_n, mp, A, dtb, Dh, b, h, gB, gC, n_rep, T, P, N,
-        rx_ptr, rdt_ptr, rB_ptr, x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr,
-        s_rx_b, s_rx_t, s_rx_h, s_rx_p, s_rdt_b, s_rdt_t, s_rdt_h,
-        s_rB_b, s_rB_t, s_rB_g, s_rB_n, s_x_b, s_x_t, s_x_h, s_x_p, s_dt_b, s_dt_t, s_dt_h,
-        s_B_b, s_B_t, s_B_g, s_B_n, s_C_b, s_C_t, s_C_g, s_C_n, s_y_b, s_y_t, s_y_h, s_y_p,
-        DT_SOFTPLUS, SLICES_FIRST)
-    if TILES == 2:
-        _mamba2_verify_rows(
-            S2, st_ptrs2, ms2, active, offs_p2, offs_n, mp2, A, dtb, Dh, b, h, gB, gC, n_rep,
-            T, P, N, rx_ptr, rdt_ptr, rB_ptr, x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr,
-            s_rx_b, s_rx_t, s_rx_h, s_rx_p, s_rdt_b, s_rdt_t, s_rdt_h,
-            s_rB_b, s_rB_t, s_rB_g, s_rB_n, s_x_b, s_x_t, s_x_h, s_x_p, s_dt_b, s_dt_t, s_dt_h,
-            s_B_b, s_B_t, s_B_g, s_B_n, s_C_b, s_C_t, s_C_g, s_C_n, s_y_b, s_y_t, s_y_h, s_y_p,
-            DT_SOFTPLUS, SLICES_FIRST)
-
-
-@triton.jit
 def _mamba2_verify_dot_kernel(
     state_ptr, idx_ptr, nrep_ptr, rx_ptr, rdt_ptr, rB_ptr,
     x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr, A_ptr, D_ptr, dtb_ptr,
@@ -244,8 +205,8 @@ def _mamba2_verify_dot_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     S, st_ptrs, ms, active, offs_p, offs_n, mp, mn, A, dtb = _mamba2_state_tile(
-        state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, tl.program_id(0), P, N, s_st, s_st_h, s_st_p,
-        s_st_n, HAS_DT_BIAS, BLOCK_P, BLOCK_N, 0, False)
+        state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, P, N, s_st, s_st_h, s_st_p, s_st_n,
+        HAS_DT_BIAS, BLOCK_P, BLOCK_N, 0, False)
     gB = h // heads_per_gB
     gC = h // heads_per_gC
 
@@ -468,7 +429,7 @@ def _loop_rows(P: int, BLOCK_N: int, programs_per_block: int, sm_count: int | No
 def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_replay, x, dt, A, B,
                          C, D, dt_bias, dt_softplus, out=None, block_p: int | None = None,
                          num_warps: int | None = None, algo: str = "auto",
-                         dot_precision: str = "tf32x3", sub_n: int = 32, tiles: int = 1):
+                         dot_precision: str = "tf32x3", sub_n: int = 32):
     """algo "loop": token loop on the register state; "dot": SSD block form (matrix
     products; R and T padded to powers of two >= 16, BLOCK_P >= 16); "auto": "dot"
     only where it measured faster on an H100 (batch 1, T = 9; batch <= 2 with T >= 9 here:
@@ -489,7 +450,7 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     BLOCK_N = triton.next_power_of_2(N)
     sms = _sm_count(x.device) if x.is_cuda and algo == "loop" else None
     BLOCK_P = block_p or _loop_rows(P, BLOCK_N, batch * H, sms)
-    extra = dict(SUB_N=min(sub_n, BLOCK_N), SLICES_FIRST=_SLICES_FIRST, TILES=tiles)
+    extra = dict(SUB_N=min(sub_n, BLOCK_N), SLICES_FIRST=_SLICES_FIRST)
     kernel = _mamba2_verify_kernel
     num_warps = num_warps or (4 if algo == "dot" else 2)
     if algo == "dot":
@@ -497,7 +458,7 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
         kernel = _mamba2_verify_dot_kernel
         extra = dict(R_PAD=max(16, triton.next_power_of_2(replay_x.shape[1])),
                      T_PAD=max(16, triton.next_power_of_2(T)), DOT_PRECISION=dot_precision)
-    grid = (triton.cdiv(P, BLOCK_P * (tiles if algo == "loop" else 1)), H, batch)
+    grid = (triton.cdiv(P, BLOCK_P), H, batch)
     kernel[grid](
         state, state_idx, num_replay, rx, rdt, rB, x, dt, B, C, y, A,
         D if D is not None else A, dt_bias if dt_bias is not None else A,

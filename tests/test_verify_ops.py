@@ -94,10 +94,12 @@ def _mamba2_dot(impl, **kw):
     return mamba2_verify_triton(**kw, dt_softplus=True, algo="dot")
 
 
-def check_ssm(variant, impl, k, dtype, device, shape=None, n_eos=2):
-    """variant "mamba2-dot" checks the block-form Mamba2 kernel (impl must be "triton")."""
+def check_ssm(variant, impl, k, dtype, device, shape=None, n_eos=2, without=()):
+    """variant "mamba2-dot" checks the block-form Mamba2 kernel (impl must be "triton");
+    ``without``: optional inputs left out (None), e.g. Mamba1's gate z."""
     op, make = (mamba1_verify, mamba1_case) if variant == "mamba1" else (mamba2_verify, mamba2_case)
     case = make(k, dtype, device, n_eos=n_eos, **(shape or (SMALL1 if variant == "mamba1" else SMALL2)))
+    case.update(dict.fromkeys(without))
     y_ref, st_ref = _run(op, case, "reference")
     y, st = _run(_mamba2_dot if variant == "mamba2-dot" else op, case, impl)
     tol_y, tol_s = TOL[dtype]
@@ -237,6 +239,11 @@ def test_cpu_ssm_bf16(variant, impl):
     check_ssm(variant, impl, 4, torch.bfloat16, "cpu")
 
 
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_cpu_mamba1_without_gate(impl):
+    check_ssm("mamba1", impl, 3, torch.float32, "cpu", without=("z",))
+
+
 def test_cpp_kernels_are_built_and_chosen_on_cpu():
     from vllm_mamba_hybrid.ops.verify import _pick, cpp_kernels
     assert cpp_kernels() is not None, "the C++ verify kernels were not built by setup.py"
@@ -325,6 +332,7 @@ def triton_interpreter_checks():
         check_conv("triton", k, torch.float32, "cpu")
     for variant in ("mamba2", "mamba2-dot", "mamba1"):
         check_ssm(variant, "triton", 3, torch.bfloat16, "cpu")
+    check_ssm("mamba1", "triton", 3, torch.float32, "cpu", without=("z",))
     from vllm_mamba_hybrid.ops import triton_verify
     picked = triton_verify._SLICES_FIRST
     for slices_first in (False, True):          # both tile orders, whatever Triton this is
@@ -353,6 +361,7 @@ def test_triton_gpu(k, dtype):
         check_ssm(variant, "triton", k, dtype, "cuda")
     for shape in SLICED2:
         check_ssm("mamba2", "triton", k, dtype, "cuda", shape=shape)
+    check_ssm("mamba1", "triton", k, dtype, "cuda", without=("z",))
     check_conv("triton", k, dtype, "cuda")
 
 

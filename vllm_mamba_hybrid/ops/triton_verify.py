@@ -294,7 +294,8 @@ def _mamba1_verify_kernel(
     gB = offs_d // ch_per_gB
     gC = offs_d // ch_per_gC
 
-    # look-ahead loads as in the Mamba2 kernel
+    # look-ahead loads as in the Mamba2 kernel (z too: loaded where used, its latency
+    # stalled every new token)
     n_rep = tl.load(nrep_ptr + b)
     rdt_row = rdt_ptr + b * s_rdt_b + offs_d * s_rdt_d
     rx_row = rx_ptr + b * s_rx_b + offs_d * s_rx_d
@@ -327,6 +328,7 @@ def _mamba1_verify_kernel(
     xv = tl.load(x_row, mask=offs_d < lim, other=0.0)
     Bv = tl.load(B_row, mask=(offs_d < lim)[:, None] & mn[None, :], other=0.0)
     Cv = tl.load(C_row, mask=(offs_d < lim)[:, None] & mn[None, :], other=0.0)
+    zv = tl.load(z_row, mask=(offs_d < lim) & HAS_Z, other=0.0)
     for t in range(0, T):
         lim = tl.where(t + 1 < T, DIM, 0)
         d_n = tl.load(dt_row + (t + 1) * s_dt_t, mask=offs_d < lim, other=0.0)
@@ -335,17 +337,18 @@ def _mamba1_verify_kernel(
                       other=0.0)
         C_n = tl.load(C_row + (t + 1) * s_C_t, mask=(offs_d < lim)[:, None] & mn[None, :],
                       other=0.0)
+        z_n = tl.load(z_row + (t + 1) * s_z_t, mask=(offs_d < lim) & HAS_Z, other=0.0)
         de = _dt_eff(d, dtb, DT_SOFTPLUS)
         xf = xv.to(tl.float32)
         S = S * tl.exp(de[:, None] * A) + (de * xf)[:, None] * Bv.to(tl.float32)
         yv = tl.sum(S * Cv.to(tl.float32), axis=1) + Dc * xf
         if HAS_Z:
-            zv = tl.load(z_row + t * s_z_t, mask=md, other=0.0).to(tl.float32)
-            yv = yv * zv * tl.sigmoid(zv)
+            zf = zv.to(tl.float32)
+            yv = yv * zf * tl.sigmoid(zf)
         yv = tl.where(active, yv, 0.0)
         tl.store(y_ptr + b * s_y_b + t * s_y_t + offs_d * s_y_d,
                  yv.to(y_ptr.dtype.element_ty), mask=md)
-        d, xv, Bv, Cv = d_n, x_n, B_n, C_n
+        d, xv, Bv, Cv, zv = d_n, x_n, B_n, C_n, z_n
 
 
 @triton.jit

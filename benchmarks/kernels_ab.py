@@ -1,13 +1,16 @@
-"""A Triton verify kernel (Mamba2, or Mamba1 with --variant mamba1) against a baseline copy of
-``triton_verify.py`` (another revision), timed side by side on the same inputs; y and state
-of the two are compared.
+"""A verify kernel (Mamba2, or Mamba1 with --variant mamba1) against a baseline copy of
+another revision, timed side by side on the same inputs; y and state of the two are
+compared. A baseline ``triton_verify.py`` times the Triton kernels (GPU); a baseline
+``verify_cpu.cpp`` times the C++ kernels, both builds compiled here with the same flags.
 
-Ratios between kernel versions are only meaningful from one call on one card, so this
-times both in one process (CUDA-graph medians as in kernels_ssm.py):
+Ratios between kernel versions are only meaningful from one process on one machine, so
+this times both in one (CUDA-graph medians on a GPU, as in kernels_ssm.py):
 
   git show 3f49949:vllm_mamba_hybrid/ops/triton_verify.py > /tmp/base_triton_verify.py
   python benchmarks/kernels_ab.py --baseline /tmp/base_triton_verify.py --out ab.json
   python benchmarks/kernels_ab.py --baseline /tmp/base_triton_verify.py --variant mamba1
+  git show HEAD~1:csrc/verify_cpu.cpp > /tmp/base_verify_cpu.cpp
+  python benchmarks/kernels_ab.py --baseline /tmp/base_verify_cpu.cpp --variant mamba1
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import argparse
 import importlib.util
 import json
 import os
+import pathlib
 
 import torch
 
@@ -24,6 +28,16 @@ from vllm_mamba_hybrid.ops import triton_verify
 KEYS = ["state", "state_idx", "replay_x", "replay_dt", "replay_B", "num_replay", "x", "dt",
         "A", "B", "C", "D", "dt_bias"]
 KEYS_MAMBA1 = KEYS[:-1] + ["z", "dt_bias"]
+
+
+CPU_FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-march=native"]   # as setup.py's
+CURRENT_CPP = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "verify_cpu.cpp"
+
+
+def load_cpp(path, name: str, variant: str):
+    """``{variant}_verify`` of a verify_cpu.cpp, compiled as extension ``name``."""
+    from torch.utils.cpp_extension import load
+    return getattr(load(name=name, sources=[str(path)], extra_cflags=CPU_FLAGS), f"{variant}_verify")
 
 
 def load_baseline(path: str, variant: str = "mamba2"):
@@ -56,17 +70,17 @@ def call(fn, state, inputs, **kw):
     return fn(*[state if q == "state" else inputs[q] for q in keys], True, **kw)
 
 
-def time_verify(fn, variant, batch, k, **kw):
-    """Seconds per verify call, cycling over input sets that exceed the L2 cache 4x."""
+def time_verify(fn, variant, batch, k, device, **kw):
+    """Seconds per verify call, cycling over input sets that exceed the caches."""
     torch.manual_seed(0)
-    state, sets, nbytes = ks.cache_busting_sets(variant, batch, k, "cuda")
-    return ks.time_fn(lambda: [call(fn, state, s, **kw) for s in sets], "cuda") / len(sets), nbytes
+    state, sets, nbytes = ks.cache_busting_sets(variant, batch, k, device)
+    return ks.time_fn(lambda: [call(fn, state, s, **kw) for s in sets], device) / len(sets), nbytes
 
 
-def difference(fn_a, kw_a, fn_b, kw_b, variant, batch, k):
+def difference(fn_a, kw_a, fn_b, kw_b, variant, batch, k, device):
     """Relative differences (y, state) of two kernels on one fresh input set."""
     torch.manual_seed(1)
-    state, (inputs,) = ks.make_sets(variant, batch, k + 1, k + 1, 1, "cuda")
+    state, (inputs,) = ks.make_sets(variant, batch, k + 1, k + 1, 1, device)
     runs = ((fn_a, kw_a, state.clone()), (fn_b, kw_b, state.clone()))
     (ya, sa), (yb, sb) = [(call(fn, st, inputs, **kw).float(), st) for fn, kw, st in runs]
     return float((yb - ya).norm() / ya.norm()), float((sb - sa).norm() / sa.norm())
@@ -74,7 +88,8 @@ def difference(fn_a, kw_a, fn_b, kw_b, variant, batch, k):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--baseline", required=True, help="a triton_verify.py of another revision")
+    ap.add_argument("--baseline", required=True,
+                    help="a triton_verify.py (GPU) or verify_cpu.cpp (CPU) of another revision")
     ap.add_argument("--variant", choices=("mamba2", "mamba1"), default="mamba2",
                     help="mamba1: both kernels with their default tiles (--tiles is Mamba2's)")
     ap.add_argument("--baseline-kw", default=None,
@@ -83,32 +98,42 @@ def main():
     ap.add_argument("--tiles", nargs="+", type=tile,
                     default=[(32, 32, 2), (32, 32, 4), (16, 32, 4), (32, 16, 2)],
                     help="sub_n,block_p,num_warps of the current loop kernel")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 8 64 (CPU: 1 8)")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    base_fn = load_baseline(args.baseline, args.variant)
-    try:
-        base_kw = json.loads(args.baseline_kw or ('{"algo": "loop"}' if args.variant == "mamba2"
-                                                   else "{}"))
-    except json.JSONDecodeError as e:
-        ap.error(f"--baseline-kw: not JSON ({e})")
-    current = getattr(triton_verify, f"{args.variant}_verify_triton")
-    tiles = args.tiles if args.variant == "mamba2" else [None]
-    if not torch.cuda.is_available():
-        ap.error("times Triton kernels: needs a CUDA GPU")
-    bw = ks.copy_bandwidth("cuda")
-    name = torch.cuda.get_device_name()
+    cpu = args.baseline.endswith(".cpp")
+    if cpu:
+        if not os.path.isfile(args.baseline):
+            ap.error(f"--baseline {args.baseline}: no such file")
+        device, base_kw, tiles = "cpu", {}, [None]
+        base_fn = load_cpp(args.baseline, "baseline_verify_cpu", args.variant)
+        current = load_cpp(CURRENT_CPP, "current_verify_cpu", args.variant)
+        name = f"CPU x{torch.get_num_threads()} threads"
+    else:
+        base_fn = load_baseline(args.baseline, args.variant)
+        try:
+            base_kw = json.loads(args.baseline_kw or ('{"algo": "loop"}' if args.variant == "mamba2"
+                                                       else "{}"))
+        except json.JSONDecodeError as e:
+            ap.error(f"--baseline-kw: not JSON ({e})")
+        current = getattr(triton_verify, f"{args.variant}_verify_triton")
+        tiles = args.tiles if args.variant == "mamba2" else [None]
+        if not torch.cuda.is_available():
+            ap.error("times Triton kernels: needs a CUDA GPU")
+        device, name = "cuda", torch.cuda.get_device_name()
+    bw = ks.copy_bandwidth(device)
     print(f"{name}, copy {bw / 1e9:.0f} GB/s; baseline {args.baseline} {base_kw}")
     rows = []
-    for batch in args.batches:
+    for batch in args.batches or ([1, 8] if cpu else [1, 8, 64]):
         for k in args.ks:
-            t_base, nbytes = time_verify(base_fn, args.variant, batch, k, **base_kw)
+            t_base, nbytes = time_verify(base_fn, args.variant, batch, k, device, **base_kw)
             for tile_kw in tiles:
                 kw = {} if tile_kw is None else dict(algo="loop", sub_n=tile_kw[0],
                                                      block_p=tile_kw[1], num_warps=tile_kw[2])
-                t, _ = time_verify(current, args.variant, batch, k, **kw)
-                err_y, err_state = difference(base_fn, base_kw, current, kw, args.variant, batch, k)
+                t, _ = time_verify(current, args.variant, batch, k, device, **kw)
+                err_y, err_state = difference(base_fn, base_kw, current, kw, args.variant, batch, k,
+                                              device)
                 label = " ".join(f"{key} {v}" for key, v in kw.items() if key != "algo") or "default"
                 rows.append(dict(batch=batch, k=k, variant=args.variant, kernel_kw=kw,
                                  t_base_us=t_base * 1e6, t_us=t * 1e6, frac_copy=nbytes / t / bw,

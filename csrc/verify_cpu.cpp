@@ -5,7 +5,8 @@
 // fp32 state once: every state row is read, advanced over the replayed tokens,
 // written back (the new checkpoint) and, while it is still in registers/L1, used
 // for the outputs of the k+1 new tokens, whose own states are never stored. Inner
-// loops run over the contiguous state axis and are vectorised by the compiler.
+// loops are vectorised by the compiler: over the contiguous state axis for Mamba2,
+// over 16 channels (lanes) for Mamba1 (mamba1_lanes).
 //
 // Mamba2 uses the SSD block form (its decay is one scalar per head and token), so
 // per state element the work is one FMA per replayed token and one per new token:
@@ -49,7 +50,7 @@ inline float dt_eff(float dt, float bias, bool softplus) {
   return softplus ? (v <= 20.f ? std::log1p(std::exp(v)) : v) : v;
 }
 
-constexpr int64_t kMaxState = 256;  // Mamba1 d_state bound of the aligned row buffer
+constexpr int64_t kMaxState = 256;  // Mamba1 d_state bound of the on-stack state buffers
 
 // Inputs as float32 and contiguous (they are small next to the state).
 torch::Tensor f32(const torch::Tensor& t) { return t.to(torch::kFloat32).contiguous(); }
@@ -196,6 +197,101 @@ torch::Tensor mamba2_verify(torch::Tensor state, torch::Tensor state_idx, torch:
   return y.to(x.scalar_type());
 }
 
+// Mamba1's operands, float32 and contiguous, for mamba1_lanes.
+struct Mamba1Io {
+  const float *rx, *rdt, *rB, *x, *dt, *B, *C, *D, *z;  // dt, rdt: softplus'd; z: silu'd
+  const float* A;  // (channel blocks, N, kLanes): A transposed per block, padding lanes 0
+  float *y, *state;
+  int64_t R, T, Dm, N, gB, gC, s_slot, s_d;
+};
+
+// Channels per vector: Mamba1 steps kLanes channels in the lanes of one vector, with
+// the state transposed to (d_state, channel). Stepped one channel at a time (its 16
+// states one vector) every token was one dependent chain of exp, FMA and a horizontal
+// sum; across channels the d_state chains are independent and the output sum over n
+// is plain FMAs.
+constexpr int64_t kLanes = 16;
+
+// B or C of lane l at state n: one group for all lanes (kUniform), else per lane.
+template <bool kUniform>
+inline float group_value(const float* base, const int64_t* off, int64_t l, int64_t n) {
+  return kUniform ? base[off[0] + n] : base[off[l] + n];
+}
+
+// Replays sequence b's accepted tokens on channels d .. d + kLanes - 1 (those < Dm),
+// stores their new checkpoint rows, then writes the outputs of the new tokens.
+template <bool kUniform>
+void mamba1_lanes(const Mamba1Io& io, int64_t b, int64_t slot, int64_t nr, int64_t d) {
+  const int64_t N = io.N, R = io.R, T = io.T, Dm = io.Dm;
+  const int64_t lanes = std::min(kLanes, Dm - d);
+  alignas(64) float S[kMaxState][kLanes];
+  alignas(64) float delta[kLanes], coef[kLanes], dot[kLanes];
+  int64_t offB[kLanes], offC[kLanes];
+  const float(*A)[kLanes] = reinterpret_cast<const float(*)[kLanes]>(io.A + d * N);
+  float* rows = io.state + slot * io.s_slot + d * io.s_d;  // channel d's row; l's at l * s_d
+  if (lanes == kLanes) {  // a transposing gather (one instruction per n with AVX-512)
+    for (int64_t n = 0; n < N; ++n) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) S[n][l] = rows[l * io.s_d + n];
+    }
+  } else {  // padding lanes: zero state and inputs
+    for (int64_t l = 0; l < kLanes; ++l)
+      for (int64_t n = 0; n < N; ++n) S[n][l] = l < lanes ? rows[l * io.s_d + n] : 0.f;
+  }
+  for (int64_t l = 0; l < kLanes; ++l) {
+    const int64_t c = l < lanes ? d + l : d;
+    offB[l] = c / (Dm / io.gB) * N;
+    offC[l] = c / (Dm / io.gC) * N;
+  }
+  for (int64_t t = 0; t < nr; ++t) {
+    const int64_t row = (b * R + t) * Dm + d;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      delta[l] = l < lanes ? io.rdt[row + l] : 0.f;
+      coef[l] = l < lanes ? delta[l] * io.rx[row + l] : 0.f;
+    }
+    const float* Bt = io.rB + (b * R + t) * io.gB * N;
+    for (int64_t n = 0; n < N; ++n) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l)
+        S[n][l] = S[n][l] * exp_simd(delta[l] * A[n][l])
+                  + coef[l] * group_value<kUniform>(Bt, offB, l, n);
+    }
+  }
+  if (lanes == kLanes) {
+    for (int64_t n = 0; n < N; ++n) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) rows[l * io.s_d + n] = S[n][l];
+    }
+  } else {
+    for (int64_t l = 0; l < lanes; ++l)
+      for (int64_t n = 0; n < N; ++n) rows[l * io.s_d + n] = S[n][l];
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t row = (b * T + t) * Dm + d;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      delta[l] = l < lanes ? io.dt[row + l] : 0.f;
+      coef[l] = l < lanes ? delta[l] * io.x[row + l] : 0.f;
+      dot[l] = 0.f;
+    }
+    const float* Bt = io.B + (b * T + t) * io.gB * N;
+    const float* Ct = io.C + (b * T + t) * io.gC * N;
+    for (int64_t n = 0; n < N; ++n) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) {
+        S[n][l] = S[n][l] * exp_simd(delta[l] * A[n][l])
+                  + coef[l] * group_value<kUniform>(Bt, offB, l, n);
+        dot[l] += S[n][l] * group_value<kUniform>(Ct, offC, l, n);
+      }
+    }
+    for (int64_t l = 0; l < lanes; ++l) {
+      const float xv = io.x[row + l];
+      float out = dot[l] + (io.D ? io.D[d + l] * xv : 0.f);
+      if (io.z) out *= io.z[row + l];
+      io.y[row + l] = out;
+    }
+  }
+}
+
 torch::Tensor mamba1_verify(torch::Tensor state, torch::Tensor state_idx, torch::Tensor replay_x,
                             torch::Tensor replay_dt, torch::Tensor replay_B,
                             torch::Tensor num_replay, torch::Tensor x, torch::Tensor dt,
@@ -227,7 +323,11 @@ torch::Tensor mamba1_verify(torch::Tensor state, torch::Tensor state_idx, torch:
   check_slots(idx, state.size(0), op);
   auto nrep = num_replay.to(torch::kLong).contiguous();
   auto rx = f32(replay_x), rB = f32(replay_B);
-  auto xf = f32(x), Bf = f32(B), Cf = f32(C), Af = f32(A);
+  auto xf = f32(x), Bf = f32(B), Cf = f32(C);
+  const int64_t blocks = (Dm + kLanes - 1) / kLanes;
+  auto A_pad = Dm % kLanes ? torch::constant_pad_nd(f32(A), {0, 0, 0, blocks * kLanes - Dm})
+                           : f32(A);
+  auto A_lanes = A_pad.view({blocks, kLanes, N}).transpose(1, 2).contiguous();
   auto Df = D ? f32(*D) : torch::Tensor();
   // Per-(token, channel) scalars with ATen's vectorised ops: dt -> softplus(dt + bias)
   // (threshold 20, as the reference), z -> silu(z).
@@ -239,59 +339,29 @@ torch::Tensor mamba1_verify(torch::Tensor state, torch::Tensor state_idx, torch:
   auto zf = z ? torch::silu(f32(*z)).contiguous() : torch::Tensor();
   auto y = torch::zeros({batch, T, Dm}, xf.options());
 
+  const Mamba1Io io{rx.data_ptr<float>(), rdt.data_ptr<float>(), rB.data_ptr<float>(),
+                    xf.data_ptr<float>(), dtf.data_ptr<float>(), Bf.data_ptr<float>(),
+                    Cf.data_ptr<float>(), D ? Df.data_ptr<float>() : nullptr,
+                    z ? zf.data_ptr<float>() : nullptr, A_lanes.data_ptr<float>(),
+                    y.data_ptr<float>(), state.data_ptr<float>(),
+                    R, T, Dm, N, gB, gC, state.stride(0), state.stride(1)};
   const int64_t* idx_p = idx.data_ptr<int64_t>();
   const int64_t* nrep_p = nrep.data_ptr<int64_t>();
-  const float *rx_p = rx.data_ptr<float>(), *rdt_p = rdt.data_ptr<float>(),
-              *rB_p = rB.data_ptr<float>(), *x_p = xf.data_ptr<float>(),
-              *dt_p = dtf.data_ptr<float>(), *B_p = Bf.data_ptr<float>(),
-              *C_p = Cf.data_ptr<float>(), *A_p = Af.data_ptr<float>();
-  const float* D_p = D ? Df.data_ptr<float>() : nullptr;
-  const float* z_p = z ? zf.data_ptr<float>() : nullptr;
-  float* y_p = y.data_ptr<float>();
-  float* st_p = state.data_ptr<float>();
-  const int64_t s_slot = state.stride(0), s_d = state.stride(1);
-  constexpr int64_t kBlock = 64;  // channels per task
-  const int64_t blocks = (Dm + kBlock - 1) / kBlock;
+  // A block's lanes read one B (C) group when the group spans the block: a broadcast
+  // then, a gather across groups otherwise.
+  const bool uniform = (Dm / gB) % kLanes == 0 && (Dm / gC) % kLanes == 0;
 
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    // An aligned row: with d_state = 16 the loops below are one vector op each (an
-    // unaligned heap row made the compiler peel them into scalar code).
-    alignas(64) float s[kMaxState];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, d0 = (task % blocks) * kBlock;
+      const int64_t b = task / blocks, d = (task % blocks) * kLanes;
       const int64_t slot = idx_p[b];
       if (slot < 0) continue;
       const int64_t nr = nrep_p[b];
       TORCH_CHECK(nr >= 0 && nr <= R, "mamba1_verify: num_replay out of range");
-      for (int64_t d = d0; d < std::min(Dm, d0 + kBlock); ++d) {
-        float* st = st_p + slot * s_slot + d * s_d;
-        const float* a = A_p + d * N;
-        const int64_t g = d / (Dm / gB), gc = d / (Dm / gC);
-        for (int64_t n = 0; n < N; ++n) s[n] = st[n];
-        for (int64_t t = 0; t < nr; ++t) {
-          const float delta = rdt_p[(b * R + t) * Dm + d];
-          const float coef = delta * rx_p[(b * R + t) * Dm + d];
-          const float* Bt = rB_p + ((b * R + t) * gB + g) * N;
-#pragma omp simd
-          for (int64_t n = 0; n < N; ++n) s[n] = s[n] * exp_simd(delta * a[n]) + coef * Bt[n];
-        }
-        for (int64_t n = 0; n < N; ++n) st[n] = s[n];
-        for (int64_t t = 0; t < T; ++t) {
-          const float delta = dt_p[(b * T + t) * Dm + d];
-          const float xv = x_p[(b * T + t) * Dm + d];
-          const float* Bt = B_p + ((b * T + t) * gB + g) * N;
-          const float* Ct = C_p + ((b * T + t) * gC + gc) * N;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t n = 0; n < N; ++n) {
-            s[n] = s[n] * exp_simd(delta * a[n]) + delta * xv * Bt[n];
-            dot += s[n] * Ct[n];
-          }
-          float out = dot + (D_p ? D_p[d] * xv : 0.f);
-          if (z_p) out *= z_p[(b * T + t) * Dm + d];
-          y_p[(b * T + t) * Dm + d] = out;
-        }
-      }
+      if (uniform)
+        mamba1_lanes<true>(io, b, slot, nr, d);
+      else
+        mamba1_lanes<false>(io, b, slot, nr, d);
     }
   });
   return y.to(x.scalar_type());

@@ -244,6 +244,13 @@ def test_cpu_mamba1_without_gate(impl):
     check_ssm("mamba1", impl, 3, torch.float32, "cpu", without=("z",))
 
 
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_cpu_mamba1_channels_not_a_multiple_of_the_vector(impl):
+    """24 channels: the C++ kernel's second 16-channel block has 8 padding lanes, and its
+    blocks span 2 B groups and 4 C groups (per-lane group offsets)."""
+    check_ssm("mamba1", impl, 3, torch.float32, "cpu", shape=dict(d=24, n=8, g=2, gc=4))
+
+
 def test_cpp_kernels_are_built_and_chosen_on_cpu():
     from vllm_mamba_hybrid.ops.verify import _pick, cpp_kernels
     assert cpp_kernels() is not None, "the C++ verify kernels were not built by setup.py"

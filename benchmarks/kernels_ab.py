@@ -9,7 +9,7 @@ this times both in one (CUDA-graph medians on a GPU, as in kernels_ssm.py):
   git show 3f49949:vllm_mamba_hybrid/ops/triton_verify.py > /tmp/base_triton_verify.py
   python benchmarks/kernels_ab.py --baseline /tmp/base_triton_verify.py --out ab.json
   python benchmarks/kernels_ab.py --baseline /tmp/base_triton_verify.py --variant mamba1
-  git show HEAD~1:csrc/verify_cpu.cpp > /tmp/base_verify_cpu.cpp
+  git show ff5f2e1:csrc/verify_cpu.cpp > /tmp/base_verify_cpu.cpp
   python benchmarks/kernels_ab.py --baseline /tmp/base_verify_cpu.cpp --variant mamba1
 """
 from __future__ import annotations

@@ -245,10 +245,12 @@ def test_cpu_mamba1_without_gate(impl):
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
-def test_cpu_mamba1_channels_not_a_multiple_of_the_vector(impl):
-    """24 channels: the C++ kernel's second 16-channel block has 8 padding lanes, and its
-    blocks span 2 B groups and 4 C groups (per-lane group offsets)."""
-    check_ssm("mamba1", impl, 3, torch.float32, "cpu", shape=dict(d=24, n=8, g=2, gc=4))
+@pytest.mark.parametrize("shape", [dict(d=24, n=8, g=2, gc=4), dict(d=48, n=40, g=3, gc=6)])
+def test_cpu_mamba1_channels_not_a_multiple_of_the_vector(impl, shape):
+    """The C++ kernel steps 16 channels a vector: 24 / 48 channels leave a part-filled
+    block or groups (12 / 16 channels for B, 6 / 8 for C) that split a block; d_state 40
+    is no power of two."""
+    check_ssm("mamba1", impl, 3, torch.float32, "cpu", shape=shape)
 
 
 def test_cpp_kernels_are_built_and_chosen_on_cpu():

@@ -106,6 +106,8 @@ def main():
     if cpu:
         if not os.path.isfile(args.baseline):
             ap.error(f"--baseline {args.baseline}: no such file")
+        if args.baseline_kw:
+            ap.error("--baseline-kw: the C++ kernels take no keyword arguments")
         device, base_kw, tiles = "cpu", {}, [None]
         base_fn = load_cpp(args.baseline, "baseline_verify_cpu", args.variant)
         current = load_cpp(CURRENT_CPP, "current_verify_cpu", args.variant)

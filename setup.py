@@ -1,5 +1,5 @@
 """vllm-mamba-hybrid: Llama -> hybrid Mamba/attention models, distilled and served with vLLM."""
-import os
+import runpy
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -13,10 +13,9 @@ def _extensions():
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return [], {}
-    march = os.environ.get("VLLM_MAMBA_HYBRID_MARCH", "native")
+    flags = runpy.run_path(str(Path(__file__).parent / "csrc" / "build_flags.py"))["cpu_flags"]()
     ext = CppExtension("vllm_mamba_hybrid._verify_cpu", ["csrc/verify_cpu.cpp"],
-                       extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno",
-                                           f"-march={march}"])
+                       extra_compile_args=flags)
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import runpy
 
 import torch
 
@@ -30,14 +31,16 @@ KEYS = ["state", "state_idx", "replay_x", "replay_dt", "replay_B", "num_replay",
 KEYS_MAMBA1 = KEYS[:-1] + ["z", "dt_bias"]
 
 
-CPU_FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-march=native"]   # as setup.py's
-CURRENT_CPP = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "verify_cpu.cpp"
+CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+CURRENT_CPP = CSRC / "verify_cpu.cpp"
 
 
 def load_cpp(path, name: str, variant: str):
-    """``{variant}_verify`` of a verify_cpu.cpp, compiled as extension ``name``."""
+    """``{variant}_verify`` of a verify_cpu.cpp, compiled as extension ``name`` with
+    setup.py's flags."""
     from torch.utils.cpp_extension import load
-    return getattr(load(name=name, sources=[str(path)], extra_cflags=CPU_FLAGS), f"{variant}_verify")
+    flags = runpy.run_path(str(CSRC / "build_flags.py"))["cpu_flags"]()
+    return getattr(load(name=name, sources=[str(path)], extra_cflags=flags), f"{variant}_verify")
 
 
 def load_baseline(path: str, variant: str = "mamba2"):
@@ -95,14 +98,16 @@ def main():
     ap.add_argument("--baseline-kw", default=None,
                     help="JSON keyword arguments of the baseline's verify function "
                          "(default: algo=loop for Mamba2)")
-    ap.add_argument("--tiles", nargs="+", type=tile,
-                    default=[(32, 32, 2), (32, 32, 4), (16, 32, 4), (32, 16, 2)],
-                    help="sub_n,block_p,num_warps of the current loop kernel")
+    ap.add_argument("--tiles", nargs="+", type=tile, default=None,
+                    help="sub_n,block_p,num_warps of the current Mamba2 Triton loop kernel "
+                         "(default 32,32,2 32,32,4 16,32,4 32,16,2)")
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 8 64 (CPU: 1 8)")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cpu = args.baseline.endswith(".cpp")
+    if args.tiles and (cpu or args.variant != "mamba2"):
+        ap.error("--tiles: only the Mamba2 Triton loop kernel takes tiles")
     if cpu:
         if not os.path.isfile(args.baseline):
             ap.error(f"--baseline {args.baseline}: no such file")
@@ -120,7 +125,8 @@ def main():
         except json.JSONDecodeError as e:
             ap.error(f"--baseline-kw: not JSON ({e})")
         current = getattr(triton_verify, f"{args.variant}_verify_triton")
-        tiles = args.tiles if args.variant == "mamba2" else [None]
+        tiles = [None] if args.variant != "mamba2" else args.tiles or [
+            (32, 32, 2), (32, 32, 4), (16, 32, 4), (32, 16, 2)]
         if not torch.cuda.is_available():
             ap.error("times Triton kernels: needs a CUDA GPU")
         device, name = "cuda", torch.cuda.get_device_name()

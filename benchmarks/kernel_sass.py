@@ -101,11 +101,13 @@ def mamba2_kernel(algo: str, block_p: int, num_warps: int, sub_n: int | None = 3
     return resources(compile_sm90(kernel, consts, num_warps).asm["cubin"])
 
 
-def mamba1_kernel(block_d: int, num_warps: int, d_state: int = 16):
+def mamba1_kernel(block_d: int, num_warps: int, d_state: int = 16, sub_n: int | None = None):
     """Resources and loop bodies of the Mamba1 verify kernel as `mamba1_verify_triton`
     would launch it (with z, D and the dt bias)."""
+    block_n = triton.next_power_of_2(d_state)
     consts = dict(HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, BLOCK_D=block_d,
-                  BLOCK_N=triton.next_power_of_2(d_state))
+                  BLOCK_N=block_n, SUB_N=min(block_n, sub_n or 16),
+                  SLICES_FIRST=triton_verify._SLICES_FIRST, FAST_EXP=True)
     return resources(compile_sm90(triton_verify._mamba1_verify_kernel, consts, num_warps)
                      .asm["cubin"])
 
@@ -123,8 +125,9 @@ def main():
                     help="Mamba2 loop / block form, or Mamba1 (--block-p is then BLOCK_D)")
     ap.add_argument("--block-p", type=power_of_two, nargs="+", default=[32])
     ap.add_argument("--warps", type=power_of_two, nargs="+", default=[2])
-    ap.add_argument("--sub-n", type=power_of_two, nargs="+", default=[32],
-                    help="loop kernel: n-slice width (d_state or more: one slice)")
+    ap.add_argument("--sub-n", type=power_of_two, nargs="+", default=None,
+                    help="n-slice width (d_state or more: one slice); default: the launcher's "
+                         "(loop kernel 32)")
     ap.add_argument("--slices-first", type=int, choices=(0, 1), default=None,
                     help="loop kernel: tile axis order (default: the one picked for this Triton)")
     ap.add_argument("--d-state", type=int, default=None, help="default 128, Mamba1 16")
@@ -135,10 +138,10 @@ def main():
           + (f", slices first: {first}" if args.kernel == "loop" else ""))
     print(f"{'block':>7} {'warps':>5} {'sub_n':>5} {'regs':>4} {'stack':>5}  "
           "instructions per iteration: replay / new-token loop (top opcodes)")
-    subs = args.sub_n if args.kernel == "loop" else [None]
+    subs = args.sub_n or [32 if args.kernel == "loop" else None]
     for bp, nw, sub in itertools.product(args.block_p, args.warps, subs):
         if args.kernel == "mamba1":
-            res, loops = mamba1_kernel(bp, nw, d_state)
+            res, loops = mamba1_kernel(bp, nw, d_state, sub)
         else:
             res, loops = mamba2_kernel(args.kernel, bp, nw, sub, first, d_state)
         counts = " / ".join(str(sum(c.values())) for c in loops) or "-"

@@ -178,14 +178,17 @@ def main():
     if args.sweep:   # tiles (Mamba2 rows, Mamba1 channels) x warps (x n-slice width) at k = 4
         for variant, blocks, warp_set, subs in (("mamba2", (8, 16, 32, 64), (1, 2, 4, 8), (16, 32)),
                                                 ("mamba2-dot", (16, 32, 64), (4, 8), (None,)),
-                                                ("mamba1", (32, 64, 128, 256), (1, 2, 4, 8), (None,))):
+                                                ("mamba1", (32, 64, 128, 256), (1, 2, 4, 8), (4, 8, 16))):
             if variant not in args.variants:
                 continue
             for batch, blk, warps, sub in itertools.product(args.batches or (8, 64), blocks,
                                                             warp_set, subs):
+                if variant == "mamba1" and not 4 <= blk * M1["n"] // (32 * warps) <= 32:
+                    continue            # state values a thread: 4-32
                 kw = dict(num_warps=warps, **({"block_d": blk} if variant == "mamba1" else
                                               {"block_p": blk}),
-                          **({"sub_n": sub, "algo": "loop"} if sub else {}))
+                          **({"sub_n": sub} if sub else {}),
+                          **({"algo": "loop"} if sub and variant == "mamba2" else {}))
                 r = run_case(variant, batch, 4, dev, bw, seq=False, **kw)
                 rows.append(dict(r, sweep=True))
                 print(f"sweep {variant} b{batch} " + " ".join(f"{k}={v}" for k, v in kw.items())

@@ -25,6 +25,9 @@ SMALL1 = dict(d=32, n=8, g=2, gc=4)               # Mamba1: channels, d_state, B
 # d_state cut into several 32-wide slices by the Triton Mamba2 loop kernel, the last one
 # part-masked (48 pads to 64)
 SLICED2 = [dict(h=2, g=1, gc=2, p=8, n=n) for n in (64, 48)]
+# Mamba1's tile: d_state in 16-wide slices, one (n = 16; 3 pads to 4) or several (64;
+# 40 pads to 64, its last slice part-masked), channels past the last full program (40)
+SLICED1 = [dict(d=40, n=n, g=5, gc=10) for n in (16, 64, 40, 3)]
 
 
 def _rows(k, device, n_eos=2):
@@ -322,13 +325,23 @@ def test_triton_loop_rows_fill_the_sms():
     assert _loop_rows(8, 16, 1, 132) == 8                  # p smaller than the floor
 
 
-@pytest.mark.parametrize("bad", [dict(sub_n=24), dict(block_p=12), dict(sub_n=0)])
-def test_triton_mamba2_refuses_tiles_that_are_not_powers_of_two(bad):
-    from vllm_mamba_hybrid.ops.triton_verify import mamba2_verify_triton
-    case = mamba2_case(2, torch.float32, "cpu", **SMALL2)
+@pytest.mark.parametrize("variant,bad", [("mamba2", dict(sub_n=24)), ("mamba2", dict(block_p=12)),
+                                         ("mamba2", dict(sub_n=0)), ("mamba1", dict(block_d=48)),
+                                         ("mamba1", dict(sub_n=6))])
+def test_triton_refuses_tiles_that_are_not_powers_of_two(variant, bad):
+    from vllm_mamba_hybrid.ops import triton_verify
+    make, shape = (mamba1_case, SMALL1) if variant == "mamba1" else (mamba2_case, SMALL2)
+    case = make(2, torch.float32, "cpu", **shape)
     name = next(iter(bad))
     with pytest.raises(ValueError, match=f"{name} must be a power of two"):
-        mamba2_verify_triton(**case, dt_softplus=True, **bad)
+        getattr(triton_verify, f"{variant}_verify_triton")(**case, dt_softplus=True, **bad)
+
+
+def test_triton_mamba1_warps_fill_small_grids():
+    from vllm_mamba_hybrid.ops.triton_verify import _mamba1_warps
+    assert _mamba1_warps(64, 132) == 8       # batch 1 at d_inner 4096: 64 programs
+    assert _mamba1_warps(512, 132) == 4      # batch 8
+    assert _mamba1_warps(64, None) == 4      # no GPU: the default
 
 
 # --- Triton kernels under the interpreter (CPU, subprocess) ---------------------------------
@@ -348,6 +361,8 @@ def triton_interpreter_checks():
         triton_verify._SLICES_FIRST = slices_first
         for shape in SLICED2:
             check_ssm("mamba2", "triton", 3, torch.float32, "cpu", shape=shape)
+        for shape in SLICED1:
+            check_ssm("mamba1", "triton", 3, torch.float32, "cpu", shape=shape)
     triton_verify._SLICES_FIRST = picked
     for variant in ("mamba2", "mamba1"):
         check_spec_loop(variant, "triton", "cpu", rounds=3)
@@ -370,6 +385,8 @@ def test_triton_gpu(k, dtype):
         check_ssm(variant, "triton", k, dtype, "cuda")
     for shape in SLICED2:
         check_ssm("mamba2", "triton", k, dtype, "cuda", shape=shape)
+    for shape in SLICED1:
+        check_ssm("mamba1", "triton", k, dtype, "cuda", shape=shape)
     check_ssm("mamba1", "triton", k, dtype, "cuda", without=("z",))
     check_conv("triton", k, dtype, "cuda")
 

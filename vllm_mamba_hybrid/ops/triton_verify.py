@@ -28,6 +28,19 @@ def _dt_eff(dt, dt_bias, DT_SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    """2**x. FAST (CUDA only): one ``ex2.approx.ftz`` instruction; ``tl.exp2`` adds a
+    range check and two scalings per value so that results below 2**-126 stay
+    denormal, which a decaying state has no use for (FTZ flushes them to 0)."""
+    if FAST:
+        out = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                        dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        out = tl.exp2(x)
+    return out
+
+
+@triton.jit
 def _rows(v, SLICES_FIRST: tl.constexpr):
     """A [BLOCK_P] vector broadcast over the sliced state tile (see `_mamba2_state_tile`)."""
     if SLICES_FIRST:
@@ -272,46 +285,53 @@ def _mamba1_verify_kernel(
     s_A_d, s_A_n,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUB_N: tl.constexpr, SLICES_FIRST: tl.constexpr, FAST_EXP: tl.constexpr,
 ):
+    """BLOCK_D channels of sequence b. The state tile is sliced along n as the Mamba2
+    tile is (`_mamba2_state_tile`) with SUB_N-wide slices, so a channel's d_state values
+    sit in one thread (SUB_N = 4) or a few lanes: the sum over n is in-thread adds, and
+    each channel loads its own group's B and C row (lanes of one group read one address:
+    broadcast loads, no per-token layout change)."""
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     slot = tl.load(idx_ptr + b).to(tl.int64)
     active = slot >= 0
     slot = tl.maximum(slot, 0)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N // SUB_N)[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]
     md = offs_d < DIM
-    mn = offs_n < N
-    mdn = md[:, None] & mn[None, :]
-    ms = (offs_d < tl.where(active, DIM, 0))[:, None] & mn[None, :]
-    st_ptrs = state_ptr + slot * s_st + offs_d[:, None] * s_st_d + offs_n[None, :] * s_st_n
+    mn = _slices(offs_n < N, SLICES_FIRST)
+    ms = _rows(offs_d < tl.where(active, DIM, 0), SLICES_FIRST) & mn
+    n_at = _slices(offs_n, SLICES_FIRST)
+    st_ptrs = state_ptr + slot * s_st + _rows(offs_d, SLICES_FIRST) * s_st_d + n_at * s_st_n
     S = tl.load(st_ptrs, mask=ms, other=0.0)
-    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n,
-                mask=mdn, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + _rows(offs_d, SLICES_FIRST) * s_A_d + n_at * s_A_n,
+                mask=_rows(md, SLICES_FIRST) & mn, other=0.0).to(tl.float32) * 1.4426950408889634
     dtb = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_DT_BIAS:
         dtb = tl.load(dtb_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
-    gB = offs_d // ch_per_gB
-    gC = offs_d // ch_per_gC
+    gB = _rows(offs_d // ch_per_gB, SLICES_FIRST)
+    gC = _rows(offs_d // ch_per_gC, SLICES_FIRST)
 
     # look-ahead loads as in the Mamba2 kernel (z too: loaded where used, its latency
-    # stalled every new token)
+    # stalled every new token); past the last token the last one is loaded again
     n_rep = tl.load(nrep_ptr + b)
     rdt_row = rdt_ptr + b * s_rdt_b + offs_d * s_rdt_d
     rx_row = rx_ptr + b * s_rx_b + offs_d * s_rx_d
-    rB_row = rB_ptr + b * s_rB_b + gB[:, None] * s_rB_g + offs_n[None, :] * s_rB_n
+    rB_row = rB_ptr + b * s_rB_b + gB * s_rB_g + n_at * s_rB_n
     lim = tl.where(n_rep > 0, DIM, 0)
     d = tl.load(rdt_row, mask=offs_d < lim, other=0.0)
     xv = tl.load(rx_row, mask=offs_d < lim, other=0.0)
-    Bv = tl.load(rB_row, mask=(offs_d < lim)[:, None] & mn[None, :], other=0.0)
+    Bv = tl.load(rB_row, mask=_rows(offs_d < lim, SLICES_FIRST) & mn, other=0.0)
+    mB = _rows(md, SLICES_FIRST) & mn
     for t in range(0, n_rep):
-        lim = tl.where(t + 1 < n_rep, DIM, 0)
-        d_n = tl.load(rdt_row + (t + 1) * s_rdt_t, mask=offs_d < lim, other=0.0)
-        x_n = tl.load(rx_row + (t + 1) * s_rx_t, mask=offs_d < lim, other=0.0)
-        B_n = tl.load(rB_row + (t + 1) * s_rB_t, mask=(offs_d < lim)[:, None] & mn[None, :],
-                      other=0.0)
+        tn = tl.minimum(t + 1, n_rep - 1)     # the last token again: no per-token masks
+        d_n = tl.load(rdt_row + tn * s_rdt_t, mask=md, other=0.0)
+        x_n = tl.load(rx_row + tn * s_rx_t, mask=md, other=0.0)
+        B_n = tl.load(rB_row + tn * s_rB_t, mask=mB, other=0.0)
         de = _dt_eff(d, dtb, DT_SOFTPLUS)
-        S = S * tl.exp(de[:, None] * A) + (de * xv.to(tl.float32))[:, None] * Bv.to(tl.float32)
+        S = (S * _exp2(_rows(de, SLICES_FIRST) * A, FAST_EXP)
+             + _rows(de * xv.to(tl.float32), SLICES_FIRST) * Bv.to(tl.float32))
         d, xv, Bv = d_n, x_n, B_n
     tl.store(st_ptrs, S, mask=ms)
 
@@ -321,27 +341,26 @@ def _mamba1_verify_kernel(
     dt_row = dt_ptr + b * s_dt_b + offs_d * s_dt_d
     x_row = x_ptr + b * s_x_b + offs_d * s_x_d
     z_row = z_ptr + b * s_z_b + offs_d * s_z_d
-    B_row = B_ptr + b * s_B_b + gB[:, None] * s_B_g + offs_n[None, :] * s_B_n
-    C_row = C_ptr + b * s_C_b + gC[:, None] * s_C_g + offs_n[None, :] * s_C_n
+    B_row = B_ptr + b * s_B_b + gB * s_B_g + n_at * s_B_n
+    C_row = C_ptr + b * s_C_b + gC * s_C_g + n_at * s_C_n
     lim = tl.where(T > 0, DIM, 0)
     d = tl.load(dt_row, mask=offs_d < lim, other=0.0)
     xv = tl.load(x_row, mask=offs_d < lim, other=0.0)
-    Bv = tl.load(B_row, mask=(offs_d < lim)[:, None] & mn[None, :], other=0.0)
-    Cv = tl.load(C_row, mask=(offs_d < lim)[:, None] & mn[None, :], other=0.0)
+    Bv = tl.load(B_row, mask=_rows(offs_d < lim, SLICES_FIRST) & mn, other=0.0)
+    Cv = tl.load(C_row, mask=_rows(offs_d < lim, SLICES_FIRST) & mn, other=0.0)
     zv = tl.load(z_row, mask=(offs_d < lim) & HAS_Z, other=0.0)
     for t in range(0, T):
-        lim = tl.where(t + 1 < T, DIM, 0)
-        d_n = tl.load(dt_row + (t + 1) * s_dt_t, mask=offs_d < lim, other=0.0)
-        x_n = tl.load(x_row + (t + 1) * s_x_t, mask=offs_d < lim, other=0.0)
-        B_n = tl.load(B_row + (t + 1) * s_B_t, mask=(offs_d < lim)[:, None] & mn[None, :],
-                      other=0.0)
-        C_n = tl.load(C_row + (t + 1) * s_C_t, mask=(offs_d < lim)[:, None] & mn[None, :],
-                      other=0.0)
-        z_n = tl.load(z_row + (t + 1) * s_z_t, mask=(offs_d < lim) & HAS_Z, other=0.0)
+        tn = tl.minimum(t + 1, T - 1)
+        d_n = tl.load(dt_row + tn * s_dt_t, mask=md, other=0.0)
+        x_n = tl.load(x_row + tn * s_x_t, mask=md, other=0.0)
+        B_n = tl.load(B_row + tn * s_B_t, mask=mB, other=0.0)
+        C_n = tl.load(C_row + tn * s_C_t, mask=mB, other=0.0)
+        z_n = tl.load(z_row + tn * s_z_t, mask=md & HAS_Z, other=0.0)
         de = _dt_eff(d, dtb, DT_SOFTPLUS)
         xf = xv.to(tl.float32)
-        S = S * tl.exp(de[:, None] * A) + (de * xf)[:, None] * Bv.to(tl.float32)
-        yv = tl.sum(S * Cv.to(tl.float32), axis=1) + Dc * xf
+        S = (S * _exp2(_rows(de, SLICES_FIRST) * A, FAST_EXP)
+             + _rows(de * xf, SLICES_FIRST) * Bv.to(tl.float32))
+        yv = _sum_n(S * Cv.to(tl.float32), SLICES_FIRST) + Dc * xf
         if HAS_Z:
             zf = zv.to(tl.float32)
             yv = yv * zf * tl.sigmoid(zf)
@@ -413,6 +432,12 @@ def _block(n: int, cap: int) -> int:
     return min(triton.next_power_of_2(n), cap)
 
 
+def _check_powers_of_two(fn: str, **tiles) -> None:
+    for name, v in tiles.items():
+        if v is not None and (v < 1 or v & (v - 1)):
+            raise ValueError(f"{fn}: {name} must be a power of two, got {v}")
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -441,9 +466,7 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     and 64, k = 4 (H100, benchmarks/results/kernels_ssm_h100_run4_sweep.json); fewer rows
     where that grid would not give each SM 4 programs (batch 1: 8 rows, 9.2 -> 8.0 us)."""
     batch, T, H, P = x.shape
-    for name, v in (("block_p", block_p), ("sub_n", sub_n)):
-        if v is not None and (v < 1 or v & (v - 1)):
-            raise ValueError(f"mamba2_verify_triton: {name} must be a power of two, got {v}")
+    _check_powers_of_two("mamba2_verify_triton", block_p=block_p, sub_n=sub_n)
     if algo == "auto":
         algo = "dot" if batch <= 2 and T >= 9 else "loop"
     N = B.shape[-1]
@@ -473,16 +496,30 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     return y
 
 
+def _mamba1_warps(programs: int, sm_count: int | None) -> int:
+    """4 warps a program (64 channels, 8 state values a thread), 8 where the grid gives
+    the SMs fewer than 2 programs each (batch 1 at d_inner 4096: 4.2 against 4.6 us)."""
+    return 8 if sm_count and programs < 2 * sm_count else 4
+
+
 def mamba1_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_replay, x, dt, A, B,
-                         C, D, z, dt_bias, dt_softplus, out=None, block_d: int | None = None,
-                         num_warps: int = 4):
+                         C, D, z, dt_bias, dt_softplus, out=None, block_d: int = 64,
+                         num_warps: int | None = None, sub_n: int = 16):
+    """Tile: ``block_d`` channels x d_state, d_state cut into ``sub_n``-wide slices (one
+    at d_state 16: a channel on 4 lanes, 4 values each). Within 4% of the best of 36
+    tiles (channels x warps x slice width) at batch 8 and 64, k = 4, on an H100
+    (benchmarks/results/kernels_ssm_h100_run6_mamba1_sweep.json)."""
     batch, T, DIM = x.shape
+    _check_powers_of_two("mamba1_verify_triton", block_d=block_d, sub_n=sub_n)
     N = A.shape[-1]
     assert state.dtype == torch.float32, "the verify kernels keep an fp32 state"
     rx, rdt, rB = (_replay_or_new(r, n) for r, n in ((replay_x, x), (replay_dt, dt), (replay_B, B)))
     y = torch.empty_like(x) if out is None else out
     BLOCK_N = triton.next_power_of_2(N)
-    BLOCK_D = block_d or _block(DIM, max(1, 1024 // BLOCK_N))
+    SUB_N = min(BLOCK_N, sub_n)
+    BLOCK_D = min(block_d, triton.next_power_of_2(DIM))
+    programs = batch * triton.cdiv(DIM, BLOCK_D)
+    num_warps = num_warps or _mamba1_warps(programs, _sm_count(x.device) if x.is_cuda else None)
     zz = z if z is not None else x
     grid = (triton.cdiv(DIM, BLOCK_D), batch)
     _mamba1_verify_kernel[grid](
@@ -492,7 +529,8 @@ def mamba1_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
         *state.stride(), *rx.stride(), *rdt.stride(), *rB.stride(), *x.stride(), *dt.stride(),
         *B.stride(), *C.stride(), *zz.stride(), *y.stride(), *A.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
-        DT_SOFTPLUS=dt_softplus, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, num_warps=num_warps)
+        DT_SOFTPLUS=dt_softplus, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SUB_N=SUB_N,
+        SLICES_FIRST=_SLICES_FIRST, FAST_EXP=x.is_cuda, num_warps=num_warps)
     return y
 
 

@@ -288,9 +288,10 @@ def _mamba1_verify_kernel(
     SUB_N: tl.constexpr, SLICES_FIRST: tl.constexpr, FAST_EXP: tl.constexpr,
 ):
     """BLOCK_D channels of sequence b. The state tile is sliced along n as the Mamba2
-    tile is (`_mamba2_state_tile`) with SUB_N-wide slices, so a channel's d_state values
-    sit in one thread (SUB_N = 4) or a few lanes: the sum over n is in-thread adds, and
-    each channel loads its own group's B and C row (lanes of one group read one address:
+    tile is (`_mamba2_state_tile`): one 16-wide slice at d_state 16 puts a channel on 4
+    lanes (y: in-thread adds, then 2 shuffles); 4-wide slices would put it in one thread
+    (fewer instructions, 94 registers: slower on an H100, NOTES_kernels.md run 6). Each
+    channel loads its own group's B and C row (lanes of one group read one address:
     broadcast loads, no per-token layout change)."""
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)

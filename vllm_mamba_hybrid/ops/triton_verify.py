@@ -29,8 +29,8 @@ def _dt_eff(dt, dt_bias, DT_SOFTPLUS: tl.constexpr):
 
 @triton.jit
 def _exp2(x, FAST: tl.constexpr):
-    """2**x. FAST (CUDA only): one ``ex2.approx.ftz`` instruction; ``tl.exp2`` adds a
-    range check and two scalings per value so that results below 2**-126 stay
+    """2**x. FAST (NVIDIA, inline PTX): one ``ex2.approx.ftz`` instruction; ``tl.exp2``
+    adds a range check and two scalings per value so that results below 2**-126 stay
     denormal, which a decaying state has no use for (FTZ flushes them to 0)."""
     if FAST:
         out = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
@@ -531,7 +531,8 @@ def mamba1_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
         *B.stride(), *C.stride(), *zz.stride(), *y.stride(), *A.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
         DT_SOFTPLUS=dt_softplus, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SUB_N=SUB_N,
-        SLICES_FIRST=_SLICES_FIRST, FAST_EXP=x.is_cuda, num_warps=num_warps)
+        SLICES_FIRST=_SLICES_FIRST, FAST_EXP=x.is_cuda and torch.version.hip is None,
+        num_warps=num_warps)
     return y
 
 

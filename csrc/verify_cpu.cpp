@@ -20,8 +20,11 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -83,6 +86,79 @@ void check_slots(const torch::Tensor& idx, int64_t slots, const char* what) {
                 slots, " slots");
 }
 
+// Mamba2's state rows are swept kChunk values at a time (one AVX-512 vector).
+constexpr int64_t kChunk = 16;
+// Rows are compiled for each new-token count up to kMaxFixedT (k <= 15), so the T
+// readout accumulators are registers; longer blocks keep them in memory.
+constexpr int64_t kMaxFixedT = 16;
+
+// kLen values of a state row, held in registers: the nr replayed tokens are applied
+// (the decay with the first), the chunk is stored back if it changed, and its products
+// with each new token's C are added to acc (T x kChunk): one pass over the row serves
+// the replay and all readouts (before: a pass per token, each readout one dependent
+// chain of FMAs). kT: T when known at compile time, else 0.
+template <int64_t kLen, int64_t kT>
+inline void mamba2_chunk(float* row, const float* rB, int64_t rB_t, const float* coef, int64_t nr,
+                         float decay, const float* C, int64_t C_t, int64_t T, float* acc) {
+  float v[kChunk];
+#pragma omp simd
+  for (int64_t j = 0; j < kLen; ++j) v[j] = row[j];
+  if (nr > 0) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLen; ++j) v[j] = v[j] * decay + coef[0] * rB[j];
+    for (int64_t t = 1; t < nr; ++t) {
+      const float c = coef[t];
+      const float* Bt = rB + t * rB_t;
+#pragma omp simd
+      for (int64_t j = 0; j < kLen; ++j) v[j] += c * Bt[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < kLen; ++j) row[j] = v[j];
+  }
+  for (int64_t t = 0; t < (kT ? kT : T); ++t) {
+    const float* Ct = C + t * C_t;
+    float* at = acc + t * kChunk;
+#pragma omp simd
+    for (int64_t j = 0; j < kLen; ++j) at[j] += v[j] * Ct[j];
+  }
+}
+
+// One state row of length N (full chunks, then the N % kChunk values left one at a
+// time); dots[t] = C_t . (the row after the replay).
+template <int64_t kT>
+void mamba2_row(float* row, int64_t N, const float* rB, int64_t rB_t, const float* coef, int64_t nr,
+                float decay, const float* C, int64_t C_t, int64_t T, float* acc_mem, float* dots) {
+  float acc_reg[kT ? kT * kChunk : 1] = {};
+  float* acc = kT ? acc_reg : acc_mem;
+  if (!kT) std::fill(acc, acc + T * kChunk, 0.f);
+  int64_t n0 = 0;
+  for (; n0 + kChunk <= N; n0 += kChunk)
+    mamba2_chunk<kChunk, kT>(row + n0, rB + n0, rB_t, coef, nr, decay, C + n0, C_t, T, acc);
+  for (; n0 < N; ++n0)
+    mamba2_chunk<1, kT>(row + n0, rB + n0, rB_t, coef, nr, decay, C + n0, C_t, T, acc);
+  for (int64_t t = 0; t < (kT ? kT : T); ++t) {
+    const float* at = acc + t * kChunk;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < kChunk; ++j) dot += at[j];
+    dots[t] = dot;
+  }
+}
+
+using Mamba2RowFn = void (*)(float*, int64_t, const float*, int64_t, const float*, int64_t, float,
+                             const float*, int64_t, int64_t, float*, float*);
+
+template <size_t... I>
+constexpr std::array<Mamba2RowFn, sizeof...(I) + 1> mamba2_row_table(std::index_sequence<I...>) {
+  return {&mamba2_row<0>, &mamba2_row<static_cast<int64_t>(I) + 1>...};
+}
+
+// mamba2_row for T new tokens: the compiled count where there is one, else the general row.
+Mamba2RowFn mamba2_row_for(int64_t T) {
+  static constexpr auto table = mamba2_row_table(std::make_index_sequence<kMaxFixedT>{});
+  return T >= 1 && T <= kMaxFixedT ? table[T] : table[0];
+}
+
 torch::Tensor mamba2_verify(torch::Tensor state, torch::Tensor state_idx, torch::Tensor replay_x,
                             torch::Tensor replay_dt, torch::Tensor replay_B,
                             torch::Tensor num_replay, torch::Tensor x, torch::Tensor dt,
@@ -128,8 +204,10 @@ torch::Tensor mamba2_verify(torch::Tensor state, torch::Tensor state_idx, torch:
   float* st_p = state.data_ptr<float>();
   const int64_t s_slot = state.stride(0), s_h = state.stride(1), s_p = state.stride(2);
 
+  const Mamba2RowFn row_fn = mamba2_row_for(T);
   at::parallel_for(0, batch * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(R), cum(T), ecum(T), G(T * T);
+    std::vector<float> w(R), cum(T), ecum(T), dte(T), G(T * T), coef(R), acc(T * kChunk),
+        row_dots(T), dots(T * P);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H;
       const int64_t slot = idx_p[b];
@@ -151,7 +229,6 @@ torch::Tensor mamba2_verify(torch::Tensor state, torch::Tensor state_idx, torch:
       }
       const float decay = std::exp(total);
       // new tokens: cum_t, and G[t][s] = exp(cum_t - cum_s) dt_s (C_t . B_s) for s <= t
-      std::vector<float> dte(T);
       float c = 0.f;
       for (int64_t t = 0; t < T; ++t) {
         dte[t] = dt_eff(dt_p[(b * T + t) * H + h], bias, dt_softplus);
@@ -173,23 +250,24 @@ torch::Tensor mamba2_verify(torch::Tensor state, torch::Tensor state_idx, torch:
       }
       const float* rBb = rB_p + (b * R * gB + h / (H / gB)) * N;
       for (int64_t p = 0; p < P; ++p) {
-        float* row = st_p + slot * s_slot + h * s_h + p * s_p;
-        for (int64_t t = 0; t < nr; ++t) {
-          const float coef = w[t] * rx_p[((b * R + t) * H + h) * P + p];
-          const float* Bt = rBb + t * gB * N;
-          const float dec = t == 0 ? decay : 1.f;
+        for (int64_t t = 0; t < nr; ++t) coef[t] = w[t] * rx_p[((b * R + t) * H + h) * P + p];
+        row_fn(st_p + slot * s_slot + h * s_h + p * s_p, N, rBb, gB * N, coef.data(), nr, decay,
+               Cb, gC * N, T, acc.data(), row_dots.data());
+        for (int64_t t = 0; t < T; ++t) dots[t * P + p] = row_dots[t];
+      }
+      // outputs, vectorised over the head's rows p (x and y are contiguous in p)
+      for (int64_t t = 0; t < T; ++t) {
+        float* yt = y_p + ((b * T + t) * H + h) * P;
+        const float* xt = x_p + ((b * T + t) * H + h) * P;
+        const float* dot_t = dots.data() + t * P;
+        const float e = ecum[t];
 #pragma omp simd
-          for (int64_t n = 0; n < N; ++n) row[n] = row[n] * dec + coef * Bt[n];
-        }
-        for (int64_t t = 0; t < T; ++t) {
-          const float* Ct = Cb + t * gC * N;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t n = 0; n < N; ++n) dot += row[n] * Ct[n];
-          float out = ecum[t] * dot;
-          for (int64_t s = 0; s <= t; ++s) out += G[t * T + s] * x_p[((b * T + s) * H + h) * P + p];
-          out += d_skip * x_p[((b * T + t) * H + h) * P + p];
-          y_p[((b * T + t) * H + h) * P + p] = out;
+        for (int64_t p = 0; p < P; ++p) yt[p] = e * dot_t[p] + d_skip * xt[p];
+        for (int64_t s = 0; s <= t; ++s) {
+          const float g = G[t * T + s];
+          const float* xs = x_p + ((b * T + s) * H + h) * P;
+#pragma omp simd
+          for (int64_t p = 0; p < P; ++p) yt[p] += g * xs[p];
         }
       }
     }

@@ -256,6 +256,21 @@ def test_cpu_mamba1_channels_not_a_multiple_of_the_vector(impl, shape):
     check_ssm("mamba1", impl, 3, torch.float32, "cpu", shape=shape)
 
 
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("n", [20, 40, 7])
+def test_cpu_mamba2_state_not_a_multiple_of_the_vector(impl, n):
+    """The C++ kernel sweeps a state row 16 values at a time: d_state 20 / 40 / 7 leave a
+    tail of 4 / 8 / 7 values (7: no full chunk at all)."""
+    check_ssm("mamba2", impl, 3, torch.float32, "cpu", shape=dict(h=4, g=2, gc=4, p=8, n=n))
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_cpu_mamba2_long_blocks(impl):
+    """k = 16: 17 new tokens, past the token counts the C++ row code is compiled for
+    (its accumulators then live in memory)."""
+    check_ssm("mamba2", impl, 16, torch.float32, "cpu", shape=dict(h=2, g=1, gc=2, p=8, n=20))
+
+
 def test_cpp_kernels_are_built_and_chosen_on_cpu():
     from vllm_mamba_hybrid.ops.verify import _pick, cpp_kernels
     assert cpp_kernels() is not None, "the C++ verify kernels were not built by setup.py"

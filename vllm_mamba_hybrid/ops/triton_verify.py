@@ -19,11 +19,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _dt_eff(dt, dt_bias, DT_SOFTPLUS: tl.constexpr):
-    """dt + bias, then softplus (threshold 20, as torch's)."""
+def _dt_eff(dt, dt_bias, DT_SOFTPLUS: tl.constexpr, FAST: tl.constexpr = False):
+    """dt + bias, then softplus (threshold 20, as torch's); FAST: through `_exp2` and
+    `_log2` (one special-function instruction each, no range fix-ups)."""
     v = dt.to(tl.float32) + dt_bias
     if DT_SOFTPLUS:
-        v = tl.where(v <= 20.0, tl.log(1.0 + tl.exp(v)), v)
+        if FAST:
+            sp = 0.6931471805599453 * _log2(1.0 + _exp2(v * 1.4426950408889634, True), True)
+        else:
+            sp = tl.log(1.0 + tl.exp(v))
+        v = tl.where(v <= 20.0, sp, v)
     return v
 
 
@@ -37,6 +42,17 @@ def _exp2(x, FAST: tl.constexpr):
                                         dtype=tl.float32, is_pure=True, pack=1)
     else:
         out = tl.exp2(x)
+    return out
+
+
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """log2(x). FAST (NVIDIA, inline PTX): one ``lg2.approx.ftz`` instruction."""
+    if FAST:
+        out = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                        dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        out = tl.log2(x)
     return out
 
 
@@ -285,7 +301,7 @@ def _mamba1_verify_kernel(
     s_A_d, s_A_n,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUB_N: tl.constexpr, SLICES_FIRST: tl.constexpr, FAST_EXP: tl.constexpr,
+    SUB_N: tl.constexpr, SLICES_FIRST: tl.constexpr, FAST_SFU: tl.constexpr,
 ):
     """BLOCK_D channels of sequence b. The state tile is sliced along n as the Mamba2
     tile is (`_mamba2_state_tile`): one 16-wide slice at d_state 16 puts a channel on 4
@@ -330,8 +346,8 @@ def _mamba1_verify_kernel(
         d_n = tl.load(rdt_row + tn * s_rdt_t, mask=md, other=0.0)
         x_n = tl.load(rx_row + tn * s_rx_t, mask=md, other=0.0)
         B_n = tl.load(rB_row + tn * s_rB_t, mask=mB, other=0.0)
-        de = _dt_eff(d, dtb, DT_SOFTPLUS)
-        S = (S * _exp2(_rows(de, SLICES_FIRST) * A, FAST_EXP)
+        de = _dt_eff(d, dtb, DT_SOFTPLUS, FAST_SFU)
+        S = (S * _exp2(_rows(de, SLICES_FIRST) * A, FAST_SFU)
              + _rows(de * xv.to(tl.float32), SLICES_FIRST) * Bv.to(tl.float32))
         d, xv, Bv = d_n, x_n, B_n
     tl.store(st_ptrs, S, mask=ms)
@@ -357,14 +373,15 @@ def _mamba1_verify_kernel(
         B_n = tl.load(B_row + tn * s_B_t, mask=mB, other=0.0)
         C_n = tl.load(C_row + tn * s_C_t, mask=mB, other=0.0)
         z_n = tl.load(z_row + tn * s_z_t, mask=md & HAS_Z, other=0.0)
-        de = _dt_eff(d, dtb, DT_SOFTPLUS)
+        de = _dt_eff(d, dtb, DT_SOFTPLUS, FAST_SFU)
         xf = xv.to(tl.float32)
-        S = (S * _exp2(_rows(de, SLICES_FIRST) * A, FAST_EXP)
+        S = (S * _exp2(_rows(de, SLICES_FIRST) * A, FAST_SFU)
              + _rows(de * xf, SLICES_FIRST) * Bv.to(tl.float32))
         yv = _sum_n(S * Cv.to(tl.float32), SLICES_FIRST) + Dc * xf
         if HAS_Z:
             zf = zv.to(tl.float32)
-            yv = yv * zf * tl.sigmoid(zf)
+            yv = tl.fdiv(yv * zf, 1.0 + _exp2(zf * -1.4426950408889634, FAST_SFU),
+                         ieee_rounding=not FAST_SFU)
         yv = tl.where(active, yv, 0.0)
         tl.store(y_ptr + b * s_y_b + t * s_y_t + offs_d * s_y_d,
                  yv.to(y_ptr.dtype.element_ty), mask=md)
@@ -431,6 +448,12 @@ def _replay_or_new(replay, new):
 
 def _block(n: int, cap: int) -> int:
     return min(triton.next_power_of_2(n), cap)
+
+
+def _fast_sfu(x: torch.Tensor) -> bool:
+    """Whether `_exp2` / `_log2` may use their inline PTX: NVIDIA GPUs (not the
+    interpreter's CPU tensors, not ROCm)."""
+    return x.is_cuda and torch.version.hip is None
 
 
 def _check_powers_of_two(fn: str, **tiles) -> None:
@@ -531,8 +554,7 @@ def mamba1_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
         *B.stride(), *C.stride(), *zz.stride(), *y.stride(), *A.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
         DT_SOFTPLUS=dt_softplus, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SUB_N=SUB_N,
-        SLICES_FIRST=_SLICES_FIRST, FAST_EXP=x.is_cuda and torch.version.hip is None,
-        num_warps=num_warps)
+        SLICES_FIRST=_SLICES_FIRST, FAST_SFU=_fast_sfu(x), num_warps=num_warps)
     return y
 
 

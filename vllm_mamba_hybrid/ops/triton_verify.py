@@ -304,11 +304,11 @@ def _mamba1_verify_kernel(
     SUB_N: tl.constexpr, SLICES_FIRST: tl.constexpr, FAST_SFU: tl.constexpr,
 ):
     """BLOCK_D channels of sequence b. The state tile is sliced along n as the Mamba2
-    tile is (`_mamba2_state_tile`): one 16-wide slice at d_state 16 puts a channel on 4
-    lanes (y: in-thread adds, then 2 shuffles); 4-wide slices would put it in one thread
-    (fewer instructions, 94 registers: slower on an H100, NOTES_kernels.md run 6). Each
-    channel loads its own group's B and C row (lanes of one group read one address:
-    broadcast loads, no per-token layout change)."""
+    tile is (`_mamba2_state_tile`): one 16-wide slice at d_state 16 puts a channel on 2
+    lanes with Triton 3.6 (y: in-thread adds, then 1 shuffle); 4-wide slices would put
+    it in one thread (fewer instructions, but 94 registers: slower on an H100,
+    NOTES_kernels.md run 6). Each channel loads its own group's B and C row (lanes of
+    one group read one address: broadcast loads)."""
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     slot = tl.load(idx_ptr + b).to(tl.int64)
@@ -530,9 +530,9 @@ def mamba1_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
                          C, D, z, dt_bias, dt_softplus, out=None, block_d: int = 64,
                          num_warps: int | None = None, sub_n: int = 16):
     """Tile: ``block_d`` channels x d_state, d_state cut into ``sub_n``-wide slices (one
-    at d_state 16: a channel on 4 lanes, 4 values each). Within 4% of the best of 36
-    tiles (channels x warps x slice width) at batch 8 and 64, k = 4, on an H100
-    (benchmarks/results/kernels_ssm_h100_run6_mamba1_sweep.json)."""
+    at d_state 16: a channel on 2 lanes, 8 values each at 4 warps). Within 4% of the
+    best of 36 tiles (channels x warps x slice width) at batch 8 and 64, k = 4, on an
+    H100 (benchmarks/results/kernels_ssm_h100_run6_mamba1_sweep.json)."""
     batch, T, DIM = x.shape
     _check_powers_of_two("mamba1_verify_triton", block_d=block_d, sub_n=sub_n)
     N = A.shape[-1]

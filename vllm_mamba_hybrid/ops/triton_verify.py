@@ -20,12 +20,13 @@ import triton.language as tl
 
 @triton.jit
 def _dt_eff(dt, dt_bias, DT_SOFTPLUS: tl.constexpr, FAST: tl.constexpr = False):
-    """dt + bias, then softplus (threshold 20, as torch's); FAST: through `_exp2` and
-    `_log2` (one special-function instruction each, no range fix-ups)."""
+    """dt + bias, then softplus (threshold 20, as torch's); FAST: through `_sfu` (one
+    special-function instruction each for exp and log, no range fix-ups)."""
     v = dt.to(tl.float32) + dt_bias
     if DT_SOFTPLUS:
         if FAST:
-            sp = 0.6931471805599453 * _log2(1.0 + _exp2(v * 1.4426950408889634, True), True)
+            e = _sfu(v * 1.4426950408889634, "ex2", True)
+            sp = 0.6931471805599453 * _sfu(1.0 + e, "lg2", True)
         else:
             sp = tl.log(1.0 + tl.exp(v))
         v = tl.where(v <= 20.0, sp, v)
@@ -33,24 +34,16 @@ def _dt_eff(dt, dt_bias, DT_SOFTPLUS: tl.constexpr, FAST: tl.constexpr = False):
 
 
 @triton.jit
-def _exp2(x, FAST: tl.constexpr):
-    """2**x. FAST (NVIDIA, inline PTX): one ``ex2.approx.ftz`` instruction; ``tl.exp2``
-    adds a range check and two scalings per value so that results below 2**-126 stay
-    denormal, which a decaying state has no use for (FTZ flushes them to 0)."""
+def _sfu(x, OP: tl.constexpr, FAST: tl.constexpr):
+    """2**x (OP "ex2") or log2(x) (OP "lg2"). FAST (NVIDIA, inline PTX): the one
+    ``OP.approx.ftz`` instruction; ``tl.exp2`` / ``tl.log2`` add a range check and two
+    scalings per value to keep denormals exact, which a decaying state and a softplus
+    have no use for (FTZ flushes them to 0)."""
     if FAST:
-        out = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+        out = tl.inline_asm_elementwise(OP + ".approx.ftz.f32 $0, $1;", "=f,f", [x],
                                         dtype=tl.float32, is_pure=True, pack=1)
-    else:
+    elif OP == "ex2":
         out = tl.exp2(x)
-    return out
-
-
-@triton.jit
-def _log2(x, FAST: tl.constexpr):
-    """log2(x). FAST (NVIDIA, inline PTX): one ``lg2.approx.ftz`` instruction."""
-    if FAST:
-        out = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x],
-                                        dtype=tl.float32, is_pure=True, pack=1)
     else:
         out = tl.log2(x)
     return out
@@ -347,7 +340,7 @@ def _mamba1_verify_kernel(
         x_n = tl.load(rx_row + tn * s_rx_t, mask=md, other=0.0)
         B_n = tl.load(rB_row + tn * s_rB_t, mask=mB, other=0.0)
         de = _dt_eff(d, dtb, DT_SOFTPLUS, FAST_SFU)
-        S = (S * _exp2(_rows(de, SLICES_FIRST) * A, FAST_SFU)
+        S = (S * _sfu(_rows(de, SLICES_FIRST) * A, "ex2", FAST_SFU)
              + _rows(de * xv.to(tl.float32), SLICES_FIRST) * Bv.to(tl.float32))
         d, xv, Bv = d_n, x_n, B_n
     tl.store(st_ptrs, S, mask=ms)
@@ -375,12 +368,12 @@ def _mamba1_verify_kernel(
         z_n = tl.load(z_row + tn * s_z_t, mask=md & HAS_Z, other=0.0)
         de = _dt_eff(d, dtb, DT_SOFTPLUS, FAST_SFU)
         xf = xv.to(tl.float32)
-        S = (S * _exp2(_rows(de, SLICES_FIRST) * A, FAST_SFU)
+        S = (S * _sfu(_rows(de, SLICES_FIRST) * A, "ex2", FAST_SFU)
              + _rows(de * xf, SLICES_FIRST) * Bv.to(tl.float32))
         yv = _sum_n(S * Cv.to(tl.float32), SLICES_FIRST) + Dc * xf
         if HAS_Z:
             zf = zv.to(tl.float32)
-            yv = tl.fdiv(yv * zf, 1.0 + _exp2(zf * -1.4426950408889634, FAST_SFU),
+            yv = tl.fdiv(yv * zf, 1.0 + _sfu(zf * -1.4426950408889634, "ex2", FAST_SFU),
                          ieee_rounding=not FAST_SFU)
         yv = tl.where(active, yv, 0.0)
         tl.store(y_ptr + b * s_y_b + t * s_y_t + offs_d * s_y_d,
@@ -451,7 +444,7 @@ def _block(n: int, cap: int) -> int:
 
 
 def _fast_sfu(x: torch.Tensor) -> bool:
-    """Whether `_exp2` / `_log2` may use their inline PTX: NVIDIA GPUs (not the
+    """Whether `_sfu` may use its inline PTX: NVIDIA GPUs (not the
     interpreter's CPU tensors, not ROCm)."""
     return x.is_cuda and torch.version.hip is None
 

@@ -8,7 +8,8 @@ this times both in one (CUDA-graph medians on a GPU, as in kernels_ssm.py):
 
   git show 3f49949:vllm_mamba_hybrid/ops/triton_verify.py > /tmp/base_triton_verify.py
   python benchmarks/kernels_ab.py --baseline /tmp/base_triton_verify.py --out ab.json
-  python benchmarks/kernels_ab.py --baseline /tmp/base_triton_verify.py --variant mamba1
+  python benchmarks/kernels_ab.py --baseline /tmp/base_triton_verify.py --variant mamba1 \
+      --kw '{}' '{"seqs_per_program": 4}'
   git show ff5f2e1:csrc/verify_cpu.cpp > /tmp/base_verify_cpu.cpp
   python benchmarks/kernels_ab.py --baseline /tmp/base_verify_cpu.cpp --variant mamba1
 """
@@ -56,16 +57,16 @@ def load_baseline(path: str, variant: str = "mamba2"):
     return getattr(module, name)
 
 
-def tile(text: str) -> tuple[int, int, int]:
-    """'sub_n,block_p,num_warps', each a power of two."""
+def kernel_kw(text: str) -> dict:
+    """A JSON object: keyword arguments of the current Triton kernel."""
     try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or any(v < 1 or v & (v - 1) for v in values):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: want sub_n,block_p,num_warps, three powers of two (e.g. 32,32,2)")
-    return values
+        kw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: not JSON ({e})")
+    if not isinstance(kw, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: want a JSON object, e.g. "
+                                         '\'{"seqs_per_program": 2}\'')
+    return kw
 
 
 def call(fn, state, inputs, **kw):
@@ -94,26 +95,27 @@ def main():
     ap.add_argument("--baseline", required=True,
                     help="a triton_verify.py (GPU) or verify_cpu.cpp (CPU) of another revision")
     ap.add_argument("--variant", choices=("mamba2", "mamba1"), default="mamba2",
-                    help="mamba1: both kernels with their default tiles (--tiles is Mamba2's)")
+                    help="which kernel pair (default mamba2)")
     ap.add_argument("--baseline-kw", default=None,
                     help="JSON keyword arguments of the baseline's verify function "
                          "(default: algo=loop for Mamba2)")
-    ap.add_argument("--tiles", nargs="+", type=tile, default=None,
-                    help="sub_n,block_p,num_warps of the current Mamba2 Triton loop kernel "
-                         "(default 32,32,2 32,32,4 16,32,4 32,16,2)")
+    ap.add_argument("--kw", nargs="+", type=kernel_kw, default=None,
+                    help="keyword arguments of the current Triton kernel, one JSON object a "
+                         "configuration, each timed against the baseline (default: {}, the "
+                         "kernel's defaults; Mamba2 adds algo=loop)")
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 8 64 (CPU: 1 8)")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cpu = args.baseline.endswith(".cpp")
-    if args.tiles and (cpu or args.variant != "mamba2"):
-        ap.error("--tiles: only the Mamba2 Triton loop kernel takes tiles")
+    if args.kw and cpu:
+        ap.error("--kw: only the Triton kernels take keyword arguments")
     if cpu:
         if not os.path.isfile(args.baseline):
             ap.error(f"--baseline {args.baseline}: no such file")
         if args.baseline_kw:
             ap.error("--baseline-kw: the C++ kernels take no keyword arguments")
-        device, base_kw, tiles = "cpu", {}, [None]
+        device, base_kw, configs = "cpu", {}, [{}]
         base_fn = load_cpp(args.baseline, "baseline_verify_cpu", args.variant)
         current = load_cpp(CURRENT_CPP, "current_verify_cpu", args.variant)
         name = f"CPU x{torch.get_num_threads()} threads"
@@ -125,8 +127,8 @@ def main():
         except json.JSONDecodeError as e:
             ap.error(f"--baseline-kw: not JSON ({e})")
         current = getattr(triton_verify, f"{args.variant}_verify_triton")
-        tiles = [None] if args.variant != "mamba2" else args.tiles or [
-            (32, 32, 2), (32, 32, 4), (16, 32, 4), (32, 16, 2)]
+        configs = [dict(kw, algo="loop") if args.variant == "mamba2" else kw
+                   for kw in args.kw or [{}]]
         if not torch.cuda.is_available():
             ap.error("times Triton kernels: needs a CUDA GPU")
         device, name = "cuda", torch.cuda.get_device_name()
@@ -136,9 +138,7 @@ def main():
     for batch in args.batches or ([1, 8] if cpu else [1, 8, 64]):
         for k in args.ks:
             t_base, nbytes = time_verify(base_fn, args.variant, batch, k, device, **base_kw)
-            for tile_kw in tiles:
-                kw = {} if tile_kw is None else dict(algo="loop", sub_n=tile_kw[0],
-                                                     block_p=tile_kw[1], num_warps=tile_kw[2])
+            for kw in configs:
                 t, _ = time_verify(current, args.variant, batch, k, device, **kw)
                 err_y, err_state = difference(base_fn, base_kw, current, kw, args.variant, batch, k,
                                               device)

@@ -91,20 +91,25 @@ def _run(op, case, impl):
     return y, args["state"]
 
 
-def _mamba2_dot(impl, **kw):
-    """The Triton Mamba2 kernel in its SSD block form (algo="dot")."""
-    from vllm_mamba_hybrid.ops.triton_verify import mamba2_verify_triton
-    return mamba2_verify_triton(**kw, dt_softplus=True, algo="dot")
+def _triton_with(variant, **kernel_kw):
+    """The Triton kernel of ``variant`` called with keyword arguments of its own (tiles,
+    the sequences a program walks, Mamba2's block form) in the op's place."""
+    from vllm_mamba_hybrid.ops import triton_verify
+    fn = getattr(triton_verify, f"{variant}_verify_triton")
+    return lambda impl, **kw: fn(**kw, dt_softplus=True, **kernel_kw)
 
 
-def check_ssm(variant, impl, k, dtype, device, shape=None, n_eos=2, without=()):
+def check_ssm(variant, impl, k, dtype, device, shape=None, n_eos=2, without=(), kernel_kw=None):
     """variant "mamba2-dot" checks the block-form Mamba2 kernel (impl must be "triton");
-    ``without``: optional inputs left out (None), e.g. Mamba1's gate z."""
+    ``without``: optional inputs left out (None), e.g. Mamba1's gate z; ``kernel_kw``:
+    arguments of the Triton kernel (impl "triton")."""
+    if variant == "mamba2-dot":
+        variant, kernel_kw = "mamba2", dict(kernel_kw or {}, algo="dot")
     op, make = (mamba1_verify, mamba1_case) if variant == "mamba1" else (mamba2_verify, mamba2_case)
     case = make(k, dtype, device, n_eos=n_eos, **(shape or (SMALL1 if variant == "mamba1" else SMALL2)))
     case.update(dict.fromkeys(without))
     y_ref, st_ref = _run(op, case, "reference")
-    y, st = _run(_mamba2_dot if variant == "mamba2-dot" else op, case, impl)
+    y, st = _run(_triton_with(variant, **kernel_kw) if kernel_kw else op, case, impl)
     tol_y, tol_s = TOL[dtype]
     assert torch.isfinite(y).all(), "unwritten or poisoned output"
     assert rel_err(y, y_ref) < tol_y, (variant, impl, k, rel_err(y, y_ref))
@@ -340,15 +345,17 @@ def test_triton_loop_rows_fill_the_sms():
     assert _loop_rows(8, 16, 1, 132) == 8                  # p smaller than the floor
 
 
-@pytest.mark.parametrize("variant,bad", [("mamba2", dict(sub_n=24)), ("mamba2", dict(block_p=12)),
-                                         ("mamba2", dict(sub_n=0)), ("mamba1", dict(block_d=48)),
-                                         ("mamba1", dict(sub_n=6))])
-def test_triton_refuses_tiles_that_are_not_powers_of_two(variant, bad):
+@pytest.mark.parametrize("variant,bad,why", [
+    ("mamba2", dict(sub_n=24), "a power of two"), ("mamba2", dict(block_p=12), "a power of two"),
+    ("mamba2", dict(sub_n=0), "a power of two"), ("mamba1", dict(block_d=48), "a power of two"),
+    ("mamba1", dict(sub_n=6), "a power of two"), ("mamba2", dict(seqs_per_program=-1), ">= 1"),
+    ("mamba1", dict(seqs_per_program=-2), ">= 1")])
+def test_triton_refuses_bad_launch_arguments(variant, bad, why):
     from vllm_mamba_hybrid.ops import triton_verify
     make, shape = (mamba1_case, SMALL1) if variant == "mamba1" else (mamba2_case, SMALL2)
     case = make(2, torch.float32, "cpu", **shape)
     name = next(iter(bad))
-    with pytest.raises(ValueError, match=f"{name} must be a power of two"):
+    with pytest.raises(ValueError, match=f"{name} must be {why}"):
         getattr(triton_verify, f"{variant}_verify_triton")(**case, dt_softplus=True, **bad)
 
 
@@ -360,6 +367,12 @@ def test_triton_mamba1_warps_fill_small_grids():
 
 
 # --- Triton kernels under the interpreter (CPU, subprocess) ---------------------------------
+
+# programs walking several sequences: the next one's state prefetched or not; 3 leaves the
+# last program of a 5- or 8-row batch short (its last walk past the batch)
+WALKS = [dict(seqs_per_program=3), dict(seqs_per_program=2, prefetch=False),
+         dict(seqs_per_program=8)]
+
 
 def triton_interpreter_checks():
     """Entry point of the subprocess: every k, both variants, conv, and the spec loop."""
@@ -380,7 +393,13 @@ def triton_interpreter_checks():
             check_ssm("mamba1", "triton", 3, torch.float32, "cpu", shape=shape)
     triton_verify._SLICES_FIRST = picked
     for variant in ("mamba2", "mamba1"):
+        for k in (1, 4):
+            for kw in WALKS:
+                check_ssm(variant, "triton", k, torch.float32, "cpu", kernel_kw=kw)
         check_spec_loop(variant, "triton", "cpu", rounds=3)
+    for shape in SLICED1[2:]:
+        check_ssm("mamba1", "triton", 3, torch.float32, "cpu", shape=shape, kernel_kw=WALKS[0])
+    check_ssm("mamba2", "triton", 3, torch.float32, "cpu", shape=SLICED2[1], kernel_kw=WALKS[0])
     print("triton interpreter checks passed")
 
 
@@ -403,6 +422,9 @@ def test_triton_gpu(k, dtype):
     for shape in SLICED1:
         check_ssm("mamba1", "triton", k, dtype, "cuda", shape=shape)
     check_ssm("mamba1", "triton", k, dtype, "cuda", without=("z",))
+    for variant in ("mamba2", "mamba1"):
+        for kw in WALKS:
+            check_ssm(variant, "triton", k, dtype, "cuda", kernel_kw=kw)
     check_conv("triton", k, dtype, "cuda")
 
 
@@ -412,8 +434,11 @@ def test_triton_gpu_model_shapes():
     for variant in ("mamba2", "mamba2-dot"):
         check_ssm(variant, "triton", 4, torch.bfloat16, "cuda",
                   shape=dict(h=32, g=8, gc=32, p=128, n=128))
-    check_ssm("mamba1", "triton", 4, torch.bfloat16, "cuda",
-              shape=dict(d=4096, n=16, g=64, gc=256))
+    for kw in ({}, dict(seqs_per_program=2)):
+        check_ssm("mamba1", "triton", 4, torch.bfloat16, "cuda",
+                  shape=dict(d=4096, n=16, g=64, gc=256), kernel_kw=kw)
+    check_ssm("mamba2", "triton", 4, torch.bfloat16, "cuda",
+              shape=dict(h=32, g=8, gc=32, p=128, n=128), kernel_kw=dict(seqs_per_program=2))
     check_conv("triton", 4, torch.bfloat16, "cuda", dim=4096 + 2 * 1024)
 
 

@@ -105,15 +105,13 @@ def mamba2_kernel(algo: str, block_p: int, num_warps: int, sub_n: int | None = 3
     return resources(compile_sm90(kernel, consts, num_warps).asm["cubin"])
 
 
-def mamba1_kernel(block_d: int, num_warps: int, d_state: int = 16, sub_n: int | None = None,
-                  prefetch: bool = False):
+def mamba1_kernel(block_d: int, num_warps: int, d_state: int = 16, sub_n: int | None = None):
     """Resources and loop bodies of the Mamba1 verify kernel as `mamba1_verify_triton`
     would launch it (with z, D and the dt bias)."""
     block_n = triton.next_power_of_2(d_state)
     consts = dict(HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, BLOCK_D=block_d,
                   BLOCK_N=block_n, SUB_N=min(block_n, sub_n or 16),
-                  SLICES_FIRST=triton_verify._SLICES_FIRST, FAST_SFU=True,
-                  SEQS=2 if prefetch else 1, PREFETCH=prefetch)
+                  SLICES_FIRST=triton_verify._SLICES_FIRST, FAST_SFU=True)
     return resources(compile_sm90(triton_verify._mamba1_verify_kernel, consts, num_warps)
                      .asm["cubin"])
 
@@ -138,8 +136,8 @@ def main():
                     help="loop kernel: tile axis order (default: the one picked for this Triton)")
     ap.add_argument("--d-state", type=int, default=None, help="default 128, Mamba1 16")
     ap.add_argument("--prefetch", type=int, nargs="+", choices=(0, 1), default=[0],
-                    help="loop / Mamba1 kernel: 1 loads the next sequence's state while one "
-                         "is computed (what seqs_per_program > 1 launches)")
+                    help="loop kernel: 1 loads the next sequence's state while one is "
+                         "computed (what seqs_per_program > 1 launches)")
     args = ap.parse_args()
     first = triton_verify._SLICES_FIRST if args.slices_first is None else bool(args.slices_first)
     d_state = args.d_state or (16 if args.kernel == "mamba1" else 128)
@@ -148,16 +146,16 @@ def main():
     print(f"{'block':>7} {'warps':>5} {'sub_n':>5} {'pref':>4} {'regs':>4} {'stack':>5}  "
           "instructions per iteration: replay / new-token loop (top opcodes)")
     subs = args.sub_n or [32 if args.kernel == "loop" else None]
-    prefetch = args.prefetch if args.kernel != "dot" else [0]
+    prefetch = args.prefetch if args.kernel == "loop" else [0]
     for bp, nw, sub, pf in itertools.product(args.block_p, args.warps, subs, prefetch):
         if args.kernel == "mamba1":
-            res, loops = mamba1_kernel(bp, nw, d_state, sub, bool(pf))
+            res, loops = mamba1_kernel(bp, nw, d_state, sub)
         else:
             res, loops = mamba2_kernel(args.kernel, bp, nw, sub, first, d_state, bool(pf))
         counts = " / ".join(str(sum(c.values())) for c in loops) or "-"
         top = "; ".join(" ".join(f"{op} {n}" for op, n in c.most_common(4)) for c in loops)
-        print(f"{bp:7d} {nw:5d} {str(sub):>5} {pf:4d} {res.get('REG', 0):4d} {res.get('STACK', 0):5d}  "
-              f"{counts}  ({top})")
+        print(f"{bp:7d} {nw:5d} {str(sub):>5} {pf:4d} {res.get('REG', 0):4d} "
+              f"{res.get('STACK', 0):5d}  {counts}  ({top})")
 
 
 if __name__ == "__main__":

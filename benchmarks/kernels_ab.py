@@ -7,9 +7,9 @@ Ratios between kernel versions are only meaningful from one process on one machi
 this times both in one (CUDA-graph medians on a GPU, as in kernels_ssm.py):
 
   git show 3f49949:vllm_mamba_hybrid/ops/triton_verify.py > /tmp/base_triton_verify.py
-  python benchmarks/kernels_ab.py --baseline /tmp/base_triton_verify.py --out ab.json
-  python benchmarks/kernels_ab.py --baseline /tmp/base_triton_verify.py --variant mamba1 \
-      --kw '{}' '{"seqs_per_program": 4}'
+  python benchmarks/kernels_ab.py --baseline /tmp/base_triton_verify.py --out ab.json \
+      --kw '{}' '{"seqs_per_program": 2}'
+  python benchmarks/kernels_ab.py --baseline /tmp/base_triton_verify.py --variant mamba1
   git show ff5f2e1:csrc/verify_cpu.cpp > /tmp/base_verify_cpu.cpp
   python benchmarks/kernels_ab.py --baseline /tmp/base_verify_cpu.cpp --variant mamba1
 """

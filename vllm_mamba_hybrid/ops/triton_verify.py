@@ -308,24 +308,10 @@ def _mamba2_verify_dot_kernel(
 
 
 @triton.jit
-def _mamba1_state_tile(state_ptr, idx_ptr, b, batch, offs_d, DIM, mn, n_at, s_st, s_st_d, s_st_n,
-                       SLICES_FIRST: tl.constexpr):
-    """Pointers and mask of the Mamba1 state tile (channels offs_d) of sequence b's slot,
-    and whether b is active (a padded row, slot < 0, or b >= batch reads zeros and must
-    not store)."""
-    slot = tl.load(idx_ptr + b, mask=b < batch, other=-1).to(tl.int64)
-    active = slot >= 0
-    slot = tl.maximum(slot, 0)
-    ms = _rows(offs_d < tl.where(active, DIM, 0), SLICES_FIRST) & mn
-    st_ptrs = state_ptr + slot * s_st + _rows(offs_d, SLICES_FIRST) * s_st_d + n_at * s_st_n
-    return st_ptrs, ms, active
-
-
-@triton.jit
 def _mamba1_verify_kernel(
     state_ptr, idx_ptr, nrep_ptr, rx_ptr, rdt_ptr, rB_ptr,
     x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, y_ptr, A_ptr, D_ptr, dtb_ptr,
-    batch, T, DIM, N, ch_per_gB, ch_per_gC,
+    T, DIM, N, ch_per_gB, ch_per_gC,
     s_st, s_st_d, s_st_n,
     s_rx_b, s_rx_t, s_rx_d,
     s_rdt_b, s_rdt_t, s_rdt_d,
@@ -340,106 +326,90 @@ def _mamba1_verify_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     SUB_N: tl.constexpr, SLICES_FIRST: tl.constexpr, FAST_SFU: tl.constexpr,
-    SEQS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """BLOCK_D channels for the sequences b = program_id(1) + i * num_programs(1), the
-    next one's state loaded while this one is computed with PREFETCH (as the Mamba2
-    kernel); A, dt bias and D are loaded once a program. The state tile is sliced along n as the Mamba2
+    """BLOCK_D channels of sequence b. The state tile is sliced along n as the Mamba2
     tile is (`_mamba2_state_tile`): one 16-wide slice at d_state 16 puts a channel on 2
     lanes with Triton 3.6 (y: in-thread adds, then 1 shuffle); 4-wide slices would put
     it in one thread (fewer instructions, but 94 registers: slower on an H100,
     NOTES_kernels.md run 6). Each channel loads its own group's B and C row (lanes of
     one group read one address: broadcast loads)."""
     pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    slot = tl.load(idx_ptr + b).to(tl.int64)
+    active = slot >= 0
+    slot = tl.maximum(slot, 0)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N // SUB_N)[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]
     md = offs_d < DIM
     mn = _slices(offs_n < N, SLICES_FIRST)
+    ms = _rows(offs_d < tl.where(active, DIM, 0), SLICES_FIRST) & mn
     n_at = _slices(offs_n, SLICES_FIRST)
+    st_ptrs = state_ptr + slot * s_st + _rows(offs_d, SLICES_FIRST) * s_st_d + n_at * s_st_n
+    S = tl.load(st_ptrs, mask=ms, other=0.0)
     A = tl.load(A_ptr + _rows(offs_d, SLICES_FIRST) * s_A_d + n_at * s_A_n,
                 mask=_rows(md, SLICES_FIRST) & mn, other=0.0).to(tl.float32) * 1.4426950408889634
     dtb = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_DT_BIAS:
         dtb = tl.load(dtb_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
+    gB = _rows(offs_d // ch_per_gB, SLICES_FIRST)
+    gC = _rows(offs_d // ch_per_gC, SLICES_FIRST)
+
+    # look-ahead loads as in the Mamba2 kernel (z too: loaded where used, its latency
+    # stalled every new token); past the last token the last one is loaded again
+    n_rep = tl.load(nrep_ptr + b)
+    rdt_row = rdt_ptr + b * s_rdt_b + offs_d * s_rdt_d
+    rx_row = rx_ptr + b * s_rx_b + offs_d * s_rx_d
+    rB_row = rB_ptr + b * s_rB_b + gB * s_rB_g + n_at * s_rB_n
+    lim = tl.where(n_rep > 0, DIM, 0)
+    d = tl.load(rdt_row, mask=offs_d < lim, other=0.0)
+    xv = tl.load(rx_row, mask=offs_d < lim, other=0.0)
+    Bv = tl.load(rB_row, mask=_rows(offs_d < lim, SLICES_FIRST) & mn, other=0.0)
+    mB = _rows(md, SLICES_FIRST) & mn
+    for t in range(0, n_rep):
+        tn = tl.minimum(t + 1, n_rep - 1)     # the last token again: no per-token masks
+        d_n = tl.load(rdt_row + tn * s_rdt_t, mask=md, other=0.0)
+        x_n = tl.load(rx_row + tn * s_rx_t, mask=md, other=0.0)
+        B_n = tl.load(rB_row + tn * s_rB_t, mask=mB, other=0.0)
+        de = _dt_eff(d, dtb, DT_SOFTPLUS, FAST_SFU)
+        S = (S * _sfu(_rows(de, SLICES_FIRST) * A, "ex2", FAST_SFU)
+             + _rows(de * xv.to(tl.float32), SLICES_FIRST) * Bv.to(tl.float32))
+        d, xv, Bv = d_n, x_n, B_n
+    tl.store(st_ptrs, S, mask=ms)
+
     Dc = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_D:
         Dc = tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
-    gB = _rows(offs_d // ch_per_gB, SLICES_FIRST)
-    gC = _rows(offs_d // ch_per_gC, SLICES_FIRST)
-    mB = _rows(md, SLICES_FIRST) & mn
-    b0 = tl.program_id(1)
-    step = tl.num_programs(1)
-    if PREFETCH:
-        first_ptrs, first_ms, _ = _mamba1_state_tile(state_ptr, idx_ptr, b0, batch, offs_d, DIM,
-                                                     mn, n_at, s_st, s_st_d, s_st_n, SLICES_FIRST)
-        S_next = tl.load(first_ptrs, mask=first_ms, other=0.0)
-    for i in range(0, SEQS):       # a loop (not unrolled); SEQS = 1 folds it away
-        b = b0 + i * step
-        st_ptrs, ms, active = _mamba1_state_tile(state_ptr, idx_ptr, b, batch, offs_d, DIM, mn,
-                                                 n_at, s_st, s_st_d, s_st_n, SLICES_FIRST)
-        if PREFETCH:
-            S = S_next
-            nx_ptrs, nx_ms, _ = _mamba1_state_tile(state_ptr, idx_ptr, b + step, batch, offs_d,
-                                                   DIM, mn, n_at, s_st, s_st_d, s_st_n,
-                                                   SLICES_FIRST)
-            S_next = tl.load(nx_ptrs, mask=nx_ms, other=0.0)
-        else:
-            S = tl.load(st_ptrs, mask=ms, other=0.0)
-        bl = b.to(tl.int64)
-
-        # look-ahead loads as in the Mamba2 kernel (z too: loaded where used, its latency
-        # stalled every new token); past the last token the last one is loaded again
-        n_rep = tl.load(nrep_ptr + bl, mask=b < batch, other=0)
-        rdt_row = rdt_ptr + bl * s_rdt_b + offs_d * s_rdt_d
-        rx_row = rx_ptr + bl * s_rx_b + offs_d * s_rx_d
-        rB_row = rB_ptr + bl * s_rB_b + gB * s_rB_g + n_at * s_rB_n
-        lim = tl.where(n_rep > 0, DIM, 0)
-        d = tl.load(rdt_row, mask=offs_d < lim, other=0.0)
-        xv = tl.load(rx_row, mask=offs_d < lim, other=0.0)
-        Bv = tl.load(rB_row, mask=_rows(offs_d < lim, SLICES_FIRST) & mn, other=0.0)
-        for t in range(0, n_rep):
-            tn = tl.minimum(t + 1, n_rep - 1)     # the last token again: no per-token masks
-            d_n = tl.load(rdt_row + tn * s_rdt_t, mask=md, other=0.0)
-            x_n = tl.load(rx_row + tn * s_rx_t, mask=md, other=0.0)
-            B_n = tl.load(rB_row + tn * s_rB_t, mask=mB, other=0.0)
-            de = _dt_eff(d, dtb, DT_SOFTPLUS, FAST_SFU)
-            S = (S * _sfu(_rows(de, SLICES_FIRST) * A, "ex2", FAST_SFU)
-                 + _rows(de * xv.to(tl.float32), SLICES_FIRST) * Bv.to(tl.float32))
-            d, xv, Bv = d_n, x_n, B_n
-        tl.store(st_ptrs, S, mask=ms)
-
-        n_new = tl.where(b < batch, T, 0)
-        dt_row = dt_ptr + bl * s_dt_b + offs_d * s_dt_d
-        x_row = x_ptr + bl * s_x_b + offs_d * s_x_d
-        z_row = z_ptr + bl * s_z_b + offs_d * s_z_d
-        B_row = B_ptr + bl * s_B_b + gB * s_B_g + n_at * s_B_n
-        C_row = C_ptr + bl * s_C_b + gC * s_C_g + n_at * s_C_n
-        lim = tl.where(n_new > 0, DIM, 0)
-        d = tl.load(dt_row, mask=offs_d < lim, other=0.0)
-        xv = tl.load(x_row, mask=offs_d < lim, other=0.0)
-        Bv = tl.load(B_row, mask=_rows(offs_d < lim, SLICES_FIRST) & mn, other=0.0)
-        Cv = tl.load(C_row, mask=_rows(offs_d < lim, SLICES_FIRST) & mn, other=0.0)
-        zv = tl.load(z_row, mask=(offs_d < lim) & HAS_Z, other=0.0)
-        for t in range(0, n_new):
-            tn = tl.minimum(t + 1, n_new - 1)
-            d_n = tl.load(dt_row + tn * s_dt_t, mask=md, other=0.0)
-            x_n = tl.load(x_row + tn * s_x_t, mask=md, other=0.0)
-            B_n = tl.load(B_row + tn * s_B_t, mask=mB, other=0.0)
-            C_n = tl.load(C_row + tn * s_C_t, mask=mB, other=0.0)
-            z_n = tl.load(z_row + tn * s_z_t, mask=md & HAS_Z, other=0.0)
-            de = _dt_eff(d, dtb, DT_SOFTPLUS, FAST_SFU)
-            xf = xv.to(tl.float32)
-            S = (S * _sfu(_rows(de, SLICES_FIRST) * A, "ex2", FAST_SFU)
-                 + _rows(de * xf, SLICES_FIRST) * Bv.to(tl.float32))
-            yv = _sum_n(S * Cv.to(tl.float32), SLICES_FIRST) + Dc * xf
-            if HAS_Z:
-                zf = zv.to(tl.float32)
-                yv = tl.fdiv(yv * zf, 1.0 + _sfu(zf * -1.4426950408889634, "ex2", FAST_SFU),
-                             ieee_rounding=not FAST_SFU)
-            yv = tl.where(active, yv, 0.0)
-            tl.store(y_ptr + bl * s_y_b + t * s_y_t + offs_d * s_y_d,
-                     yv.to(y_ptr.dtype.element_ty), mask=md)
-            d, xv, Bv, Cv, zv = d_n, x_n, B_n, C_n, z_n
+    dt_row = dt_ptr + b * s_dt_b + offs_d * s_dt_d
+    x_row = x_ptr + b * s_x_b + offs_d * s_x_d
+    z_row = z_ptr + b * s_z_b + offs_d * s_z_d
+    B_row = B_ptr + b * s_B_b + gB * s_B_g + n_at * s_B_n
+    C_row = C_ptr + b * s_C_b + gC * s_C_g + n_at * s_C_n
+    lim = tl.where(T > 0, DIM, 0)
+    d = tl.load(dt_row, mask=offs_d < lim, other=0.0)
+    xv = tl.load(x_row, mask=offs_d < lim, other=0.0)
+    Bv = tl.load(B_row, mask=_rows(offs_d < lim, SLICES_FIRST) & mn, other=0.0)
+    Cv = tl.load(C_row, mask=_rows(offs_d < lim, SLICES_FIRST) & mn, other=0.0)
+    zv = tl.load(z_row, mask=(offs_d < lim) & HAS_Z, other=0.0)
+    for t in range(0, T):
+        tn = tl.minimum(t + 1, T - 1)
+        d_n = tl.load(dt_row + tn * s_dt_t, mask=md, other=0.0)
+        x_n = tl.load(x_row + tn * s_x_t, mask=md, other=0.0)
+        B_n = tl.load(B_row + tn * s_B_t, mask=mB, other=0.0)
+        C_n = tl.load(C_row + tn * s_C_t, mask=mB, other=0.0)
+        z_n = tl.load(z_row + tn * s_z_t, mask=md & HAS_Z, other=0.0)
+        de = _dt_eff(d, dtb, DT_SOFTPLUS, FAST_SFU)
+        xf = xv.to(tl.float32)
+        S = (S * _sfu(_rows(de, SLICES_FIRST) * A, "ex2", FAST_SFU)
+             + _rows(de * xf, SLICES_FIRST) * Bv.to(tl.float32))
+        yv = _sum_n(S * Cv.to(tl.float32), SLICES_FIRST) + Dc * xf
+        if HAS_Z:
+            zf = zv.to(tl.float32)
+            yv = tl.fdiv(yv * zf, 1.0 + _sfu(zf * -1.4426950408889634, "ex2", FAST_SFU),
+                         ieee_rounding=not FAST_SFU)
+        yv = tl.where(active, yv, 0.0)
+        tl.store(y_ptr + b * s_y_b + t * s_y_t + offs_d * s_y_d,
+                 yv.to(y_ptr.dtype.element_ty), mask=md)
+        d, xv, Bv, Cv, zv = d_n, x_n, B_n, C_n, z_n
 
 
 @triton.jit
@@ -510,7 +480,7 @@ def _fast_sfu(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.version.hip is None
 
 
-def _check_launch(fn: str, seqs_per_program: int, **tiles) -> None:
+def _check_launch(fn: str, seqs_per_program: int = 1, **tiles) -> None:
     """Tile sizes must be powers of two; a program walks at least one sequence."""
     for name, v in tiles.items():
         if v is not None and (v < 1 or v & (v - 1)):
@@ -594,16 +564,13 @@ def _mamba1_warps(programs: int, sm_count: int | None) -> int:
 
 def mamba1_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_replay, x, dt, A, B,
                          C, D, z, dt_bias, dt_softplus, out=None, block_d: int = 64,
-                         num_warps: int | None = None, sub_n: int = 16,
-                         seqs_per_program: int = 1, prefetch: bool | None = None):
+                         num_warps: int | None = None, sub_n: int = 16):
     """Tile: ``block_d`` channels x d_state, d_state cut into ``sub_n``-wide slices (one
     at d_state 16: a channel on 2 lanes, 8 values each at 4 warps). Within 4% of the
     best of 36 tiles (channels x warps x slice width) at batch 8 and 64, k = 4, on an
-    H100 (benchmarks/results/kernels_ssm_h100_run6_mamba1_sweep.json).
-    ``seqs_per_program`` / ``prefetch``: as `mamba2_verify_triton`'s (A, dt bias and D
-    are then loaded once for all the sequences a program walks)."""
+    H100 (benchmarks/results/kernels_ssm_h100_run6_mamba1_sweep.json)."""
     batch, T, DIM = x.shape
-    _check_launch("mamba1_verify_triton", seqs_per_program, block_d=block_d, sub_n=sub_n)
+    _check_launch("mamba1_verify_triton", block_d=block_d, sub_n=sub_n)
     N = A.shape[-1]
     assert state.dtype == torch.float32, "the verify kernels keep an fp32 state"
     rx, rdt, rB = (_replay_or_new(r, n) for r, n in ((replay_x, x), (replay_dt, dt), (replay_B, B)))
@@ -614,18 +581,16 @@ def mamba1_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     programs = batch * triton.cdiv(DIM, BLOCK_D)
     num_warps = num_warps or _mamba1_warps(programs, _sm_count(x.device) if x.is_cuda else None)
     zz = z if z is not None else x
-    grid = (triton.cdiv(DIM, BLOCK_D), triton.cdiv(batch, seqs_per_program))
+    grid = (triton.cdiv(DIM, BLOCK_D), batch)
     _mamba1_verify_kernel[grid](
         state, state_idx, num_replay, rx, rdt, rB, x, dt, B, C, zz, y, A,
         D if D is not None else A, dt_bias if dt_bias is not None else A,
-        batch, T, DIM, N, DIM // B.shape[2], DIM // C.shape[2],
+        T, DIM, N, DIM // B.shape[2], DIM // C.shape[2],
         *state.stride(), *rx.stride(), *rdt.stride(), *rB.stride(), *x.stride(), *dt.stride(),
         *B.stride(), *C.stride(), *zz.stride(), *y.stride(), *A.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
         DT_SOFTPLUS=dt_softplus, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SUB_N=SUB_N,
-        SLICES_FIRST=_SLICES_FIRST, FAST_SFU=_fast_sfu(x),
-        SEQS=seqs_per_program, PREFETCH=seqs_per_program > 1 if prefetch is None else prefetch,
-        num_warps=num_warps)
+        SLICES_FIRST=_SLICES_FIRST, FAST_SFU=_fast_sfu(x), num_warps=num_warps)
     return y
 
 

@@ -518,13 +518,17 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     and 64, k = 4 (H100, benchmarks/results/kernels_ssm_h100_run4_sweep.json); fewer rows
     where that grid would not give each SM 4 programs (batch 1: 8 rows, 9.2 -> 8.0 us).
 
-    ``seqs_per_program`` (loop kernel): each program walks that many sequences, loading
-    the next one's state while it computes one (``prefetch``, default on when walking).
-    Not yet timed on a GPU, so off by default (benchmarks/NOTES_kernels.md, run 7)."""
+    ``seqs_per_program`` (loop kernel; "auto" then picks it): each program walks that many
+    sequences, loading the next one's state while it computes one (``prefetch``, default
+    on when walking). Not yet timed on a GPU, so off by default
+    (benchmarks/NOTES_kernels.md, run 7)."""
     batch, T, H, P = x.shape
     _check_launch("mamba2_verify_triton", seqs_per_program, block_p=block_p, sub_n=sub_n)
     if algo == "auto":
-        algo = "dot" if batch <= 2 and T >= 9 else "loop"
+        algo = "dot" if batch <= 2 and T >= 9 and seqs_per_program == 1 else "loop"
+    if algo == "dot" and seqs_per_program > 1:
+        raise ValueError("mamba2_verify_triton: seqs_per_program > 1 walks sequences in the "
+                         f"loop kernel; algo='dot' runs one a program (got {seqs_per_program})")
     N = B.shape[-1]
     assert state.dtype == torch.float32, "the verify kernels keep an fp32 state"
     rx, rdt, rB = (_replay_or_new(r, n) for r, n in ((replay_x, x), (replay_dt, dt), (replay_B, B)))

@@ -139,6 +139,8 @@ def main():
                     help="loop kernel: 1 loads the next sequence's state while one is "
                          "computed (what seqs_per_program > 1 launches)")
     args = ap.parse_args()
+    if args.kernel != "loop" and 1 in args.prefetch:
+        ap.error(f"--prefetch: only the loop kernel walks sequences, not --kernel {args.kernel}")
     first = triton_verify._SLICES_FIRST if args.slices_first is None else bool(args.slices_first)
     d_state = args.d_state or (16 if args.kernel == "mamba1" else 128)
     print(f"triton {triton.__version__}, sm_90, {args.kernel}, d_state {d_state}"
@@ -146,8 +148,7 @@ def main():
     print(f"{'block':>7} {'warps':>5} {'sub_n':>5} {'pref':>4} {'regs':>4} {'stack':>5}  "
           "instructions per iteration: replay / new-token loop (top opcodes)")
     subs = args.sub_n or [32 if args.kernel == "loop" else None]
-    prefetch = args.prefetch if args.kernel == "loop" else [0]
-    for bp, nw, sub, pf in itertools.product(args.block_p, args.warps, subs, prefetch):
+    for bp, nw, sub, pf in itertools.product(args.block_p, args.warps, subs, args.prefetch):
         if args.kernel == "mamba1":
             res, loops = mamba1_kernel(bp, nw, d_state, sub)
         else:

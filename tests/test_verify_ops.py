@@ -345,10 +345,25 @@ def test_triton_loop_rows_fill_the_sms():
     assert _loop_rows(8, 16, 1, 132) == 8                  # p smaller than the floor
 
 
+def test_triton_auto_walk_fits_one_wave():
+    """Sequences a Mamba2 loop program walks under "auto", hand-computed for the 8B layer
+    (32 heads x 4 tiles of 32 rows a sequence) on 132 SMs: one wave of 4 x 132 = 528."""
+    from vllm_mamba_hybrid.ops.triton_verify import _walk_length
+    tiles = 32 * 4
+    assert _walk_length(8 * tiles, 8, 132) == 2       # 1,024 programs -> 512
+    assert _walk_length(64 * tiles, 64, 132) == 16    # 8,192 -> 512
+    assert _walk_length(5 * tiles, 5, 132) == 2       # 640 -> 384: a power of two
+    assert _walk_length(4 * tiles, 4, 132) == 1       # 512 fit: not walked
+    assert _walk_length(2 * tiles, 2, 132) == 1
+    assert _walk_length(8 * 2048, 8, 132) == 8        # capped at the batch
+    assert _walk_length(64 * tiles, 64, None) == 1    # no GPU
+
+
 @pytest.mark.parametrize("variant,bad,why", [
     ("mamba2", dict(sub_n=24), "a power of two"), ("mamba2", dict(block_p=12), "a power of two"),
     ("mamba2", dict(sub_n=0), "a power of two"), ("mamba1", dict(block_d=48), "a power of two"),
-    ("mamba1", dict(sub_n=6), "a power of two"), ("mamba2", dict(seqs_per_program=0), ">= 1"),
+    ("mamba1", dict(sub_n=6), "a power of two"), ("mamba2", dict(seqs_per_program=0), "'auto' or an int >= 1"),
+    ("mamba2", dict(seqs_per_program="all"), "'auto' or an int >= 1"),
     ("mamba2", dict(seqs_per_program=2, algo="dot"), "> 1 walks sequences in the loop")])
 def test_triton_refuses_bad_launch_arguments(variant, bad, why):
     from vllm_mamba_hybrid.ops import triton_verify
@@ -445,8 +460,11 @@ def test_triton_gpu_model_shapes():
                   shape=dict(h=32, g=8, gc=32, p=128, n=128))
     check_ssm("mamba1", "triton", 4, torch.bfloat16, "cuda",
               shape=dict(d=4096, n=16, g=64, gc=256))
-    check_ssm("mamba2", "triton", 4, torch.bfloat16, "cuda",
-              shape=dict(h=32, g=8, gc=32, p=128, n=128), kernel_kw=dict(seqs_per_program=2))
+    for k in (4, 8):   # batch 8 and 12: "auto" walks 2 and 4 sequences (one short) on an H100
+        for walk in (2, "auto"):
+            check_ssm("mamba2", "triton", k, torch.bfloat16, "cuda",
+                      shape=dict(h=32, g=8, gc=32, p=128, n=128),
+                      kernel_kw=dict(seqs_per_program=walk))
     check_conv("triton", 4, torch.bfloat16, "cuda", dim=4096 + 2 * 1024)
 
 

@@ -480,13 +480,15 @@ def _fast_sfu(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.version.hip is None
 
 
-def _check_launch(fn: str, seqs_per_program: int = 1, **tiles) -> None:
+def _check_launch(fn: str, seqs_per_program: int | str = 1, **tiles) -> None:
     """Tile sizes must be powers of two; a program walks at least one sequence."""
     for name, v in tiles.items():
         if v is not None and (v < 1 or v & (v - 1)):
             raise ValueError(f"{fn}: {name} must be a power of two, got {v}")
-    if seqs_per_program < 1:
-        raise ValueError(f"{fn}: seqs_per_program must be >= 1, got {seqs_per_program}")
+    if seqs_per_program != "auto" and (not isinstance(seqs_per_program, int)
+                                       or seqs_per_program < 1):
+        raise ValueError(f"{fn}: seqs_per_program must be 'auto' or an int >= 1, "
+                         f"got {seqs_per_program!r}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -505,11 +507,25 @@ def _loop_rows(P: int, BLOCK_N: int, programs_per_block: int, sm_count: int | No
     return rows
 
 
+def _walk_length(programs: int, batch: int, sm_count: int | None) -> int:
+    """Sequences a loop-kernel program walks under ``seqs_per_program="auto"``: the
+    fewest (a power of two, at most ``batch``) that fit the grid of ``programs``
+    one-sequence programs into one wave of 4 a SM (a prefetching 32 x 2 program takes
+    254 registers), so a program's next state load overlaps its token work instead
+    of every resident program loading, then computing, in lock-step. 1 where the
+    grid already fits (it is not walked, and `_loop_rows` may halve its rows) and
+    without a GPU."""
+    if not sm_count:
+        return 1
+    return min(triton.next_power_of_2(triton.cdiv(programs, 4 * sm_count)),
+               triton.next_power_of_2(batch))
+
+
 def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_replay, x, dt, A, B,
                          C, D, dt_bias, dt_softplus, out=None, block_p: int | None = None,
                          num_warps: int | None = None, algo: str = "auto",
                          dot_precision: str = "tf32x3", sub_n: int = 32,
-                         seqs_per_program: int = 1, prefetch: bool | None = None):
+                         seqs_per_program: int | str = 1, prefetch: bool | None = None):
     """algo "loop": token loop on the register state; "dot": SSD block form (matrix
     products; R and T padded to powers of two >= 16, BLOCK_P >= 16); "auto": "dot"
     only where it measured faster on an H100 (batch 1, T = 9; batch <= 2 with T >= 9 here:
@@ -518,15 +534,16 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     and 64, k = 4 (H100, benchmarks/results/kernels_ssm_h100_run4_sweep.json); fewer rows
     where that grid would not give each SM 4 programs (batch 1: 8 rows, 9.2 -> 8.0 us).
 
-    ``seqs_per_program`` (loop kernel; "auto" then picks it): each program walks that many
-    sequences, loading the next one's state while it computes one (``prefetch``, default
-    on when walking). Not yet timed on a GPU, so off by default
+    ``seqs_per_program`` (loop kernel; algo "auto" then picks it): each program walks
+    that many sequences, loading the next one's state while it computes one
+    (``prefetch``, default on when walking); "auto": as many as fit the grid into one
+    wave (`_walk_length`). Not yet timed on a GPU, so off by default
     (benchmarks/NOTES_kernels.md, run 7)."""
     batch, T, H, P = x.shape
     _check_launch("mamba2_verify_triton", seqs_per_program, block_p=block_p, sub_n=sub_n)
     if algo == "auto":
-        algo = "dot" if batch <= 2 and T >= 9 and seqs_per_program == 1 else "loop"
-    if algo == "dot" and seqs_per_program > 1:
+        algo = "dot" if batch <= 2 and T >= 9 and seqs_per_program in (1, "auto") else "loop"
+    if algo == "dot" and seqs_per_program not in (1, "auto"):
         raise ValueError("mamba2_verify_triton: seqs_per_program > 1 walks sequences in the "
                          f"loop kernel; algo='dot' runs one a program (got {seqs_per_program})")
     N = B.shape[-1]
@@ -535,6 +552,9 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     y = torch.empty_like(x) if out is None else out
     BLOCK_N = triton.next_power_of_2(N)
     sms = _sm_count(x.device) if x.is_cuda and algo == "loop" else None
+    if seqs_per_program == "auto":  # on the grid before any halving of rows for small grids
+        rows = block_p or _loop_rows(P, BLOCK_N, batch * H, None)
+        seqs_per_program = _walk_length(batch * H * triton.cdiv(P, rows), batch, sms)
     BLOCK_P = block_p or _loop_rows(P, BLOCK_N, batch * H, sms)
     extra = dict(SUB_N=min(sub_n, BLOCK_N), SLICES_FIRST=_SLICES_FIRST)
     kernel = _mamba2_verify_kernel

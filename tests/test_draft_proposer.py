@@ -91,6 +91,37 @@ def test_batch_size_schedule_sets_the_drafts_per_row(draft):
         contexts = [c + [int(torch.randint(3, VOCAB, (1,), generator=g))] for c in contexts]
 
 
+def test_a_cut_head_drafts_the_greedy_continuation_among_its_tokens(draft, tmp_path):
+    """With a draft_vocab.json the proposer drafts what the full draft's logits pick among
+    the kept tokens (a plain forward of the whole context a token, as the reference)."""
+    from vllm_mamba_hybrid.spec_decode.draft_proposer import load_draft_model
+    from vllm_mamba_hybrid.spec_decode.draft_vocab import save_draft_vocab
+    ids = sorted(torch.randperm(VOCAB)[:VOCAB // 3].tolist())
+    save_draft_vocab(draft.draft_path, ids, VOCAB, [], 0)
+    proposer = HybridDraftProposer(_engine_config(K), draft_path=draft.draft_path)
+    proposer.load_model()
+    assert proposer.model.lm_head.out_features == len(ids)
+    full = load_draft_model(draft.draft_path)
+    kept = torch.tensor(ids)
+
+    def restricted_greedy(ctx, n):
+        out = []
+        with torch.no_grad():
+            for _ in range(n):
+                logits = full(input_ids=torch.tensor([ctx + out])).logits[0, -1]
+                out.append(ids[int(logits[kept].argmax())])
+        return out
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    contexts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (2, 13, 40)]
+    for step in range(3):
+        drafts = _call(proposer, contexts)
+        for c, d in zip(contexts, drafts):
+            assert d == restricted_greedy(c, K), (step, len(c))
+        contexts = [c + d[:(step + r) % (K + 1)] + [int(torch.randint(3, VOCAB, (1,), generator=g))]
+                    for r, (c, d) in enumerate(zip(contexts, drafts))]
+
+
 def test_stacked_cache_decodes_each_row_at_its_own_position(draft):
     """HybridCache.stack / row: a left-padded batch step equals each row's own step."""
     model = draft.model

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -193,6 +194,7 @@ def smollm2_pair(smollm2_teacher, shared_dir, tmp_path_factory):
     from transformers import AutoTokenizer
 
     from vllm_mamba_hybrid.conversion.draft import make_layer_subset_draft
+    from vllm_mamba_hybrid.spec_decode.draft_vocab import make_draft_vocab
     from vllm_mamba_hybrid.conversion.init import (
         hybrid_config_from_teacher,
         init_hybrid_from_teacher,
@@ -210,6 +212,9 @@ def smollm2_pair(smollm2_teacher, shared_dir, tmp_path_factory):
     target = save_hybrid(hybrid.to(torch.bfloat16), root / "target", tokenizer_dir=smollm2_teacher)
     del teacher, hybrid
     draft = make_layer_subset_draft(smollm2_teacher, root / "draft", layers=[0, 1, 2, 29])
+    cut = root / "draft-cut"   # the same draft, its head cut to the essays' 4096 commonest tokens
+    shutil.copytree(draft, cut)
+    make_draft_vocab(cut, 4096, [str(shared_dir / "data" / "essays")])
     tok = AutoTokenizer.from_pretrained(smollm2_teacher)
     text = (shared_dir / "data" / "essays").glob("*.txt")
     words = " ".join(p.read_text(encoding="utf-8") for p in sorted(text)[:2]).split()
@@ -218,12 +223,14 @@ def smollm2_pair(smollm2_teacher, shared_dir, tmp_path_factory):
         prompts.append(tok(" ".join(words[start:start + n_words]))["input_ids"])
         start += n_words
     ref = _reference_greedy(target, prompts, min_gap=2e-3)
-    return dict(target=str(target), draft=str(draft), prompts=prompts, ref=ref)
+    return dict(target=str(target), draft=str(draft), cut=str(cut), prompts=prompts, ref=ref)
 
 
-def test_smollm2_hybrid_with_layer_subset_draft(smollm2_pair, monkeypatch):
+@pytest.mark.parametrize("head", ["draft", "cut"])
+def test_smollm2_hybrid_with_layer_subset_draft(smollm2_pair, head, monkeypatch):
+    """The full head, and the head cut by draft_vocab.json: both plain greedy's tokens."""
     k = 4
-    monkeypatch.setenv("VLLM_MAMBA_HYBRID_DRAFT", smollm2_pair["draft"])
+    monkeypatch.setenv("VLLM_MAMBA_HYBRID_DRAFT", smollm2_pair[head])
     spec = {"method": "custom_class", "model": DRAFT_CLASS, "num_speculative_tokens": k}
     greedy, m, _ = _run(smollm2_pair["target"], smollm2_pair["prompts"], spec,
                         max_model_len=512)

@@ -95,6 +95,14 @@ def cmd_draft(args) -> int:
     return 0
 
 
+def cmd_draft_vocab(args) -> int:
+    from .spec_decode.draft_vocab import make_draft_vocab
+    path = make_draft_vocab(args.draft, args.size, args.texts, field=args.field)
+    print(f"{path}: the draft proposes from the {args.size} most frequent tokens of "
+          f"{len(args.texts)} source(s); delete the file to use the full head")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mamba-hybrid", description="Llama -> hybrid Mamba/attention models: import, initialise, generate, convert, serve, distil.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -149,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layers", type=_layer_list, required=True, help="teacher layers to keep, e.g. 0,1,2,29")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_draft)
+
+    s = sub.add_parser("draft-vocab", help="cut a draft's head to the most frequent tokens of "
+                                           "typical target text (a cheaper draft step)")
+    s.add_argument("draft", help="draft model directory; draft_vocab.json is written into it")
+    s.add_argument("--size", type=int, default=8192, help="tokens kept (default 8192)")
+    s.add_argument("--texts", nargs="+", required=True,
+                   help=".txt/.md/.jsonl files or directories of them, e.g. teacher answers")
+    s.add_argument("--field", help="the .jsonl field holding the text (default: every string)")
+    s.set_defaults(func=cmd_draft_vocab)
 
     # Subcommands whose arguments belong to another module (vLLM's, the distiller's).
     for name, help_text in (("serve", "serve DIR with vLLM's OpenAI-compatible server"),

@@ -26,6 +26,9 @@ last token is always there (the (k+1)-th step exists for the all-accepted case);
 only rows without one (new, preempted, evicted) are prefilled, one at a time.
 Snapshots unused for two calls are dropped, so finished requests free their memory.
 
+A draft directory with a ``draft_vocab.json`` (``mamba-hybrid draft-vocab``) is run
+with its head cut to those tokens (`draft_vocab`): a cheaper step, same outputs.
+
 vLLM's batch-size schedule (``num_speculative_tokens_per_batch_size``, e.g.
 ``[[1, 2, 4], [3, 3, 0]]``: k = 4 up to 2 requests, none from 3 on) reaches only vLLM's
 own proposers, so this one applies it itself: k for the number of requests in the
@@ -45,6 +48,8 @@ import numpy as np
 import torch
 
 from vllm.logger import init_logger
+
+from vllm_mamba_hybrid.spec_decode.draft_vocab import cut_head, load_draft_vocab
 
 logger = init_logger(__name__)
 
@@ -102,6 +107,7 @@ class HybridDraftProposer:
         self.device = torch.device(
             "cuda" if vllm_config.device_config.device_type == "cuda" else "cpu")
         self.model = None
+        self._token_ids = None  # a cut head's token ids (draft_vocab.json), or None
         self._snaps: dict[bytes, _Snapshot] = {}
         self._calls = 0
 
@@ -114,8 +120,13 @@ class HybridDraftProposer:
         if vocab > self.target_vocab:
             raise ValueError(f"draft {self.draft_path} has a vocabulary of {vocab} tokens, "
                              f"the target {self.target_vocab}: they must share a tokenizer")
-        logger.info("HybridDraftProposer: draft %s (%d layers), k=%d", self.draft_path,
-                    self.model.config.num_hidden_layers, self.k)
+        self._token_ids = load_draft_vocab(self.draft_path, self.model.lm_head.out_features)
+        if self._token_ids is not None:
+            self.model.lm_head = cut_head(self.model.lm_head, self._token_ids)
+            self._token_ids = self._token_ids.to(self.device)
+        logger.info("HybridDraftProposer: draft %s (%d layers, head of %d tokens), k=%d",
+                    self.draft_path, self.model.config.num_hidden_layers,
+                    self.model.lm_head.out_features, self.k)
 
     @torch.inference_mode()
     def _prefill(self, ids) -> object:
@@ -174,6 +185,8 @@ class HybridDraftProposer:
                 logits = self.model(input_ids=inputs, attention_mask=mask, past_key_values=batch,
                                     use_cache=True, logits_to_keep=1).logits[:, -1]
                 nxt = logits.argmax(-1)
+                if self._token_ids is not None:  # a cut head's output i is token _token_ids[i]
+                    nxt = self._token_ids[nxt]
                 for r, ((i, _, budget), token) in enumerate(zip(rows, nxt.tolist())):
                     self._snaps[consumed[r].tobytes()] = _Snapshot(batch.row(r, pads[r]),
                                                                   self._calls)

@@ -3,6 +3,8 @@
 * ``HybridDraftProposer``: a draft model (small Llama or hybrid sharing the
   target's tokenizer) for vLLM's ``custom_class`` hook; vLLM's own
   ``draft_model`` method cannot run beside a hybrid target.
+* ``draft_vocab``: a draft's head cut to the target's commonest tokens
+  (``draft_vocab.json``; a cheaper draft step, same outputs).
 * ``spec_decode_metrics``: acceptance rate and mean accepted length of an engine.
 
 n-gram speculation needs nothing from here: ``{"method": "ngram", ...}``.

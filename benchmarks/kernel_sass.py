@@ -74,22 +74,19 @@ def resources(cubin: bytes) -> tuple[dict, list[collections.Counter]]:
     res = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED):(\d+)", usage)}
     labels = {m.group(1): i for i, line in enumerate(sass)
               if (m := re.match(r"^(\.L_x_\d+):", line))}
-    spans = []
+    loops = []
     for i, line in enumerate(sass):
         m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
         start = labels.get(m.group(1), i) if m else i
         if start < i - 1:                               # a backward branch: a loop body
-            spans.append((start, i))
-    loops = [collections.Counter(                       # innermost loops (the token loops,
-        mm.group(1) for b in sass[start:end + 1]        # not the walk over sequences)
-        if (mm := re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", b)))
-        for start, end in spans
-        if not any(start <= s0 and e0 < end for s0, e0 in spans if (s0, e0) != (start, end))]
+            loops.append(collections.Counter(
+                mm.group(1) for b in sass[start:i + 1]
+                if (mm := re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", b))))
     return res, loops
 
 
 def mamba2_kernel(algo: str, block_p: int, num_warps: int, sub_n: int | None = 32,
-                  slices_first: bool | None = None, d_state: int = 128, prefetch: bool = False):
+                  slices_first: bool | None = None, d_state: int = 128):
     """Resources and loop bodies of the Mamba2 verify kernel ("loop" or "dot") as
     `mamba2_verify_triton` would launch it (slice order: this Triton's, unless given)."""
     block_n = triton.next_power_of_2(d_state)
@@ -100,8 +97,7 @@ def mamba2_kernel(algo: str, block_p: int, num_warps: int, sub_n: int | None = 3
     else:
         kernel = triton_verify._mamba2_verify_kernel
         consts.update(SUB_N=min(sub_n, block_n), SLICES_FIRST=triton_verify._SLICES_FIRST
-                      if slices_first is None else slices_first, SEQS=2 if prefetch else 1,
-                      PREFETCH=prefetch)
+                      if slices_first is None else slices_first)
     return resources(compile_sm90(kernel, consts, num_warps).asm["cubin"])
 
 
@@ -135,28 +131,23 @@ def main():
     ap.add_argument("--slices-first", type=int, choices=(0, 1), default=None,
                     help="loop kernel: tile axis order (default: the one picked for this Triton)")
     ap.add_argument("--d-state", type=int, default=None, help="default 128, Mamba1 16")
-    ap.add_argument("--prefetch", type=int, nargs="+", choices=(0, 1), default=[0],
-                    help="loop kernel: 1 loads the next sequence's state while one is "
-                         "computed (what seqs_per_program > 1 launches)")
     args = ap.parse_args()
-    if args.kernel != "loop" and 1 in args.prefetch:
-        ap.error(f"--prefetch: only the loop kernel walks sequences, not --kernel {args.kernel}")
     first = triton_verify._SLICES_FIRST if args.slices_first is None else bool(args.slices_first)
     d_state = args.d_state or (16 if args.kernel == "mamba1" else 128)
     print(f"triton {triton.__version__}, sm_90, {args.kernel}, d_state {d_state}"
           + (f", slices first: {first}" if args.kernel == "loop" else ""))
-    print(f"{'block':>7} {'warps':>5} {'sub_n':>5} {'pref':>4} {'regs':>4} {'stack':>5}  "
+    print(f"{'block':>7} {'warps':>5} {'sub_n':>5} {'regs':>4} {'stack':>5}  "
           "instructions per iteration: replay / new-token loop (top opcodes)")
     subs = args.sub_n or [32 if args.kernel == "loop" else None]
-    for bp, nw, sub, pf in itertools.product(args.block_p, args.warps, subs, args.prefetch):
+    for bp, nw, sub in itertools.product(args.block_p, args.warps, subs):
         if args.kernel == "mamba1":
             res, loops = mamba1_kernel(bp, nw, d_state, sub)
         else:
-            res, loops = mamba2_kernel(args.kernel, bp, nw, sub, first, d_state, bool(pf))
+            res, loops = mamba2_kernel(args.kernel, bp, nw, sub, first, d_state)
         counts = " / ".join(str(sum(c.values())) for c in loops) or "-"
         top = "; ".join(" ".join(f"{op} {n}" for op, n in c.most_common(4)) for c in loops)
-        print(f"{bp:7d} {nw:5d} {str(sub):>5} {pf:4d} {res.get('REG', 0):4d} "
-              f"{res.get('STACK', 0):5d}  {counts}  ({top})")
+        print(f"{bp:7d} {nw:5d} {str(sub):>5} {res.get('REG', 0):4d} {res.get('STACK', 0):5d}  "
+              f"{counts}  ({top})")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ this times both in one (CUDA-graph medians on a GPU, as in kernels_ssm.py):
 
   git show 3f49949:vllm_mamba_hybrid/ops/triton_verify.py > /tmp/base_triton_verify.py
   python benchmarks/kernels_ab.py --baseline /tmp/base_triton_verify.py --out ab.json \
-      --kw '{}' '{"seqs_per_program": 2}'
+      --kw '{}' '{"block_p": 32, "num_warps": 4}'
   python benchmarks/kernels_ab.py --baseline /tmp/base_triton_verify.py --variant mamba1
   git show ff5f2e1:csrc/verify_cpu.cpp > /tmp/base_verify_cpu.cpp
   python benchmarks/kernels_ab.py --baseline /tmp/base_verify_cpu.cpp --variant mamba1
@@ -65,7 +65,7 @@ def kernel_kw(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"{text!r}: not JSON ({e})")
     if not isinstance(kw, dict):
         raise argparse.ArgumentTypeError(f"{text!r}: want a JSON object, e.g. "
-                                         '\'{"seqs_per_program": 2}\'')
+                                         '\'{"block_p": 32, "num_warps": 4}\'')
     return kw
 
 
@@ -151,10 +151,10 @@ def main():
                       f"baseline {t_base * 1e6:.1f} us ({nbytes / t_base / bw:.0%}) "
                       f"now {t * 1e6:.1f} us ({nbytes / t / bw:.0%}) "
                       f"x{t_base / t:.2f}; diff y {err_y:.1e} state {err_state:.1e}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=name, copy_gbps=bw / 1e9, baseline=args.baseline,
-                           baseline_kw=base_kw, rows=rows), f, indent=1)
+                if args.out:   # after every row: a run cut short keeps what it measured
+                    with open(args.out, "w") as f:
+                        json.dump(dict(device=name, copy_gbps=bw / 1e9, baseline=args.baseline,
+                                       baseline_kw=base_kw, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -35,13 +35,3 @@ def test_picked_slice_order_beats_the_other_and_the_unsliced_tile():
     assert stack == 0 and regs <= 168, (regs, stack)
     assert n_picked < 0.8 * n_unsliced, (n_picked, n_unsliced)
     assert n_picked < 0.7 * n_other, (n_picked, n_other)
-
-
-def test_prefetching_walk_keeps_the_token_loops_without_spills():
-    """A program walking sequences (PREFETCH) nests the token loops in the walk: the SASS
-    reading must still find exactly the replay and the new-token loop, and the doubled
-    state tile must fit in registers."""
-    n_walk, regs, stack = new_token_loop(sub_n=32, prefetch=True)
-    n_plain, regs_plain, _ = new_token_loop(sub_n=32)
-    assert stack == 0 and regs_plain < regs <= 255, (regs_plain, regs, stack)
-    assert n_walk < 1.1 * n_plain, (n_walk, n_plain)

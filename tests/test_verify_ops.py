@@ -91,25 +91,20 @@ def _run(op, case, impl):
     return y, args["state"]
 
 
-def _triton_with(variant, **kernel_kw):
-    """The Triton kernel of ``variant`` called with keyword arguments of its own (tiles,
-    the sequences a program walks, Mamba2's block form) in the op's place."""
-    from vllm_mamba_hybrid.ops import triton_verify
-    fn = getattr(triton_verify, f"{variant}_verify_triton")
-    return lambda impl, **kw: fn(**kw, dt_softplus=True, **kernel_kw)
+def _mamba2_dot(impl, **kw):
+    """The Triton Mamba2 kernel in its SSD block form (algo="dot")."""
+    from vllm_mamba_hybrid.ops.triton_verify import mamba2_verify_triton
+    return mamba2_verify_triton(**kw, dt_softplus=True, algo="dot")
 
 
-def check_ssm(variant, impl, k, dtype, device, shape=None, n_eos=2, without=(), kernel_kw=None):
+def check_ssm(variant, impl, k, dtype, device, shape=None, n_eos=2, without=()):
     """variant "mamba2-dot" checks the block-form Mamba2 kernel (impl must be "triton");
-    ``without``: optional inputs left out (None), e.g. Mamba1's gate z; ``kernel_kw``:
-    arguments of the Triton kernel (impl "triton")."""
-    if variant == "mamba2-dot":
-        variant, kernel_kw = "mamba2", dict(kernel_kw or {}, algo="dot")
+    ``without``: optional inputs left out (None), e.g. Mamba1's gate z."""
     op, make = (mamba1_verify, mamba1_case) if variant == "mamba1" else (mamba2_verify, mamba2_case)
     case = make(k, dtype, device, n_eos=n_eos, **(shape or (SMALL1 if variant == "mamba1" else SMALL2)))
     case.update(dict.fromkeys(without))
     y_ref, st_ref = _run(op, case, "reference")
-    y, st = _run(_triton_with(variant, **kernel_kw) if kernel_kw else op, case, impl)
+    y, st = _run(_mamba2_dot if variant == "mamba2-dot" else op, case, impl)
     tol_y, tol_s = TOL[dtype]
     assert torch.isfinite(y).all(), "unwritten or poisoned output"
     assert rel_err(y, y_ref) < tol_y, (variant, impl, k, rel_err(y, y_ref))
@@ -345,32 +340,15 @@ def test_triton_loop_rows_fill_the_sms():
     assert _loop_rows(8, 16, 1, 132) == 8                  # p smaller than the floor
 
 
-def test_triton_auto_walk_fits_one_wave():
-    """Sequences a Mamba2 loop program walks under "auto", hand-computed for the 8B layer
-    (32 heads x 4 tiles of 32 rows a sequence) on 132 SMs: one wave of 4 x 132 = 528."""
-    from vllm_mamba_hybrid.ops.triton_verify import _walk_length
-    tiles = 32 * 4
-    assert _walk_length(8 * tiles, 8, 132) == 2       # 1,024 programs -> 512
-    assert _walk_length(64 * tiles, 64, 132) == 16    # 8,192 -> 512
-    assert _walk_length(5 * tiles, 5, 132) == 2       # 640 -> 384: a power of two
-    assert _walk_length(4 * tiles, 4, 132) == 1       # 512 fit: not walked
-    assert _walk_length(2 * tiles, 2, 132) == 1
-    assert _walk_length(8 * 2048, 8, 132) == 8        # capped at the batch
-    assert _walk_length(64 * tiles, 64, None) == 1    # no GPU
-
-
-@pytest.mark.parametrize("variant,bad,why", [
-    ("mamba2", dict(sub_n=24), "a power of two"), ("mamba2", dict(block_p=12), "a power of two"),
-    ("mamba2", dict(sub_n=0), "a power of two"), ("mamba1", dict(block_d=48), "a power of two"),
-    ("mamba1", dict(sub_n=6), "a power of two"), ("mamba2", dict(seqs_per_program=0), "'auto' or an int >= 1"),
-    ("mamba2", dict(seqs_per_program="all"), "'auto' or an int >= 1"),
-    ("mamba2", dict(seqs_per_program=2, algo="dot"), "> 1 walks sequences in the loop")])
-def test_triton_refuses_bad_launch_arguments(variant, bad, why):
+@pytest.mark.parametrize("variant,bad", [("mamba2", dict(sub_n=24)), ("mamba2", dict(block_p=12)),
+                                         ("mamba2", dict(sub_n=0)), ("mamba1", dict(block_d=48)),
+                                         ("mamba1", dict(sub_n=6))])
+def test_triton_refuses_tiles_that_are_not_powers_of_two(variant, bad):
     from vllm_mamba_hybrid.ops import triton_verify
     make, shape = (mamba1_case, SMALL1) if variant == "mamba1" else (mamba2_case, SMALL2)
     case = make(2, torch.float32, "cpu", **shape)
     name = next(iter(bad))
-    with pytest.raises(ValueError, match=f"{name} (must be )?{why}"):
+    with pytest.raises(ValueError, match=f"{name} must be a power of two"):
         getattr(triton_verify, f"{variant}_verify_triton")(**case, dt_softplus=True, **bad)
 
 
@@ -382,23 +360,6 @@ def test_triton_mamba1_warps_fill_small_grids():
 
 
 # --- Triton kernels under the interpreter (CPU, subprocess) ---------------------------------
-
-# Mamba2 loop programs walking several sequences: the next one's state prefetched or not;
-# 3 leaves the last program of the 5- to 8-row batches here short (a walk past the batch)
-WALKS = [dict(seqs_per_program=3), dict(seqs_per_program=2, prefetch=False),
-         dict(seqs_per_program=8)]
-
-
-def check_auto_walk():
-    """Where "auto" would pick the block form (batch <= 2, T >= 9), a walk picks the loop
-    kernel (the block form refuses walks): equal to the reference."""
-    case = mamba2_case(8, torch.float32, "cpu", n_eos=0, **SMALL2)
-    batched = ("state_idx", "num_replay", "replay_x", "replay_dt", "replay_B", "x", "dt", "B", "C")
-    case.update({key: case[key][:2] for key in batched})
-    y_ref, st_ref = _run(mamba2_verify, case, "reference")
-    y, st = _run(_triton_with("mamba2", seqs_per_program=2, algo="auto"), case, "triton")
-    assert rel_err(y, y_ref) < TOL[torch.float32][0] and rel_err(st, st_ref) < TOL[torch.float32][1]
-
 
 def triton_interpreter_checks():
     """Entry point of the subprocess: every k, both variants, conv, and the spec loop."""
@@ -418,11 +379,6 @@ def triton_interpreter_checks():
         for shape in SLICED1:
             check_ssm("mamba1", "triton", 3, torch.float32, "cpu", shape=shape)
     triton_verify._SLICES_FIRST = picked
-    for k in (1, 4):
-        for kw in WALKS:
-            check_ssm("mamba2", "triton", k, torch.float32, "cpu", kernel_kw=kw)
-    check_ssm("mamba2", "triton", 3, torch.float32, "cpu", shape=SLICED2[1], kernel_kw=WALKS[0])
-    check_auto_walk()
     for variant in ("mamba2", "mamba1"):
         check_spec_loop(variant, "triton", "cpu", rounds=3)
     print("triton interpreter checks passed")
@@ -447,8 +403,6 @@ def test_triton_gpu(k, dtype):
     for shape in SLICED1:
         check_ssm("mamba1", "triton", k, dtype, "cuda", shape=shape)
     check_ssm("mamba1", "triton", k, dtype, "cuda", without=("z",))
-    for kw in WALKS:
-        check_ssm("mamba2", "triton", k, dtype, "cuda", kernel_kw=kw)
     check_conv("triton", k, dtype, "cuda")
 
 
@@ -460,11 +414,6 @@ def test_triton_gpu_model_shapes():
                   shape=dict(h=32, g=8, gc=32, p=128, n=128))
     check_ssm("mamba1", "triton", 4, torch.bfloat16, "cuda",
               shape=dict(d=4096, n=16, g=64, gc=256))
-    for k in (4, 8):   # batch 8 and 12: "auto" walks 2 and 4 sequences (one short) on an H100
-        for walk in (2, "auto"):
-            check_ssm("mamba2", "triton", k, torch.bfloat16, "cuda",
-                      shape=dict(h=32, g=8, gc=32, p=128, n=128),
-                      kernel_kw=dict(seqs_per_program=walk))
     check_conv("triton", 4, torch.bfloat16, "cuda", dim=4096 + 2 * 1024)
 
 

@@ -80,12 +80,13 @@ def _sum_n(tile, SLICES_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _mamba2_state_tile(state_ptr, idx_ptr, h, b, batch, P, N, s_st, s_st_h, s_st_p, s_st_n,
-                       BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
-                       SLICES_FIRST: tl.constexpr):
-    """Pointers and masks of this program's fp32 state tile for sequence b: rows of p of
-    head h in b's slot. A padded row (slot < 0) or b >= batch is inactive: it reads zeros
-    and must not store.
+def _mamba2_state_tile(state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, P, N,
+                       s_st, s_st_h, s_st_p, s_st_n,
+                       HAS_DT_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SUB_N: tl.constexpr, SLICES_FIRST: tl.constexpr):
+    """Both Mamba2 kernels' prologue: this program's fp32 state tile (rows of p of head h,
+    of sequence b's slot; a padded row, slot < 0, reads zeros and must not store), its
+    pointers and masks, and the head's A and dt bias.
 
     SUB_N = 0: the tile is [BLOCK_P, BLOCK_N]. Else n is cut into SUB_N-wide slices,
     the tile [BLOCK_P, BLOCK_N // SUB_N, SUB_N], or with SLICES_FIRST [BLOCK_N // SUB_N,
@@ -93,7 +94,7 @@ def _mamba2_state_tile(state_ptr, idx_ptr, h, b, batch, P, N, s_st, s_st_h, s_st
     and SUB_N, not on slices, so a thread holds every slice of its rows and a sum over n
     is in-thread adds and a few shuffles over SUB_N / 4 lanes, not a 32-lane shuffle tree
     per row and token (`benchmarks/kernel_sass.py` shows the layouts' instruction counts)."""
-    slot = tl.load(idx_ptr + b, mask=b < batch, other=-1).to(tl.int64)
+    slot = tl.load(idx_ptr + b).to(tl.int64)
     active = slot >= 0
     slot = tl.maximum(slot, 0)
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -111,27 +112,19 @@ def _mamba2_state_tile(state_ptr, idx_ptr, h, b, batch, P, N, s_st, s_st_h, s_st
         ms = _rows(rows, SLICES_FIRST) & _slices(mn, SLICES_FIRST)
         st_ptrs = (base + _rows(offs_p, SLICES_FIRST) * s_st_p
                    + _slices(offs_n, SLICES_FIRST) * s_st_n)
-    return st_ptrs, ms, active, offs_p, offs_n, mp, mn
-
-
-@triton.jit
-def _head_params(A_ptr, dtb_ptr, D_ptr, h, HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr):
-    """Head h's A, dt bias and D as fp32 (0 where absent)."""
+    S = tl.load(st_ptrs, mask=ms, other=0.0)
     A = tl.load(A_ptr + h).to(tl.float32)
     dtb = 0.0
     if HAS_DT_BIAS:
         dtb = tl.load(dtb_ptr + h).to(tl.float32)
-    Dh = 0.0
-    if HAS_D:
-        Dh = tl.load(D_ptr + h).to(tl.float32)
-    return A, dtb, Dh
+    return S, st_ptrs, ms, active, offs_p, offs_n, mp, mn, A, dtb
 
 
 @triton.jit
 def _mamba2_verify_kernel(
     state_ptr, idx_ptr, nrep_ptr, rx_ptr, rdt_ptr, rB_ptr,
     x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr, A_ptr, D_ptr, dtb_ptr,
-    batch, T, P, N, heads_per_gB, heads_per_gC,
+    T, P, N, heads_per_gB, heads_per_gC,
     s_st, s_st_h, s_st_p, s_st_n,
     s_rx_b, s_rx_t, s_rx_h, s_rx_p,
     s_rdt_b, s_rdt_t, s_rdt_h,
@@ -143,99 +136,77 @@ def _mamba2_verify_kernel(
     s_y_b, s_y_t, s_y_h, s_y_p,
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
-    SLICES_FIRST: tl.constexpr, SEQS: tl.constexpr, PREFETCH: tl.constexpr,
+    SLICES_FIRST: tl.constexpr,
 ):
-    """Rows of head h for the sequences b = program_id(2) + i * num_programs(2). With
-    PREFETCH the next sequence's state tile is loaded while this one is computed: where
-    every program of a grid is resident at once, all of them would otherwise load, then
-    all compute, with the memory idle in between (state time + token time instead of
-    the larger of the two)."""
     h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    S, st_ptrs, ms, active, offs_p, offs_n, mp, mn, A, dtb = _mamba2_state_tile(
+        state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, P, N, s_st, s_st_h, s_st_p, s_st_n,
+        HAS_DT_BIAS, BLOCK_P, BLOCK_N, SUB_N, SLICES_FIRST)
     gB = h // heads_per_gB
     gC = h // heads_per_gC
-    A, dtb, Dh = _head_params(A_ptr, dtb_ptr, D_ptr, h, HAS_DT_BIAS, HAS_D)
-    b0 = tl.program_id(2)
-    step = tl.num_programs(2)
-    if PREFETCH:
-        first_ptrs, first_ms, _, _, _, _, _ = _mamba2_state_tile(
-            state_ptr, idx_ptr, h, b0, batch, P, N, s_st, s_st_h, s_st_p, s_st_n,
-            BLOCK_P, BLOCK_N, SUB_N, SLICES_FIRST)
-        S_next = tl.load(first_ptrs, mask=first_ms, other=0.0)
-    for i in range(0, SEQS):       # a loop (not unrolled); SEQS = 1 folds it away
-        b = b0 + i * step
-        st_ptrs, ms, active, offs_p, offs_n, mp, mn = _mamba2_state_tile(
-            state_ptr, idx_ptr, h, b, batch, P, N, s_st, s_st_h, s_st_p, s_st_n,
-            BLOCK_P, BLOCK_N, SUB_N, SLICES_FIRST)
-        if PREFETCH:
-            S = S_next
-            nx_ptrs, nx_ms, _, _, _, _, _ = _mamba2_state_tile(   # past the batch: masked
-                state_ptr, idx_ptr, h, b + step, batch, P, N, s_st, s_st_h, s_st_p, s_st_n,
-                BLOCK_P, BLOCK_N, SUB_N, SLICES_FIRST)
-            S_next = tl.load(nx_ptrs, mask=nx_ms, other=0.0)
-        else:
-            S = tl.load(st_ptrs, mask=ms, other=0.0)
-        bl = b.to(tl.int64)
 
-        # Token t+1's inputs are loaded while token t is computed (look-ahead rows, zeros
-        # past the end): their latency overlaps the sequential update instead of stalling
-        # it. B and C become fp32 as loaded, one element a thread, before Triton broadcasts
-        # them to the tile's rows (converted after the broadcast, every thread unpacks all
-        # of its slices' bf16 values: ~25 more instructions a token).
-        n_rep = tl.load(nrep_ptr + bl, mask=b < batch, other=0)
-        rdt_row = rdt_ptr + bl * s_rdt_b + h * s_rdt_h
-        rx_row = rx_ptr + bl * s_rx_b + h * s_rx_h + offs_p * s_rx_p
-        rB_row = rB_ptr + bl * s_rB_b + gB * s_rB_g + offs_n * s_rB_n
-        d = tl.load(rdt_row, mask=n_rep > 0, other=0.0)
-        xv = tl.load(rx_row, mask=offs_p < tl.where(n_rep > 0, P, 0), other=0.0)
-        Bv = tl.load(rB_row, mask=offs_n < tl.where(n_rep > 0, N, 0),
-                     other=0.0).to(tl.float32)
-        for t in range(0, n_rep):
-            more = t + 1 < n_rep
-            d_n = tl.load(rdt_row + (t + 1) * s_rdt_t, mask=more, other=0.0)
-            x_n = tl.load(rx_row + (t + 1) * s_rx_t, mask=offs_p < tl.where(more, P, 0),
-                          other=0.0)
-            B_n = tl.load(rB_row + (t + 1) * s_rB_t, mask=offs_n < tl.where(more, N, 0),
-                          other=0.0).to(tl.float32)
-            de = _dt_eff(d, dtb, DT_SOFTPLUS)
-            S = (S * tl.exp(de * A)
-                 + _rows(de * xv.to(tl.float32), SLICES_FIRST) * _slices(Bv, SLICES_FIRST))
-            d, xv, Bv = d_n, x_n, B_n
-        tl.store(st_ptrs, S, mask=ms)
+    # Token t+1's inputs are loaded while token t is computed (look-ahead rows, zeros
+    # past the end): their latency overlaps the sequential update instead of stalling it.
+    # B and C become fp32 as loaded, one element a thread, before Triton broadcasts them
+    # to the tile's rows (converted after the broadcast, every thread unpacks all of its
+    # slices' bf16 values: ~25 more instructions a token).
+    n_rep = tl.load(nrep_ptr + b)
+    rdt_row = rdt_ptr + b * s_rdt_b + h * s_rdt_h
+    rx_row = rx_ptr + b * s_rx_b + h * s_rx_h + offs_p * s_rx_p
+    rB_row = rB_ptr + b * s_rB_b + gB * s_rB_g + offs_n * s_rB_n
+    d = tl.load(rdt_row, mask=n_rep > 0, other=0.0)
+    xv = tl.load(rx_row, mask=offs_p < tl.where(n_rep > 0, P, 0), other=0.0)
+    Bv = tl.load(rB_row, mask=offs_n < tl.where(n_rep > 0, N, 0),
+                 other=0.0).to(tl.float32)
+    for t in range(0, n_rep):
+        more = t + 1 < n_rep
+        d_n = tl.load(rdt_row + (t + 1) * s_rdt_t, mask=more, other=0.0)
+        x_n = tl.load(rx_row + (t + 1) * s_rx_t, mask=offs_p < tl.where(more, P, 0), other=0.0)
+        B_n = tl.load(rB_row + (t + 1) * s_rB_t, mask=offs_n < tl.where(more, N, 0),
+                      other=0.0).to(tl.float32)
+        de = _dt_eff(d, dtb, DT_SOFTPLUS)
+        S = (S * tl.exp(de * A)
+             + _rows(de * xv.to(tl.float32), SLICES_FIRST) * _slices(Bv, SLICES_FIRST))
+        d, xv, Bv = d_n, x_n, B_n
+    tl.store(st_ptrs, S, mask=ms)
 
-        n_new = tl.where(b < batch, T, 0)     # past the batch (the last walk): nothing
-        dt_row = dt_ptr + bl * s_dt_b + h * s_dt_h
-        x_row = x_ptr + bl * s_x_b + h * s_x_h + offs_p * s_x_p
-        B_row = B_ptr + bl * s_B_b + gB * s_B_g + offs_n * s_B_n
-        C_row = C_ptr + bl * s_C_b + gC * s_C_g + offs_n * s_C_n
-        d = tl.load(dt_row, mask=n_new > 0, other=0.0)
-        xv = tl.load(x_row, mask=offs_p < tl.where(n_new > 0, P, 0), other=0.0)
-        Bv = tl.load(B_row, mask=offs_n < tl.where(n_new > 0, N, 0),
-                     other=0.0).to(tl.float32)
-        Cv = tl.load(C_row, mask=offs_n < tl.where(n_new > 0, N, 0),
-                     other=0.0).to(tl.float32)
-        for t in range(0, n_new):
-            more = t + 1 < n_new
-            d_n = tl.load(dt_row + (t + 1) * s_dt_t, mask=more, other=0.0)
-            x_n = tl.load(x_row + (t + 1) * s_x_t, mask=offs_p < tl.where(more, P, 0), other=0.0)
-            B_n = tl.load(B_row + (t + 1) * s_B_t, mask=offs_n < tl.where(more, N, 0),
-                          other=0.0).to(tl.float32)
-            C_n = tl.load(C_row + (t + 1) * s_C_t, mask=offs_n < tl.where(more, N, 0),
-                          other=0.0).to(tl.float32)
-            de = _dt_eff(d, dtb, DT_SOFTPLUS)
-            xf = xv.to(tl.float32)
-            S = S * tl.exp(de * A) + _rows(de * xf, SLICES_FIRST) * _slices(Bv, SLICES_FIRST)
-            yv = _sum_n(S * _slices(Cv, SLICES_FIRST), SLICES_FIRST) + Dh * xf
-            yv = tl.where(active, yv, 0.0)
-            tl.store(y_ptr + bl * s_y_b + t * s_y_t + h * s_y_h + offs_p * s_y_p,
-                     yv.to(y_ptr.dtype.element_ty), mask=mp)
-            d, xv, Bv, Cv = d_n, x_n, B_n, C_n
+    Dh = 0.0
+    if HAS_D:
+        Dh = tl.load(D_ptr + h).to(tl.float32)
+    dt_row = dt_ptr + b * s_dt_b + h * s_dt_h
+    x_row = x_ptr + b * s_x_b + h * s_x_h + offs_p * s_x_p
+    B_row = B_ptr + b * s_B_b + gB * s_B_g + offs_n * s_B_n
+    C_row = C_ptr + b * s_C_b + gC * s_C_g + offs_n * s_C_n
+    d = tl.load(dt_row, mask=T > 0, other=0.0)
+    xv = tl.load(x_row, mask=offs_p < tl.where(T > 0, P, 0), other=0.0)
+    Bv = tl.load(B_row, mask=offs_n < tl.where(T > 0, N, 0),
+                 other=0.0).to(tl.float32)
+    Cv = tl.load(C_row, mask=offs_n < tl.where(T > 0, N, 0),
+                 other=0.0).to(tl.float32)
+    for t in range(0, T):
+        more = t + 1 < T
+        d_n = tl.load(dt_row + (t + 1) * s_dt_t, mask=more, other=0.0)
+        x_n = tl.load(x_row + (t + 1) * s_x_t, mask=offs_p < tl.where(more, P, 0), other=0.0)
+        B_n = tl.load(B_row + (t + 1) * s_B_t, mask=offs_n < tl.where(more, N, 0),
+                      other=0.0).to(tl.float32)
+        C_n = tl.load(C_row + (t + 1) * s_C_t, mask=offs_n < tl.where(more, N, 0),
+                      other=0.0).to(tl.float32)
+        de = _dt_eff(d, dtb, DT_SOFTPLUS)
+        xf = xv.to(tl.float32)
+        S = S * tl.exp(de * A) + _rows(de * xf, SLICES_FIRST) * _slices(Bv, SLICES_FIRST)
+        yv = _sum_n(S * _slices(Cv, SLICES_FIRST), SLICES_FIRST) + Dh * xf
+        yv = tl.where(active, yv, 0.0)
+        tl.store(y_ptr + b * s_y_b + t * s_y_t + h * s_y_h + offs_p * s_y_p,
+                 yv.to(y_ptr.dtype.element_ty), mask=mp)
+        d, xv, Bv, Cv = d_n, x_n, B_n, C_n
 
 
 @triton.jit
 def _mamba2_verify_dot_kernel(
     state_ptr, idx_ptr, nrep_ptr, rx_ptr, rdt_ptr, rB_ptr,
     x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr, A_ptr, D_ptr, dtb_ptr,
-    batch, T, P, N, heads_per_gB, heads_per_gC,
+    T, P, N, heads_per_gB, heads_per_gC,
     s_st, s_st_h, s_st_p, s_st_n,
     s_rx_b, s_rx_t, s_rx_h, s_rx_p,
     s_rdt_b, s_rdt_t, s_rdt_h,
@@ -255,11 +226,9 @@ def _mamba2_verify_dot_kernel(
     so the per-element work no longer grows with k."""
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    st_ptrs, ms, active, offs_p, offs_n, mp, mn = _mamba2_state_tile(
-        state_ptr, idx_ptr, h, b, batch, P, N, s_st, s_st_h, s_st_p, s_st_n,
-        BLOCK_P, BLOCK_N, 0, False)
-    S = tl.load(st_ptrs, mask=ms, other=0.0)
-    A, dtb, Dh = _head_params(A_ptr, dtb_ptr, D_ptr, h, HAS_DT_BIAS, HAS_D)
+    S, st_ptrs, ms, active, offs_p, offs_n, mp, mn, A, dtb = _mamba2_state_tile(
+        state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, P, N, s_st, s_st_h, s_st_p, s_st_n,
+        HAS_DT_BIAS, BLOCK_P, BLOCK_N, 0, False)
     gB = h // heads_per_gB
     gC = h // heads_per_gC
 
@@ -301,7 +270,7 @@ def _mamba2_verify_dot_kernel(
     L = L * tl.dot(Ct, tl.trans(Bt), input_precision=DOT_PRECISION)
     Y += tl.dot(L, Xt, input_precision=DOT_PRECISION)
     if HAS_D:
-        Y += Dh * Xt
+        Y += tl.load(D_ptr + h).to(tl.float32) * Xt
     Y = tl.where(active, Y, 0.0)
     tl.store(y_ptr + b * s_y_b + offs_t[:, None] * s_y_t + h * s_y_h + offs_p[None, :] * s_y_p,
              Y.to(y_ptr.dtype.element_ty), mask=mt[:, None] & mp[None, :])
@@ -480,15 +449,10 @@ def _fast_sfu(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.version.hip is None
 
 
-def _check_launch(fn: str, seqs_per_program: int | str = 1, **tiles) -> None:
-    """Tile sizes must be powers of two; a program walks at least one sequence."""
+def _check_powers_of_two(fn: str, **tiles) -> None:
     for name, v in tiles.items():
         if v is not None and (v < 1 or v & (v - 1)):
             raise ValueError(f"{fn}: {name} must be a power of two, got {v}")
-    if seqs_per_program != "auto" and (not isinstance(seqs_per_program, int)
-                                       or seqs_per_program < 1):
-        raise ValueError(f"{fn}: seqs_per_program must be 'auto' or an int >= 1, "
-                         f"got {seqs_per_program!r}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -507,54 +471,27 @@ def _loop_rows(P: int, BLOCK_N: int, programs_per_block: int, sm_count: int | No
     return rows
 
 
-def _walk_length(programs: int, batch: int, sm_count: int | None) -> int:
-    """Sequences a loop-kernel program walks under ``seqs_per_program="auto"``: the
-    fewest (a power of two, at most ``batch``) that fit the grid of ``programs``
-    one-sequence programs into one wave of 4 a SM (a prefetching 32 x 2 program takes
-    254 registers), so a program's next state load overlaps its token work instead
-    of every resident program loading, then computing, in lock-step. 1 where the
-    grid already fits (it is not walked, and `_loop_rows` may halve its rows) and
-    without a GPU."""
-    if not sm_count:
-        return 1
-    return min(triton.next_power_of_2(triton.cdiv(programs, 4 * sm_count)),
-               triton.next_power_of_2(batch))
-
-
 def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_replay, x, dt, A, B,
                          C, D, dt_bias, dt_softplus, out=None, block_p: int | None = None,
                          num_warps: int | None = None, algo: str = "auto",
-                         dot_precision: str = "tf32x3", sub_n: int = 32,
-                         seqs_per_program: int | str = 1, prefetch: bool | None = None):
+                         dot_precision: str = "tf32x3", sub_n: int = 32):
     """algo "loop": token loop on the register state; "dot": SSD block form (matrix
     products; R and T padded to powers of two >= 16, BLOCK_P >= 16); "auto": "dot"
     only where it measured faster on an H100 (batch 1, T = 9; batch <= 2 with T >= 9 here:
     its cost does not grow with k, but its fixed cost is ~2x the loop's). Loop tile: 32
     rows x 2 warps, n in 32-wide slices, within 2-5% of the best of 32 tiles at batch 8
     and 64, k = 4 (H100, benchmarks/results/kernels_ssm_h100_run4_sweep.json); fewer rows
-    where that grid would not give each SM 4 programs (batch 1: 8 rows, 9.2 -> 8.0 us).
-
-    ``seqs_per_program`` (loop kernel; algo "auto" then picks it): each program walks
-    that many sequences, loading the next one's state while it computes one
-    (``prefetch``, default on when walking); "auto": as many as fit the grid into one
-    wave (`_walk_length`). Not yet timed on a GPU, so off by default
-    (benchmarks/NOTES_kernels.md, run 7)."""
+    where that grid would not give each SM 4 programs (batch 1: 8 rows, 9.2 -> 8.0 us)."""
     batch, T, H, P = x.shape
-    _check_launch("mamba2_verify_triton", seqs_per_program, block_p=block_p, sub_n=sub_n)
+    _check_powers_of_two("mamba2_verify_triton", block_p=block_p, sub_n=sub_n)
     if algo == "auto":
-        algo = "dot" if batch <= 2 and T >= 9 and seqs_per_program in (1, "auto") else "loop"
-    if algo == "dot" and seqs_per_program not in (1, "auto"):
-        raise ValueError("mamba2_verify_triton: seqs_per_program > 1 walks sequences in the "
-                         f"loop kernel; algo='dot' runs one a program (got {seqs_per_program})")
+        algo = "dot" if batch <= 2 and T >= 9 else "loop"
     N = B.shape[-1]
     assert state.dtype == torch.float32, "the verify kernels keep an fp32 state"
     rx, rdt, rB = (_replay_or_new(r, n) for r, n in ((replay_x, x), (replay_dt, dt), (replay_B, B)))
     y = torch.empty_like(x) if out is None else out
     BLOCK_N = triton.next_power_of_2(N)
     sms = _sm_count(x.device) if x.is_cuda and algo == "loop" else None
-    if seqs_per_program == "auto":  # on the grid before any halving of rows for small grids
-        rows = block_p or _loop_rows(P, BLOCK_N, batch * H, None)
-        seqs_per_program = _walk_length(batch * H * triton.cdiv(P, rows), batch, sms)
     BLOCK_P = block_p or _loop_rows(P, BLOCK_N, batch * H, sms)
     extra = dict(SUB_N=min(sub_n, BLOCK_N), SLICES_FIRST=_SLICES_FIRST)
     kernel = _mamba2_verify_kernel
@@ -564,15 +501,11 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
         kernel = _mamba2_verify_dot_kernel
         extra = dict(R_PAD=max(16, triton.next_power_of_2(replay_x.shape[1])),
                      T_PAD=max(16, triton.next_power_of_2(T)), DOT_PRECISION=dot_precision)
-        seqs_per_program = 1
-    else:
-        extra.update(SEQS=seqs_per_program,
-                     PREFETCH=seqs_per_program > 1 if prefetch is None else prefetch)
-    grid = (triton.cdiv(P, BLOCK_P), H, triton.cdiv(batch, seqs_per_program))
+    grid = (triton.cdiv(P, BLOCK_P), H, batch)
     kernel[grid](
         state, state_idx, num_replay, rx, rdt, rB, x, dt, B, C, y, A,
         D if D is not None else A, dt_bias if dt_bias is not None else A,
-        batch, T, P, N, H // B.shape[2], H // C.shape[2],
+        T, P, N, H // B.shape[2], H // C.shape[2],
         *state.stride(), *rx.stride(), *rdt.stride(), *rB.stride(), *x.stride(), *dt.stride(),
         *B.stride(), *C.stride(), *y.stride(),
         HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
@@ -594,7 +527,7 @@ def mamba1_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     best of 36 tiles (channels x warps x slice width) at batch 8 and 64, k = 4, on an
     H100 (benchmarks/results/kernels_ssm_h100_run6_mamba1_sweep.json)."""
     batch, T, DIM = x.shape
-    _check_launch("mamba1_verify_triton", block_d=block_d, sub_n=sub_n)
+    _check_powers_of_two("mamba1_verify_triton", block_d=block_d, sub_n=sub_n)
     N = A.shape[-1]
     assert state.dtype == torch.float32, "the verify kernels keep an fp32 state"
     rx, rdt, rB = (_replay_or_new(r, n) for r, n in ((replay_x, x), (replay_dt, dt), (replay_B, B)))

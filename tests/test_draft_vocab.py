@@ -63,6 +63,9 @@ def test_iter_texts_reads_files_jsonl_fields_and_directories(tmp_path):
     (tmp_path / "c.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match=r"c\.jsonl, line 1: not JSON"):
         list(iter_texts([tmp_path / "c.jsonl"]))
+    (tmp_path / "c.jsonl").write_text('["a list"]\n')
+    with pytest.raises(ValueError, match=r"c\.jsonl, line 1: not a JSON object"):
+        list(iter_texts([tmp_path / "c.jsonl"]))
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         list(iter_texts([tmp_path / "missing.txt"]))
     (tmp_path / "d.csv").write_text("x")

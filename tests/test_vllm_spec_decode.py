@@ -194,13 +194,13 @@ def smollm2_pair(smollm2_teacher, shared_dir, tmp_path_factory):
     from transformers import AutoTokenizer
 
     from vllm_mamba_hybrid.conversion.draft import make_layer_subset_draft
-    from vllm_mamba_hybrid.spec_decode.draft_vocab import make_draft_vocab
     from vllm_mamba_hybrid.conversion.init import (
         hybrid_config_from_teacher,
         init_hybrid_from_teacher,
         save_hybrid,
     )
     from vllm_mamba_hybrid.conversion.teacher import load_teacher
+    from vllm_mamba_hybrid.spec_decode.draft_vocab import make_draft_vocab
 
     root = tmp_path_factory.mktemp("smollm2_spec")
     teacher = load_teacher(smollm2_teacher)

@@ -1,8 +1,8 @@
 """A draft's output head cut to the tokens the target commonly produces.
 
 A draft cut from a small teacher is mostly its head: SmolLM2's tied embedding is
-28 M of a 2-layer draft's 35 M parameters, and on this machine's CPU the 49,152-row
-head is ~2/3 of a draft step. Proposing only from the most frequent tokens of the
+28 M of a 2-layer draft's 35 M parameters, and on a 2-core CPU its 49,152-row head
+is ~3/4 of a draft step (benchmarks/draft_vocab.py). Proposing only from the most frequent tokens of the
 target's typical text makes each step several times cheaper (the idea of FR-Spec
 and of EAGLE-3's reduced draft vocabulary). It cannot change what is generated: the
 target verifies every draft. It cannot lower acceptance by more than the share of
@@ -55,6 +55,8 @@ def _jsonl_texts(path: Path, field: str | None) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {n}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {n}: not a JSON object")
             if field is None:
                 yield from (v for v in record.values() if isinstance(v, str))
             elif not isinstance(record.get(field), str):

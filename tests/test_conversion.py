@@ -109,6 +109,17 @@ def test_cli_init_tiny_teacher_and_generate(tiny_teacher, tmp_path, capsys):
     assert "### hello there" in plain
     assert cli(args + ["--fast"]) == 0
     assert capsys.readouterr().out == plain
+    # speculative, with a draft cut from the teacher, then with its head cut to a third
+    from vllm_mamba_hybrid.spec_decode.draft_vocab import save_draft_vocab
+    draft = tmp_path / "draft"
+    assert cli(["draft", str(tiny_teacher), str(draft), "--layers", "0"]) == 0
+    capsys.readouterr()
+    for cut in (False, True):
+        if cut:
+            vocab = json.loads((draft / "config.json").read_text())["vocab_size"]
+            save_draft_vocab(draft, torch.randperm(vocab)[:vocab // 3].tolist(), vocab, [], 0)
+        assert cli(args + ["--draft", str(draft)]) == 0
+        assert capsys.readouterr().out == plain, cut
 
 
 def test_cli_init_d_state(tiny_teacher, tmp_path, capsys):

@@ -69,6 +69,30 @@ def test_speculative_greedy_equals_plain(variant):
     assert torch.equal(spec.generate(ids, mask, 14, eos_token_id=eos, pad_token_id=0), ref)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_speculative_draft_with_a_cut_head(variant):
+    """A draft head cut to fewer tokens (draft_token_ids): still plain greedy's output; the
+    target as its own draft, cut to a set holding every token it emits plus random others,
+    is accepted as often as with its full head (a wrong id mapping would reject it)."""
+    target = sharp_hybrid(variant)
+    ids, mask = left_padded([6, 13, 2])
+    ref = target.generate(ids, attention_mask=mask, max_new_tokens=14, eos_token_id=[])
+    vocab = target.config.vocab_size
+    # the last round drafts up to k tokens past the 14th: keep those too
+    longer = target.generate(ids, attention_mask=mask, max_new_tokens=14 + 3, eos_token_id=[])
+    kept = torch.unique(torch.cat([longer[:, ids.shape[1]:].flatten(),
+                                   torch.randperm(vocab)[:vocab // 4]]))
+    full = SpeculativeGenerator(target, target, 3, 40, num_draft_tokens=3)
+    assert torch.equal(full.generate(ids, mask, 14, eos_token_id=[]), ref)
+    cut = SpeculativeGenerator(target, target, 3, 40, num_draft_tokens=3, draft_token_ids=kept)
+    assert torch.equal(cut.generate(ids, mask, 14, eos_token_id=[]), ref)
+    assert cut.accepted.item() == full.accepted.item() > 0
+    draft = sharp_hybrid("mamba1" if variant == "mamba2" else "mamba2", attn_layers=(1,), num_layers=2)
+    few = torch.randperm(vocab)[:vocab // 8]
+    out = fast_generate(target, ids, mask, 14, draft_model=draft, draft_token_ids=few, eos_token_id=[])
+    assert torch.equal(out, ref)
+
+
 def test_llama_teacher_runs_through_the_runtime():
     teacher = LlamaForCausalLM(tiny_llama_config(num_layers=3)).eval()
     _sharpen(teacher, 2.0)

@@ -56,6 +56,9 @@ def test_speculative_graph_equals_plain(variant):
         spec = SpeculativeGenerator(target, d, 3, 48, num_draft_tokens=4)
         assert spec.use_graph
         assert torch.equal(spec.generate(ids, mask, 20, eos_token_id=[]), ref)
+    cut = torch.randperm(target.config.vocab_size, device="cuda")[:100]   # a cut draft head
+    spec_cut = SpeculativeGenerator(target, draft, 3, 48, num_draft_tokens=4, draft_token_ids=cut)
+    assert torch.equal(spec_cut.generate(ids, mask, 20, eos_token_id=[]), ref)
     eos = int(ref[2, 13 + 4])
     ref = target.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(spec.generate(ids, mask, 20, eos_token_id=eos, pad_token_id=0), ref)

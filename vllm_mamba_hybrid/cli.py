@@ -68,10 +68,12 @@ def cmd_generate(args) -> int:
     with torch.no_grad():
         if args.fast or args.draft:
             from .runtime import fast_generate
+            from .spec_decode.draft_vocab import load_draft_vocab
             draft = (AutoModelForCausalLM.from_pretrained(args.draft, dtype=_dtype(args.dtype)).eval()
                      if args.draft else None)
+            cut = load_draft_vocab(args.draft, draft.lm_head.out_features) if draft else None
             out = fast_generate(model, batch["input_ids"], batch["attention_mask"], draft_model=draft,
-                                num_draft_tokens=args.num_draft_tokens, **kwargs)
+                                num_draft_tokens=args.num_draft_tokens, draft_token_ids=cut, **kwargs)
         else:
             out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
     for prompt, seq in zip(args.prompt, out):

@@ -15,19 +15,22 @@ host only checks "all rows done" once per round):
 Greedy output equals plain greedy decoding of the target (same argmax at every
 position). ``accept_prob`` replaces the draft/target comparison by a coin flip
 with that per-token acceptance rate, for benchmarks with random weights.
+``draft_token_ids`` cuts the draft's head to those tokens (`spec_decode.draft_vocab`).
 """
 from __future__ import annotations
 
 import torch
 
 from ..modeling.modeling_hybrid import resolve_eos_and_pad
+from ..spec_decode.draft_vocab import cut_head
 from .decoder import FastGenerator, capture_graph, finish_rows
 
 
 class SpeculativeGenerator:
     def __init__(self, target, draft, batch_size: int, max_len: int, *, num_draft_tokens: int = 4,
                  use_cuda_graph: bool | None = None, use_triton: bool | None = None,
-                 accept_prob: float | None = None, attention_splits: int | None = None):
+                 accept_prob: float | None = None, attention_splits: int | None = None,
+                 draft_token_ids: torch.Tensor | None = None):
         k = self.k = num_draft_tokens
         kw = dict(history=k + 1, use_cuda_graph=False, use_triton=use_triton,
                   attention_splits=attention_splits)
@@ -38,6 +41,10 @@ class SpeculativeGenerator:
             raise ValueError("draft and target must share the vocabulary")
         self.batch_size, self.max_len, self.accept_prob = batch_size, max_len, accept_prob
         dev = self.device = self.target.device
+        self.draft_token_ids = None   # the cut head's output i is token draft_token_ids[i]
+        if draft_token_ids is not None:
+            self.draft.head = cut_head(self.draft.model.lm_head, draft_token_ids)
+            self.draft_token_ids = draft_token_ids.to(dev)
         self.use_graph = (dev.type == "cuda") if use_cuda_graph is None else use_cuda_graph
         long = dict(dtype=torch.long, device=dev)
         self.cur = torch.zeros(batch_size, **long)
@@ -66,6 +73,8 @@ class SpeculativeGenerator:
             logits = d._forward(token[:, None], record=True)[:, -1]
             if i < k:
                 token = logits.argmax(-1)
+                if self.draft_token_ids is not None:
+                    token = self.draft_token_ids[token]
                 self.drafts[:, i] = token
         fed = torch.cat([self.cur[:, None], self.drafts], 1)
         best = t._forward(fed, record=True).argmax(-1)                    # (b, k + 1)

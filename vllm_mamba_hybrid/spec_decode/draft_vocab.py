@@ -10,8 +10,8 @@ target tokens outside the kept set either: wherever the full head's argmax is ke
 the cut head's argmax is the same token.
 
 The kept ids live beside the draft's weights in ``draft_vocab.json``, so any draft
-(layer subset, distilled export, hybrid) can carry one; `HybridDraftProposer` uses
-it when present.
+(layer subset, distilled export, hybrid) can carry one; `HybridDraftProposer` (vLLM)
+and ``mamba-hybrid generate --draft`` (the static-cache runtime) use it when present.
 """
 from __future__ import annotations
 

@@ -214,7 +214,25 @@ def section_8b(results, bw, budget_end, contexts, batches):
     return bank, built
 
 
-def section_speculative(results, bank, built, budget_end):
+def time_speculative(target, draft, context, k, p, draft_token_ids=None, rounds=40) -> dict:
+    """Tokens/s of speculative rounds at synthetic acceptance ``p`` (random caches)."""
+    spec = SpeculativeGenerator(target, draft, 1, context + 512, num_draft_tokens=k, accept_prob=p,
+                                draft_token_ids=draft_token_ids)
+    for gen in (spec.target, spec.draft):
+        gen.cache.fill_random(context)
+    spec.limit.fill_(10 ** 9)
+    spec.round()
+    torch.cuda.synchronize()
+    c0 = int(spec.count.sum())
+    sec = timed(spec.round, rounds, warmup=0)
+    emitted = int(spec.count.sum()) - c0
+    return {"tokens_per_s": emitted / (sec * rounds), "tokens_per_round": emitted / rounds,
+            "ms_per_round": sec * 1e3}
+
+
+def section_speculative(results, bank, built, budget_end, draft_vocab=0):
+    """``draft_vocab`` N > 0: each acceptance is also timed with the draft's head cut to N
+    tokens (`spec_decode.draft_vocab`; which N does not matter for the time)."""
     target = built["mamba2 50%"]
     draft_cfg = hybrid_config(LLAMA3_1B, range(16))
     with torch.device("meta"):
@@ -231,23 +249,17 @@ def section_speculative(results, bank, built, budget_end):
     for p in (0.6, 0.8):
         if time.time() > budget_end:
             break
-        spec = SpeculativeGenerator(target, draft, 1, context + 512, num_draft_tokens=k, accept_prob=p)
-        for gen in (spec.target, spec.draft):
-            gen.cache.fill_random(context)
-        spec.limit.fill_(10 ** 9)
-        spec.round()
-        torch.cuda.synchronize()
-        c0 = int(spec.count.sum())
-        rounds = 40
-        sec = timed(spec.round, rounds, warmup=0)
-        emitted = int(spec.count.sum()) - c0
-        tps = emitted / (sec * rounds)
-        out[f"accept_{p}"] = {"tokens_per_s": tps, "tokens_per_round": emitted / rounds,
-                              "expected_tokens_per_round": (1 - p ** (k + 1)) / (1 - p),
-                              "ms_per_round": sec * 1e3,
-                              "speedup_vs_plain": tps / out["plain_tokens_per_s"]}
-        log(json.dumps({f"spec accept={p}": out[f"accept_{p}"]}))
-        del spec
+        row = time_speculative(target, draft, context, k, p)
+        row.update(expected_tokens_per_round=(1 - p ** (k + 1)) / (1 - p),
+                   speedup_vs_plain=row["tokens_per_s"] / out["plain_tokens_per_s"])
+        if draft_vocab:
+            cut = time_speculative(target, draft, context, k, p,
+                                   torch.arange(draft_vocab, device=DEV))
+            row[f"draft_vocab_{draft_vocab}"] = dict(
+                cut, speedup_vs_plain=cut["tokens_per_s"] / out["plain_tokens_per_s"],
+                x_full_head=row["ms_per_round"] / cut["ms_per_round"])
+        out[f"accept_{p}"] = row
+        log(json.dumps({f"spec accept={p}": row}))
     results["speculative"] = out
     del draft
 
@@ -328,6 +340,11 @@ def print_tables(results):
             if s:
                 log(f"  accept {p}: {s['tokens_per_s']:.1f} tok/s ({s['speedup_vs_plain']:.2f}x), "
                     f"{s['tokens_per_round']:.2f} tokens/round, {s['ms_per_round']:.2f} ms/round")
+                for key, c in s.items():
+                    if key.startswith("draft_vocab_"):
+                        log(f"    head cut to {key[12:]} tokens: {c['tokens_per_s']:.1f} tok/s "
+                            f"({c['speedup_vs_plain']:.2f}x), {c['ms_per_round']:.2f} ms/round "
+                            f"({c['x_full_head']:.2f}x the full head's rounds)")
     sm = results.get("smollm2_135m")
     if sm:
         log(f"\nSmolLM2-135M shape, batch 1: stock generate {sm['stock_generate_tokens_per_s']:.1f} tok/s")
@@ -346,6 +363,8 @@ def main():
     ap.add_argument("--contexts", default="1024,8192,32768")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--sections", default="smollm2,8b,spec")
+    ap.add_argument("--draft-vocab", type=int, default=0,
+                    help="spec: also time the draft with its head cut to this many tokens")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -370,7 +389,8 @@ def main():
                           [int(c) for c in args.contexts.split(",")],
                           [int(b) for b in args.batches.split(",")])
             if out and "spec" in sections:
-                guarded("spec", section_speculative, results, *out, start + args.budget + 120)
+                guarded("spec", section_speculative, results, *out, start + args.budget + 120,
+                        args.draft_vocab)
     finally:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -91,6 +91,8 @@ def test_speculative_draft_with_a_cut_head(variant):
     few = torch.randperm(vocab)[:vocab // 8]
     out = fast_generate(target, ids, mask, 14, draft_model=draft, draft_token_ids=few, eos_token_id=[])
     assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match=r"draft_token_ids must be ids in \[0, "):
+        SpeculativeGenerator(target, draft, 3, 40, draft_token_ids=torch.tensor([0, vocab]))
 
 
 def test_llama_teacher_runs_through_the_runtime():

@@ -43,6 +43,10 @@ class SpeculativeGenerator:
         dev = self.device = self.target.device
         self.draft_token_ids = None   # the cut head's output i is token draft_token_ids[i]
         if draft_token_ids is not None:
+            vocab = self.draft.model.lm_head.out_features
+            if not len(draft_token_ids) or not 0 <= int(draft_token_ids.min()) <= int(
+                    draft_token_ids.max()) < vocab:
+                raise ValueError(f"draft_token_ids must be ids in [0, {vocab}) (the draft's head)")
             self.draft.head = cut_head(self.draft.model.lm_head, draft_token_ids)
             self.draft_token_ids = draft_token_ids.to(dev)
         self.use_graph = (dev.type == "cuda") if use_cuda_graph is None else use_cuda_graph

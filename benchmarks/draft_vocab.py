@@ -31,28 +31,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("MAMBA_HYBRID_SHARED", REPO.parent / "shared"))
 
+from distillation.generation import generate_answers  # noqa: E402
 from distillation.splits import heldout_essays, heldout_indices, train_indices  # noqa: E402
+from distillation.tokens import chat_prompt_ids  # noqa: E402
 
 
-def teacher_answers(model, tokenizer, instructions: list[str], new_tokens: int,
-                    batch: int = 16) -> list[list[int]]:
-    """Greedy answer ids (EOS and after dropped) to chat-templated ``instructions``."""
-    from tqdm import tqdm
-    tokenizer.padding_side = "left"
-    out = []
-    for i in tqdm(range(0, len(instructions), batch), desc="teacher answers", unit="batch"):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                               add_generation_prompt=True)
-                 for q in instructions[i:i + batch]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.inference_mode():
-            gen = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
-            eos = [j for j, t in enumerate(row) if t in (tokenizer.eos_token_id,
-                                                          tokenizer.pad_token_id)]
-            out.append(row[:eos[0]] if eos else row)
-    return out
+def teacher_answers(model, tokenizer, instructions: list[str], new_tokens: int) -> list[list[int]]:
+    """Greedy answer ids to chat-templated ``instructions``, EOS dropped (the distillation
+    pipeline's prompt format and generator)."""
+    eos = tokenizer.eos_token_id
+    pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    print(f"teacher: greedy answers to {len(instructions)} prompts ...", flush=True)
+    answers = generate_answers(model, [chat_prompt_ids(tokenizer, q) for q in instructions],
+                               eos_id=eos, pad_id=pad, max_new_tokens=new_tokens, batch_size=16)
+    return [a[:-1] if a and a[-1] == eos else a for a in answers]
 
 
 def step_ms(model, batch: int, reps: int = 40) -> float:

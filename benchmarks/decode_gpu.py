@@ -215,12 +215,16 @@ def section_8b(results, bw, budget_end, contexts, batches):
 
 
 def time_speculative(target, draft, context, k, p, draft_token_ids=None, rounds=40) -> dict:
-    """Tokens/s of speculative rounds at synthetic acceptance ``p`` (random caches)."""
+    """Tokens/s of speculative rounds at synthetic acceptance ``p`` (random caches).
+
+    The coin flips are seeded, so calls with the same ``p`` and ``rounds`` accept the
+    same drafts and differ only in time (the head cut or not)."""
     spec = SpeculativeGenerator(target, draft, 1, context + 512, num_draft_tokens=k, accept_prob=p,
                                 draft_token_ids=draft_token_ids)
     for gen in (spec.target, spec.draft):
         gen.cache.fill_random(context)
     spec.limit.fill_(10 ** 9)
+    torch.manual_seed(0)
     spec.round()
     torch.cuda.synchronize()
     c0 = int(spec.count.sum())

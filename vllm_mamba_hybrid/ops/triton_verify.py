@@ -50,48 +50,6 @@ def _sfu(x, OP: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def _ld_f32(ptrs, ASM: tl.constexpr):
-    """``ptrs`` loaded as fp32 in the layout its consumer wants. ASM (NVIDIA): one
-    ``ld.global.nc`` a value, which Triton does not re-lay-out for coalescing; ``tl.load``
-    here gets a coalesced layout and then a shared-memory conversion (two barriers) to
-    reach the broadcast tile's slices, every token."""
-    if ASM:
-        if ptrs.dtype.element_ty == tl.float32:
-            v = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptrs],
-                                          dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            v = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [ptrs],
-                                          dtype=tl.int16, is_pure=True, pack=1)
-            v = v.to(ptrs.dtype.element_ty, bitcast=True).to(tl.float32)
-    else:
-        v = tl.load(ptrs).to(tl.float32)
-    return v
-
-
-@triton.jit
-def _st(ptrs, v, mask, ASM: tl.constexpr):
-    """Store ``v`` (converted to the pointee type) where ``mask``. ASM (NVIDIA): one
-    predicated ``st.global`` a value in ``v``'s own layout (replicated lanes write the
-    same value twice), where ``tl.store`` would convert a reduced row to a coalesced
-    layout through shared memory, with two barriers, every token."""
-    ety: tl.constexpr = ptrs.dtype.element_ty
-    if ASM:
-        m = mask.to(tl.int32)
-        if ety == tl.float32:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p st.global.b32 [$1], $3; mov.u32 $0, 0; }",
-                "=r,l,r,r", [ptrs, m, v.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=False,
-                pack=1)
-        else:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p st.global.b16 [$1], $3; mov.u32 $0, 0; }",
-                "=r,l,r,h", [ptrs, m, v.to(ety).to(tl.int16, bitcast=True)], dtype=tl.int32,
-                is_pure=False, pack=1)
-    else:
-        tl.store(ptrs, v.to(ety), mask=mask)
-
-
-@triton.jit
 def _rows(v, SLICES_FIRST: tl.constexpr):
     """A [BLOCK_P] vector broadcast over the sliced state tile (see `_mamba2_state_tile`)."""
     if SLICES_FIRST:
@@ -178,7 +136,7 @@ def _mamba2_verify_kernel(
     s_y_b, s_y_t, s_y_h, s_y_p,
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
-    SLICES_FIRST: tl.constexpr, ASM_IO: tl.constexpr = False,
+    SLICES_FIRST: tl.constexpr,
 ):
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -205,11 +163,8 @@ def _mamba2_verify_kernel(
         more = t + 1 < n_rep
         d_n = tl.load(rdt_row + (t + 1) * s_rdt_t, mask=more, other=0.0)
         x_n = tl.load(rx_row + (t + 1) * s_rx_t, mask=offs_p < tl.where(more, P, 0), other=0.0)
-        if ASM_IO:
-            B_n = _ld_f32(rB_row + tl.minimum(t + 1, n_rep - 1) * s_rB_t, True)
-        else:
-            B_n = tl.load(rB_row + (t + 1) * s_rB_t, mask=offs_n < tl.where(more, N, 0),
-                          other=0.0).to(tl.float32)
+        B_n = tl.load(rB_row + (t + 1) * s_rB_t, mask=offs_n < tl.where(more, N, 0),
+                      other=0.0).to(tl.float32)
         de = _dt_eff(d, dtb, DT_SOFTPLUS)
         S = (S * tl.exp(de * A)
              + _rows(de * xv.to(tl.float32), SLICES_FIRST) * _slices(Bv, SLICES_FIRST))
@@ -233,21 +188,17 @@ def _mamba2_verify_kernel(
         more = t + 1 < T
         d_n = tl.load(dt_row + (t + 1) * s_dt_t, mask=more, other=0.0)
         x_n = tl.load(x_row + (t + 1) * s_x_t, mask=offs_p < tl.where(more, P, 0), other=0.0)
-        if ASM_IO:
-            tn = tl.minimum(t + 1, T - 1)
-            B_n = _ld_f32(B_row + tn * s_B_t, True)
-            C_n = _ld_f32(C_row + tn * s_C_t, True)
-        else:
-            B_n = tl.load(B_row + (t + 1) * s_B_t, mask=offs_n < tl.where(more, N, 0),
-                          other=0.0).to(tl.float32)
-            C_n = tl.load(C_row + (t + 1) * s_C_t, mask=offs_n < tl.where(more, N, 0),
-                          other=0.0).to(tl.float32)
+        B_n = tl.load(B_row + (t + 1) * s_B_t, mask=offs_n < tl.where(more, N, 0),
+                      other=0.0).to(tl.float32)
+        C_n = tl.load(C_row + (t + 1) * s_C_t, mask=offs_n < tl.where(more, N, 0),
+                      other=0.0).to(tl.float32)
         de = _dt_eff(d, dtb, DT_SOFTPLUS)
         xf = xv.to(tl.float32)
         S = S * tl.exp(de * A) + _rows(de * xf, SLICES_FIRST) * _slices(Bv, SLICES_FIRST)
         yv = _sum_n(S * _slices(Cv, SLICES_FIRST), SLICES_FIRST) + Dh * xf
         yv = tl.where(active, yv, 0.0)
-        _st(y_ptr + b * s_y_b + t * s_y_t + h * s_y_h + offs_p * s_y_p, yv, mp, ASM_IO)
+        tl.store(y_ptr + b * s_y_b + t * s_y_t + h * s_y_h + offs_p * s_y_p,
+                 yv.to(y_ptr.dtype.element_ty), mask=mp)
         d, xv, Bv, Cv = d_n, x_n, B_n, C_n
 
 
@@ -425,7 +376,8 @@ def _mamba1_verify_kernel(
             yv = tl.fdiv(yv * zf, 1.0 + _sfu(zf * -1.4426950408889634, "ex2", FAST_SFU),
                          ieee_rounding=not FAST_SFU)
         yv = tl.where(active, yv, 0.0)
-        _st(y_ptr + b * s_y_b + t * s_y_t + offs_d * s_y_d, yv, md, FAST_SFU)
+        tl.store(y_ptr + b * s_y_b + t * s_y_t + offs_d * s_y_d,
+                 yv.to(y_ptr.dtype.element_ty), mask=md)
         d, xv, Bv, Cv, zv = d_n, x_n, B_n, C_n, z_n
 
 
@@ -541,8 +493,7 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     BLOCK_N = triton.next_power_of_2(N)
     sms = _sm_count(x.device) if x.is_cuda and algo == "loop" else None
     BLOCK_P = block_p or _loop_rows(P, BLOCK_N, batch * H, sms)
-    extra = dict(SUB_N=min(sub_n, BLOCK_N), SLICES_FIRST=_SLICES_FIRST,
-                 ASM_IO=_fast_sfu(x) and N == BLOCK_N)
+    extra = dict(SUB_N=min(sub_n, BLOCK_N), SLICES_FIRST=_SLICES_FIRST)
     kernel = _mamba2_verify_kernel
     num_warps = num_warps or (4 if algo == "dot" else 2)
     if algo == "dot":

@@ -159,23 +159,16 @@ def _mamba2_verify_kernel(
     xv = tl.load(rx_row, mask=offs_p < tl.where(n_rep > 0, P, 0), other=0.0)
     Bv = tl.load(rB_row, mask=offs_n < tl.where(n_rep > 0, N, 0),
                  other=0.0).to(tl.float32)
-    # Token t's decay and dt * x are computed in iteration t - 1, beside that token's
-    # update: the softplus / exp chain then runs while other work is in flight instead of
-    # stalling the start of every iteration.
-    de = _dt_eff(d, dtb, DT_SOFTPLUS)
-    decay = tl.exp(de * A)
-    dex = de * xv.to(tl.float32)
     for t in range(0, n_rep):
         more = t + 1 < n_rep
         d_n = tl.load(rdt_row + (t + 1) * s_rdt_t, mask=more, other=0.0)
         x_n = tl.load(rx_row + (t + 1) * s_rx_t, mask=offs_p < tl.where(more, P, 0), other=0.0)
         B_n = tl.load(rB_row + (t + 1) * s_rB_t, mask=offs_n < tl.where(more, N, 0),
                       other=0.0).to(tl.float32)
-        S = S * decay + _rows(dex, SLICES_FIRST) * _slices(Bv, SLICES_FIRST)
-        de = _dt_eff(d_n, dtb, DT_SOFTPLUS)
-        decay = tl.exp(de * A)
-        dex = de * x_n.to(tl.float32)
-        Bv = B_n
+        de = _dt_eff(d, dtb, DT_SOFTPLUS)
+        S = (S * tl.exp(de * A)
+             + _rows(de * xv.to(tl.float32), SLICES_FIRST) * _slices(Bv, SLICES_FIRST))
+        d, xv, Bv = d_n, x_n, B_n
     tl.store(st_ptrs, S, mask=ms)
 
     Dh = 0.0
@@ -191,9 +184,6 @@ def _mamba2_verify_kernel(
                  other=0.0).to(tl.float32)
     Cv = tl.load(C_row, mask=offs_n < tl.where(T > 0, N, 0),
                  other=0.0).to(tl.float32)
-    xf = xv.to(tl.float32)
-    de = _dt_eff(d, dtb, DT_SOFTPLUS)
-    decay = tl.exp(de * A)
     for t in range(0, T):
         more = t + 1 < T
         d_n = tl.load(dt_row + (t + 1) * s_dt_t, mask=more, other=0.0)
@@ -202,14 +192,14 @@ def _mamba2_verify_kernel(
                       other=0.0).to(tl.float32)
         C_n = tl.load(C_row + (t + 1) * s_C_t, mask=offs_n < tl.where(more, N, 0),
                       other=0.0).to(tl.float32)
-        S = S * decay + _rows(de * xf, SLICES_FIRST) * _slices(Bv, SLICES_FIRST)
+        de = _dt_eff(d, dtb, DT_SOFTPLUS)
+        xf = xv.to(tl.float32)
+        S = S * tl.exp(de * A) + _rows(de * xf, SLICES_FIRST) * _slices(Bv, SLICES_FIRST)
         yv = _sum_n(S * _slices(Cv, SLICES_FIRST), SLICES_FIRST) + Dh * xf
-        de = _dt_eff(d_n, dtb, DT_SOFTPLUS)    # the next token's, under the readout
-        decay = tl.exp(de * A)
         yv = tl.where(active, yv, 0.0)
         tl.store(y_ptr + b * s_y_b + t * s_y_t + h * s_y_h + offs_p * s_y_p,
                  yv.to(y_ptr.dtype.element_ty), mask=mp)
-        xf, Bv, Cv = x_n.to(tl.float32), B_n, C_n
+        d, xv, Bv, Cv = d_n, x_n, B_n, C_n
 
 
 @triton.jit
@@ -369,8 +359,6 @@ def _mamba1_verify_kernel(
     Bv = tl.load(B_row, mask=_rows(offs_d < lim, SLICES_FIRST) & mn, other=0.0)
     Cv = tl.load(C_row, mask=_rows(offs_d < lim, SLICES_FIRST) & mn, other=0.0)
     zv = tl.load(z_row, mask=(offs_d < lim) & HAS_Z, other=0.0)
-    de = _dt_eff(d, dtb, DT_SOFTPLUS, FAST_SFU)
-    decay = _sfu(_rows(de, SLICES_FIRST) * A, "ex2", FAST_SFU)
     for t in range(0, T):
         tn = tl.minimum(t + 1, T - 1)
         d_n = tl.load(dt_row + tn * s_dt_t, mask=md, other=0.0)
@@ -378,11 +366,11 @@ def _mamba1_verify_kernel(
         B_n = tl.load(B_row + tn * s_B_t, mask=mB, other=0.0)
         C_n = tl.load(C_row + tn * s_C_t, mask=mB, other=0.0)
         z_n = tl.load(z_row + tn * s_z_t, mask=md & HAS_Z, other=0.0)
+        de = _dt_eff(d, dtb, DT_SOFTPLUS, FAST_SFU)
         xf = xv.to(tl.float32)
-        S = S * decay + _rows(de * xf, SLICES_FIRST) * Bv.to(tl.float32)
+        S = (S * _sfu(_rows(de, SLICES_FIRST) * A, "ex2", FAST_SFU)
+             + _rows(de * xf, SLICES_FIRST) * Bv.to(tl.float32))
         yv = _sum_n(S * Cv.to(tl.float32), SLICES_FIRST) + Dc * xf
-        de = _dt_eff(d_n, dtb, DT_SOFTPLUS, FAST_SFU)     # the next token's, under the readout
-        decay = _sfu(_rows(de, SLICES_FIRST) * A, "ex2", FAST_SFU)
         if HAS_Z:
             zf = zv.to(tl.float32)
             yv = tl.fdiv(yv * zf, 1.0 + _sfu(zf * -1.4426950408889634, "ex2", FAST_SFU),
@@ -390,7 +378,7 @@ def _mamba1_verify_kernel(
         yv = tl.where(active, yv, 0.0)
         tl.store(y_ptr + b * s_y_b + t * s_y_t + offs_d * s_y_d,
                  yv.to(y_ptr.dtype.element_ty), mask=md)
-        xv, Bv, Cv, zv = x_n, B_n, C_n, z_n
+        d, xv, Bv, Cv, zv = d_n, x_n, B_n, C_n, z_n
 
 
 @triton.jit

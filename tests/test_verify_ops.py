@@ -326,18 +326,23 @@ def test_spec_loop_equals_sequential(variant, impl):
     check_spec_loop(variant, impl, "cpu")
 
 
-def test_triton_loop_rows_fill_the_sms():
-    """Rows per Mamba2 loop program, hand-computed for the 8B layer (32 heads, p = d_state
-    = 128) on 132 SMs: 32 unless fewer than 4 x 132 programs result."""
-    from vllm_mamba_hybrid.ops.triton_verify import _loop_rows
+def test_triton_loop_tile_fills_the_sms():
+    """Rows and warps of a Mamba2 loop program, hand-computed for the 8B layer (32 heads,
+    p = d_state = 128) on 132 SMs: 32 rows on one warp while the grid is one wave of 8
+    programs an SM (1,056), 16 rows on one warp beyond, halved rows on two warps where
+    32-row programs would give an SM fewer than 4 (528)."""
+    from vllm_mamba_hybrid.ops.triton_verify import _loop_tile
     heads = 32
-    assert _loop_rows(128, 128, 8 * heads, 132) == 32      # 1,024 programs
-    assert _loop_rows(128, 128, 4 * heads, 132) == 16      # 512 < 528 at 32 rows
-    assert _loop_rows(128, 128, 1 * heads, 132) == 8       # 128, 256 < 528; 8 is the floor
-    assert _loop_rows(128, 128, 1 * heads, None) == 32     # no GPU: no halving
-    assert _loop_rows(128, 64, 16 * heads, 132) == 64      # 4096 state values at d_state 64
-    assert _loop_rows(128, 64, 8 * heads, 132) == 32       # 512 programs of 64 rows < 528
-    assert _loop_rows(8, 16, 1, 132) == 8                  # p smaller than the floor
+    assert _loop_tile(128, 128, 8 * heads, 132) == (32, 1)       # 1,024 programs: one wave
+    assert _loop_tile(128, 128, 16 * heads, 132) == (16, 1)      # 2,048 > 1,056 at 32 rows
+    assert _loop_tile(128, 128, 64 * heads, 132) == (16, 1)
+    assert _loop_tile(128, 128, 4 * heads, 132) == (16, 2)       # 512 < 528 at 32 rows
+    assert _loop_tile(128, 128, 1 * heads, 132) == (8, 2)        # 128, 256 < 528; 8 is the floor
+    assert _loop_tile(128, 128, 1 * heads, None) == (32, 2)      # no GPU: no halving
+    assert _loop_tile(128, 64, 8 * heads, 132) == (32, 2)        # 512 programs of 64 rows < 528
+    assert _loop_tile(128, 64, 16 * heads, 132) == (64, 1)       # 4096 state values at d_state 64
+    assert _loop_tile(128, 64, 64 * heads, 132) == (32, 1)       # 4,096 programs > 1,056
+    assert _loop_tile(8, 16, 1, 132) == (8, 2)                   # p smaller than the floor
 
 
 @pytest.mark.parametrize("variant,bad", [("mamba2", dict(sub_n=24)), ("mamba2", dict(block_p=12)),

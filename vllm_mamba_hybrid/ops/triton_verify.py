@@ -460,15 +460,33 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _loop_rows(P: int, BLOCK_N: int, programs_per_block: int, sm_count: int | None) -> int:
-    """Rows of p per loop-kernel program: 4096 state values (32 rows at d_state 128),
-    halved down to 8 while the grid would give an SM fewer than 4 programs (batch 1 at
-    the 8B shape: 8 rows, 1.13-1.16x; batch 4: 16). ``programs_per_block``: sequences x
-    heads; ``sm_count`` None (no GPU): no halving."""
+# A one-warp program of 4096 state values takes 255 registers: 8 fit on an SM.
+_ONE_WARP_PROGRAMS_PER_SM = 8
+
+
+def _loop_tile(P: int, BLOCK_N: int, programs_per_block: int,
+               sm_count: int | None) -> tuple[int, int]:
+    """(rows of p, warps) of a loop-kernel program. 4096 state values (32 rows at d_state
+    128) on one warp where the grid fits on the SMs in one wave (batch 8 at the 8B
+    shape: 1.01 / 1.03 / 1.06 / 1.10x against two warps at k = 1 / 2 / 4 / 8); 2048 on one
+    warp where it would not (batch 64: 1.01-1.03x; H100,
+    benchmarks/results/kernels_ssm_h100_run8_one_warp_tiles_ab.json). Where 32-row
+    programs would not give each SM 4, the rows halve, down to 8, on two warps (batch 1:
+    8 rows, 1.13-1.16x; batch 4: 16; run 4). ``programs_per_block``: sequences x heads;
+    ``sm_count`` None (no GPU): 32 rows, two warps."""
+    def programs(r: int) -> int:
+        return programs_per_block * triton.cdiv(P, r)
+
     rows = _block(P, max(1, 4096 // BLOCK_N))
-    while sm_count and rows > 8 and programs_per_block * triton.cdiv(P, rows) < 4 * sm_count:
+    if not sm_count:
+        return rows, 2
+    if programs(rows) < 4 * sm_count:
+        while rows > 8 and programs(rows) < 4 * sm_count:
+            rows //= 2
+        return rows, 2
+    if rows > 8 and programs(rows) > _ONE_WARP_PROGRAMS_PER_SM * sm_count:
         rows //= 2
-    return rows
+    return rows, 1
 
 
 def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_replay, x, dt, A, B,
@@ -478,10 +496,9 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     """algo "loop": token loop on the register state; "dot": SSD block form (matrix
     products; R and T padded to powers of two >= 16, BLOCK_P >= 16); "auto": "dot"
     only where it measured faster on an H100 (batch 1, T = 9; batch <= 2 with T >= 9 here:
-    its cost does not grow with k, but its fixed cost is ~2x the loop's). Loop tile: 32
-    rows x 2 warps, n in 32-wide slices, within 2-5% of the best of 32 tiles at batch 8
-    and 64, k = 4 (H100, benchmarks/results/kernels_ssm_h100_run4_sweep.json); fewer rows
-    where that grid would not give each SM 4 programs (batch 1: 8 rows, 9.2 -> 8.0 us)."""
+    its cost does not grow with k, but its fixed cost is ~2x the loop's). Loop tile: n in
+    32-wide slices, rows and warps by `_loop_tile` (the fastest tiles of the H100 sweeps
+    at batch 1 / 8 / 64, benchmarks/results/kernels_ssm_h100_run4_sweep.json and run 8)."""
     batch, T, H, P = x.shape
     _check_powers_of_two("mamba2_verify_triton", block_p=block_p, sub_n=sub_n)
     if algo == "auto":
@@ -492,10 +509,11 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     y = torch.empty_like(x) if out is None else out
     BLOCK_N = triton.next_power_of_2(N)
     sms = _sm_count(x.device) if x.is_cuda and algo == "loop" else None
-    BLOCK_P = block_p or _loop_rows(P, BLOCK_N, batch * H, sms)
+    rows, warps = _loop_tile(P, BLOCK_N, batch * H, sms)
+    BLOCK_P = block_p or rows
     extra = dict(SUB_N=min(sub_n, BLOCK_N), SLICES_FIRST=_SLICES_FIRST)
     kernel = _mamba2_verify_kernel
-    num_warps = num_warps or (4 if algo == "dot" else 2)
+    num_warps = num_warps or (4 if algo == "dot" else warps)
     if algo == "dot":
         BLOCK_P = max(BLOCK_P, 16)
         kernel = _mamba2_verify_dot_kernel

@@ -121,6 +121,17 @@ def _mamba2_state_tile(state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, P, N,
 
 
 @triton.jit
+def _mamba2_token(dt_row, x_row, B_row, s_dt_t, s_x_t, s_B_t, t, n, P, N, offs_p, offs_n):
+    """Token t's dt, x row and B (fp32) of a run of n tokens; zeros for t >= n (the
+    look-ahead past the last token)."""
+    ok = t < n
+    d = tl.load(dt_row + t * s_dt_t, mask=ok, other=0.0)
+    xv = tl.load(x_row + t * s_x_t, mask=offs_p < tl.where(ok, P, 0), other=0.0)
+    Bv = tl.load(B_row + t * s_B_t, mask=offs_n < tl.where(ok, N, 0), other=0.0).to(tl.float32)
+    return d, xv, Bv
+
+
+@triton.jit
 def _mamba2_verify_kernel(
     state_ptr, idx_ptr, nrep_ptr, rx_ptr, rdt_ptr, rB_ptr,
     x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr, A_ptr, D_ptr, dtb_ptr,
@@ -155,16 +166,11 @@ def _mamba2_verify_kernel(
     rdt_row = rdt_ptr + b * s_rdt_b + h * s_rdt_h
     rx_row = rx_ptr + b * s_rx_b + h * s_rx_h + offs_p * s_rx_p
     rB_row = rB_ptr + b * s_rB_b + gB * s_rB_g + offs_n * s_rB_n
-    d = tl.load(rdt_row, mask=n_rep > 0, other=0.0)
-    xv = tl.load(rx_row, mask=offs_p < tl.where(n_rep > 0, P, 0), other=0.0)
-    Bv = tl.load(rB_row, mask=offs_n < tl.where(n_rep > 0, N, 0),
-                 other=0.0).to(tl.float32)
+    d, xv, Bv = _mamba2_token(rdt_row, rx_row, rB_row, s_rdt_t, s_rx_t, s_rB_t, 0, n_rep, P, N,
+                              offs_p, offs_n)
     for t in range(0, n_rep):
-        more = t + 1 < n_rep
-        d_n = tl.load(rdt_row + (t + 1) * s_rdt_t, mask=more, other=0.0)
-        x_n = tl.load(rx_row + (t + 1) * s_rx_t, mask=offs_p < tl.where(more, P, 0), other=0.0)
-        B_n = tl.load(rB_row + (t + 1) * s_rB_t, mask=offs_n < tl.where(more, N, 0),
-                      other=0.0).to(tl.float32)
+        d_n, x_n, B_n = _mamba2_token(rdt_row, rx_row, rB_row, s_rdt_t, s_rx_t, s_rB_t, t + 1,
+                                      n_rep, P, N, offs_p, offs_n)
         de = _dt_eff(d, dtb, DT_SOFTPLUS)
         S = (S * tl.exp(de * A)
              + _rows(de * xv.to(tl.float32), SLICES_FIRST) * _slices(Bv, SLICES_FIRST))
@@ -178,18 +184,13 @@ def _mamba2_verify_kernel(
     x_row = x_ptr + b * s_x_b + h * s_x_h + offs_p * s_x_p
     B_row = B_ptr + b * s_B_b + gB * s_B_g + offs_n * s_B_n
     C_row = C_ptr + b * s_C_b + gC * s_C_g + offs_n * s_C_n
-    d = tl.load(dt_row, mask=T > 0, other=0.0)
-    xv = tl.load(x_row, mask=offs_p < tl.where(T > 0, P, 0), other=0.0)
-    Bv = tl.load(B_row, mask=offs_n < tl.where(T > 0, N, 0),
-                 other=0.0).to(tl.float32)
-    Cv = tl.load(C_row, mask=offs_n < tl.where(T > 0, N, 0),
-                 other=0.0).to(tl.float32)
+    d, xv, Bv = _mamba2_token(dt_row, x_row, B_row, s_dt_t, s_x_t, s_B_t, 0, T, P, N,
+                              offs_p, offs_n)
+    Cv = tl.load(C_row, mask=offs_n < tl.where(T > 0, N, 0), other=0.0).to(tl.float32)
     for t in range(0, T):
         more = t + 1 < T
-        d_n = tl.load(dt_row + (t + 1) * s_dt_t, mask=more, other=0.0)
-        x_n = tl.load(x_row + (t + 1) * s_x_t, mask=offs_p < tl.where(more, P, 0), other=0.0)
-        B_n = tl.load(B_row + (t + 1) * s_B_t, mask=offs_n < tl.where(more, N, 0),
-                      other=0.0).to(tl.float32)
+        d_n, x_n, B_n = _mamba2_token(dt_row, x_row, B_row, s_dt_t, s_x_t, s_B_t, t + 1, T, P, N,
+                                      offs_p, offs_n)
         C_n = tl.load(C_row + (t + 1) * s_C_t, mask=offs_n < tl.where(more, N, 0),
                       other=0.0).to(tl.float32)
         de = _dt_eff(d, dtb, DT_SOFTPLUS)

@@ -107,7 +107,7 @@ def mamba1_kernel(block_d: int, num_warps: int, d_state: int = 16, sub_n: int | 
     block_n = triton.next_power_of_2(d_state)
     consts = dict(HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, BLOCK_D=block_d,
                   BLOCK_N=block_n, SUB_N=min(block_n, sub_n or 16),
-                  SLICES_FIRST=triton_verify._SLICES_FIRST, FAST_SFU=True, NUM_STAGES=3)
+                  SLICES_FIRST=triton_verify._SLICES_FIRST, FAST_SFU=True)
     return resources(compile_sm90(triton_verify._mamba1_verify_kernel, consts, num_warps)
                      .asm["cubin"])
 

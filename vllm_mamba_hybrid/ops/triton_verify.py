@@ -296,7 +296,6 @@ def _mamba1_verify_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     SUB_N: tl.constexpr, SLICES_FIRST: tl.constexpr, FAST_SFU: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
 ):
     """BLOCK_D channels of sequence b. The state tile is sliced along n as the Mamba2
     tile is (`_mamba2_state_tile`): one 16-wide slice at d_state 16 puts a channel on 2
@@ -334,16 +333,17 @@ def _mamba1_verify_kernel(
     lim = tl.where(n_rep > 0, DIM, 0)
     d = tl.load(rdt_row, mask=offs_d < lim, other=0.0)
     xv = tl.load(rx_row, mask=offs_d < lim, other=0.0)
+    Bv = tl.load(rB_row, mask=_rows(offs_d < lim, SLICES_FIRST) & mn, other=0.0)
     mB = _rows(md, SLICES_FIRST) & mn
-    for t in tl.range(0, n_rep, num_stages=NUM_STAGES):
+    for t in range(0, n_rep):
         tn = tl.minimum(t + 1, n_rep - 1)     # the last token again: no per-token masks
         d_n = tl.load(rdt_row + tn * s_rdt_t, mask=md, other=0.0)
         x_n = tl.load(rx_row + tn * s_rx_t, mask=md, other=0.0)
-        Bv = tl.load(rB_row + t * s_rB_t, mask=mB, other=0.0)
+        B_n = tl.load(rB_row + tn * s_rB_t, mask=mB, other=0.0)
         de = _dt_eff(d, dtb, DT_SOFTPLUS, FAST_SFU)
         S = (S * _sfu(_rows(de, SLICES_FIRST) * A, "ex2", FAST_SFU)
              + _rows(de * xv.to(tl.float32), SLICES_FIRST) * Bv.to(tl.float32))
-        d, xv = d_n, x_n
+        d, xv, Bv = d_n, x_n, B_n
     tl.store(st_ptrs, S, mask=ms)
 
     Dc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -357,13 +357,15 @@ def _mamba1_verify_kernel(
     lim = tl.where(T > 0, DIM, 0)
     d = tl.load(dt_row, mask=offs_d < lim, other=0.0)
     xv = tl.load(x_row, mask=offs_d < lim, other=0.0)
+    Bv = tl.load(B_row, mask=_rows(offs_d < lim, SLICES_FIRST) & mn, other=0.0)
+    Cv = tl.load(C_row, mask=_rows(offs_d < lim, SLICES_FIRST) & mn, other=0.0)
     zv = tl.load(z_row, mask=(offs_d < lim) & HAS_Z, other=0.0)
-    for t in tl.range(0, T, num_stages=NUM_STAGES):
+    for t in range(0, T):
         tn = tl.minimum(t + 1, T - 1)
         d_n = tl.load(dt_row + tn * s_dt_t, mask=md, other=0.0)
         x_n = tl.load(x_row + tn * s_x_t, mask=md, other=0.0)
-        Bv = tl.load(B_row + t * s_B_t, mask=mB, other=0.0)
-        Cv = tl.load(C_row + t * s_C_t, mask=mB, other=0.0)
+        B_n = tl.load(B_row + tn * s_B_t, mask=mB, other=0.0)
+        C_n = tl.load(C_row + tn * s_C_t, mask=mB, other=0.0)
         z_n = tl.load(z_row + tn * s_z_t, mask=md & HAS_Z, other=0.0)
         de = _dt_eff(d, dtb, DT_SOFTPLUS, FAST_SFU)
         xf = xv.to(tl.float32)
@@ -377,7 +379,7 @@ def _mamba1_verify_kernel(
         yv = tl.where(active, yv, 0.0)
         tl.store(y_ptr + b * s_y_b + t * s_y_t + offs_d * s_y_d,
                  yv.to(y_ptr.dtype.element_ty), mask=md)
-        d, xv, zv = d_n, x_n, z_n
+        d, xv, Bv, Cv, zv = d_n, x_n, B_n, C_n, z_n
 
 
 @triton.jit
@@ -538,7 +540,7 @@ def _mamba1_warps(programs: int, sm_count: int | None) -> int:
 
 def mamba1_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_replay, x, dt, A, B,
                          C, D, z, dt_bias, dt_softplus, out=None, block_d: int = 64,
-                         num_warps: int | None = None, sub_n: int = 16, num_stages: int = 3):
+                         num_warps: int | None = None, sub_n: int = 16):
     """Tile: ``block_d`` channels x d_state, d_state cut into ``sub_n``-wide slices (one
     at d_state 16: a channel on 2 lanes, 8 values each at 4 warps). Within 4% of the
     best of 36 tiles (channels x warps x slice width) at batch 8 and 64, k = 4, on an
@@ -564,8 +566,7 @@ def mamba1_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
         *B.stride(), *C.stride(), *zz.stride(), *y.stride(), *A.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
         DT_SOFTPLUS=dt_softplus, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, SUB_N=SUB_N,
-        SLICES_FIRST=_SLICES_FIRST, FAST_SFU=_fast_sfu(x), NUM_STAGES=num_stages,
-        num_warps=num_warps)
+        SLICES_FIRST=_SLICES_FIRST, FAST_SFU=_fast_sfu(x), num_warps=num_warps)
     return y
 
 

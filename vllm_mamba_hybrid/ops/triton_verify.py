@@ -132,34 +132,6 @@ def _mamba2_token(dt_row, x_row, B_row, s_dt_t, s_x_t, s_B_t, t, n, P, N, offs_p
 
 
 @triton.jit
-def _state_cols(base, offs_p, rows, N, s_st_p, s_st_n, N0: tl.constexpr, WIDTH: tl.constexpr,
-                SUB_N: tl.constexpr, SLICES_FIRST: tl.constexpr):
-    """Columns N0 .. N0 + WIDTH of the program's sliced state tile (layout: see
-    `_mamba2_state_tile`): (values, pointers, mask, n offsets)."""
-    offs_n = N0 + tl.arange(0, WIDTH // SUB_N)[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]
-    ms = _rows(rows, SLICES_FIRST) & _slices(offs_n < N, SLICES_FIRST)
-    ptrs = base + _rows(offs_p, SLICES_FIRST) * s_st_p + _slices(offs_n, SLICES_FIRST) * s_st_n
-    return tl.load(ptrs, mask=ms, other=0.0), ptrs, ms, offs_n
-
-
-@triton.jit
-def _mamba2_replay(S, rdt_row, rx_row, rB_row, s_rdt_t, s_rx_t, s_rB_t, n_rep, P, N, offs_p,
-                   offs_n, A, dtb, DT_SOFTPLUS: tl.constexpr, SLICES_FIRST: tl.constexpr):
-    """S advanced over the n_rep replayed tokens (columns offs_n of the tile), token t+1's
-    inputs loaded while token t is computed (look-ahead rows, zeros past the end)."""
-    d, xv, Bv = _mamba2_token(rdt_row, rx_row, rB_row, s_rdt_t, s_rx_t, s_rB_t, 0, n_rep, P, N,
-                              offs_p, offs_n)
-    for t in range(0, n_rep):
-        d_n, x_n, B_n = _mamba2_token(rdt_row, rx_row, rB_row, s_rdt_t, s_rx_t, s_rB_t, t + 1,
-                                      n_rep, P, N, offs_p, offs_n)
-        de = _dt_eff(d, dtb, DT_SOFTPLUS)
-        S = (S * tl.exp(de * A)
-             + _rows(de * xv.to(tl.float32), SLICES_FIRST) * _slices(Bv, SLICES_FIRST))
-        d, xv, Bv = d_n, x_n, B_n
-    return S
-
-
-@triton.jit
 def _mamba2_verify_kernel(
     state_ptr, idx_ptr, nrep_ptr, rx_ptr, rdt_ptr, rB_ptr,
     x_ptr, dt_ptr, B_ptr, C_ptr, y_ptr, A_ptr, D_ptr, dtb_ptr,
@@ -177,82 +149,58 @@ def _mamba2_verify_kernel(
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
     SLICES_FIRST: tl.constexpr,
 ):
-    """The state tile is loaded as two column halves, and the replay runs over the first
-    half while the second is still arriving, then over the second: the wave of programs
-    all load at once, so without the split every program waits for its whole tile before
-    any arithmetic starts. The new tokens advance both halves together (no partial
-    outputs to keep); their readout sums both halves' products in-thread before the shuffles."""
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    slot = tl.load(idx_ptr + b).to(tl.int64)
-    active = slot >= 0
-    slot = tl.maximum(slot, 0)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mp = offs_p < P
-    rows = offs_p < tl.where(active, P, 0)      # masks as bounds: the interpreter rejects
-    base = state_ptr + slot * s_st + h * s_st_h   # block & scalar masks
-    HALF: tl.constexpr = BLOCK_N // 2
-    S0, p0, m0, n0 = _state_cols(base, offs_p, rows, N, s_st_p, s_st_n, 0, HALF, SUB_N,
-                                 SLICES_FIRST)
-    S1, p1, m1, n1 = _state_cols(base, offs_p, rows, N, s_st_p, s_st_n, HALF, HALF, SUB_N,
-                                 SLICES_FIRST)
-    A = tl.load(A_ptr + h).to(tl.float32)
-    dtb = 0.0
-    if HAS_DT_BIAS:
-        dtb = tl.load(dtb_ptr + h).to(tl.float32)
+    S, st_ptrs, ms, active, offs_p, offs_n, mp, mn, A, dtb = _mamba2_state_tile(
+        state_ptr, idx_ptr, A_ptr, dtb_ptr, h, b, P, N, s_st, s_st_h, s_st_p, s_st_n,
+        HAS_DT_BIAS, BLOCK_P, BLOCK_N, SUB_N, SLICES_FIRST)
     gB = h // heads_per_gB
     gC = h // heads_per_gC
 
-    n_rep = tl.load(nrep_ptr + b)
-    rdt_row = rdt_ptr + b * s_rdt_b + h * s_rdt_h
-    rx_row = rx_ptr + b * s_rx_b + h * s_rx_h + offs_p * s_rx_p
-    rB_row = rB_ptr + b * s_rB_b + gB * s_rB_g
-    S0 = _mamba2_replay(S0, rdt_row, rx_row, rB_row + n0 * s_rB_n, s_rdt_t, s_rx_t, s_rB_t, n_rep,
-                        P, N, offs_p, n0, A, dtb, DT_SOFTPLUS, SLICES_FIRST)
-    tl.store(p0, S0, mask=m0)
-    S1 = _mamba2_replay(S1, rdt_row, rx_row, rB_row + n1 * s_rB_n, s_rdt_t, s_rx_t, s_rB_t, n_rep,
-                        P, N, offs_p, n1, A, dtb, DT_SOFTPLUS, SLICES_FIRST)
-    tl.store(p1, S1, mask=m1)
-
+    # Token t+1's inputs are loaded while token t is computed (look-ahead rows, zeros
+    # past the end): their latency overlaps the sequential update instead of stalling it.
     # B and C become fp32 as loaded, one element a thread, before Triton broadcasts them
     # to the tile's rows (converted after the broadcast, every thread unpacks all of its
     # slices' bf16 values: ~25 more instructions a token).
+    n_rep = tl.load(nrep_ptr + b)
+    rdt_row = rdt_ptr + b * s_rdt_b + h * s_rdt_h
+    rx_row = rx_ptr + b * s_rx_b + h * s_rx_h + offs_p * s_rx_p
+    rB_row = rB_ptr + b * s_rB_b + gB * s_rB_g + offs_n * s_rB_n
+    d, xv, Bv = _mamba2_token(rdt_row, rx_row, rB_row, s_rdt_t, s_rx_t, s_rB_t, 0, n_rep, P, N,
+                              offs_p, offs_n)
+    for t in range(0, n_rep):
+        d_n, x_n, B_n = _mamba2_token(rdt_row, rx_row, rB_row, s_rdt_t, s_rx_t, s_rB_t, t + 1,
+                                      n_rep, P, N, offs_p, offs_n)
+        de = _dt_eff(d, dtb, DT_SOFTPLUS)
+        S = (S * tl.exp(de * A)
+             + _rows(de * xv.to(tl.float32), SLICES_FIRST) * _slices(Bv, SLICES_FIRST))
+        d, xv, Bv = d_n, x_n, B_n
+    tl.store(st_ptrs, S, mask=ms)
+
     Dh = 0.0
     if HAS_D:
         Dh = tl.load(D_ptr + h).to(tl.float32)
     dt_row = dt_ptr + b * s_dt_b + h * s_dt_h
     x_row = x_ptr + b * s_x_b + h * s_x_h + offs_p * s_x_p
-    B_row = B_ptr + b * s_B_b + gB * s_B_g
-    C_row = C_ptr + b * s_C_b + gC * s_C_g
-    d, xv, B0 = _mamba2_token(dt_row, x_row, B_row + n0 * s_B_n, s_dt_t, s_x_t, s_B_t, 0, T, P, N,
-                              offs_p, n0)
-    first = T > 0
-    B1 = tl.load(B_row + n1 * s_B_n, mask=n1 < tl.where(first, N, 0), other=0.0).to(tl.float32)
-    C0 = tl.load(C_row + n0 * s_C_n, mask=n0 < tl.where(first, N, 0), other=0.0).to(tl.float32)
-    C1 = tl.load(C_row + n1 * s_C_n, mask=n1 < tl.where(first, N, 0), other=0.0).to(tl.float32)
+    B_row = B_ptr + b * s_B_b + gB * s_B_g + offs_n * s_B_n
+    C_row = C_ptr + b * s_C_b + gC * s_C_g + offs_n * s_C_n
+    d, xv, Bv = _mamba2_token(dt_row, x_row, B_row, s_dt_t, s_x_t, s_B_t, 0, T, P, N,
+                              offs_p, offs_n)
+    Cv = tl.load(C_row, mask=offs_n < tl.where(T > 0, N, 0), other=0.0).to(tl.float32)
     for t in range(0, T):
         more = t + 1 < T
-        d_n, x_n, B0_n = _mamba2_token(dt_row, x_row, B_row + n0 * s_B_n, s_dt_t, s_x_t, s_B_t,
-                                       t + 1, T, P, N, offs_p, n0)
-        nxt = (t + 1) * s_B_t
-        B1_n = tl.load(B_row + n1 * s_B_n + nxt, mask=n1 < tl.where(more, N, 0),
-                       other=0.0).to(tl.float32)
-        C0_n = tl.load(C_row + n0 * s_C_n + (t + 1) * s_C_t, mask=n0 < tl.where(more, N, 0),
-                       other=0.0).to(tl.float32)
-        C1_n = tl.load(C_row + n1 * s_C_n + (t + 1) * s_C_t, mask=n1 < tl.where(more, N, 0),
-                       other=0.0).to(tl.float32)
+        d_n, x_n, B_n = _mamba2_token(dt_row, x_row, B_row, s_dt_t, s_x_t, s_B_t, t + 1, T, P, N,
+                                      offs_p, offs_n)
+        C_n = tl.load(C_row + (t + 1) * s_C_t, mask=offs_n < tl.where(more, N, 0),
+                      other=0.0).to(tl.float32)
         de = _dt_eff(d, dtb, DT_SOFTPLUS)
         xf = xv.to(tl.float32)
-        decay = tl.exp(de * A)
-        u = _rows(de * xf, SLICES_FIRST)
-        S0 = S0 * decay + u * _slices(B0, SLICES_FIRST)
-        S1 = S1 * decay + u * _slices(B1, SLICES_FIRST)
-        yv = _sum_n(S0 * _slices(C0, SLICES_FIRST) + S1 * _slices(C1, SLICES_FIRST),
-                    SLICES_FIRST) + Dh * xf
+        S = S * tl.exp(de * A) + _rows(de * xf, SLICES_FIRST) * _slices(Bv, SLICES_FIRST)
+        yv = _sum_n(S * _slices(Cv, SLICES_FIRST), SLICES_FIRST) + Dh * xf
         yv = tl.where(active, yv, 0.0)
         tl.store(y_ptr + b * s_y_b + t * s_y_t + h * s_y_h + offs_p * s_y_p,
                  yv.to(y_ptr.dtype.element_ty), mask=mp)
-        d, xv, B0, B1, C0, C1 = d_n, x_n, B0_n, B1_n, C0_n, C1_n
+        d, xv, Bv, Cv = d_n, x_n, B_n, C_n
 
 
 @triton.jit
@@ -564,7 +512,7 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     sms = _sm_count(x.device) if x.is_cuda and algo == "loop" else None
     rows, warps = _loop_tile(P, BLOCK_N, batch * H, sms)
     BLOCK_P = block_p or rows
-    extra = dict(SUB_N=min(sub_n, max(BLOCK_N // 2, 1)), SLICES_FIRST=_SLICES_FIRST)
+    extra = dict(SUB_N=min(sub_n, BLOCK_N), SLICES_FIRST=_SLICES_FIRST)
     kernel = _mamba2_verify_kernel
     num_warps = num_warps or (4 if algo == "dot" else warps)
     if algo == "dot":

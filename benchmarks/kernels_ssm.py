@@ -17,6 +17,9 @@ The sequential baseline is k+1 single-step updates: the same kernel with R = 1,
 T = 1 called k+1 times (a plain decode step: one state read + write each), so its
 floor is (k+1) times the state traffic. Roofline: bytes / measured copy bandwidth
 (a large device-to-device copy, read + write counted) -- see NOTES_kernels.md.
+"copy us" / "%same": a plain copy of the call's minimum bytes, timed the same way, and
+its time over the kernel's (100%: as fast as copying its bytes; the fixed cost of a
+launch that a few-MB call cannot amortise is in both).
 
 GPU timing: CUDA-graph replays (triton.testing.do_bench_cudagraph, median), each
 replay cycling over enough state slots / input sets to exceed the L2 cache 4x.
@@ -109,6 +112,17 @@ def copy_bandwidth(device):
     return 2 * a.numel() * 4 / time_fn(lambda: b.copy_(a), device)
 
 
+def same_bytes_copy_time(nbytes, nsets, device):
+    """Seconds a plain ``copy_`` takes to move ``nbytes`` (half read, half written), cycled
+    over nsets buffer pairs as the kernel cycles over its sets: what a call of this size
+    costs at best in this timing regime (launch, ramp-up, tail), where the 1 GiB copy
+    rate is out of reach for a few-MB kernel."""
+    n = max(1, nbytes // 8)                                        # fp32 values each way
+    src = [torch.randn(n, device=device) for _ in range(nsets)]
+    dst = [torch.empty_like(s) for s in src]
+    return time_fn(lambda: [d.copy_(s) for d, s in zip(dst, src)], device) / nsets
+
+
 def time_fn(fn, device, reps=None):
     if device == "cuda":
         import triton.testing
@@ -145,10 +159,12 @@ def run_case(variant, batch, k, device, copy_bw, seq=True, impl=None, **kernel_k
     steps = step_sets(sets, k)
     t_seq = time_fn(lambda: [call(s) for s in steps], device) / nsets if seq else float("nan")
     seq_bytes = (k + 1) * min_bytes(variant, batch, 1, 1)
+    t_copy = same_bytes_copy_time(nbytes, nsets, device)
     return dict(variant=variant, batch=batch, k=k, impl=impl, kernel=kernel_kw or "default",
                 t_verify_us=t_verify * 1e6, t_seq_us=t_seq * 1e6, speedup=t_seq / t_verify,
                 bytes=nbytes, roofline_us=nbytes / copy_bw * 1e6,
                 gbps=nbytes / t_verify / 1e9, frac_copy=nbytes / t_verify / copy_bw,
+                t_same_copy_us=t_copy * 1e6, frac_same_copy=t_copy / t_verify,
                 seq_gbps=seq_bytes / t_seq / 1e9, nsets=nsets)
 
 
@@ -194,7 +210,8 @@ def main():
                 print(f"sweep {variant} b{batch} " + " ".join(f"{k}={v}" for k, v in kw.items())
                       + f": {r['t_verify_us']:.1f} us {r['frac_copy']:.0%} of copy", flush=True)
     hdr = (f"{'variant':10} {'impl':>6} {'batch':>5} {'k':>2} {'verify us':>10} "
-           f"{'roofline us':>11} {'GB/s':>7} {'%copy':>6} {'seq us':>9} {'speedup':>7}")
+           f"{'roofline us':>11} {'GB/s':>7} {'%copy':>6} {'copy us':>8} {'%same':>6} {'seq us':>9} "
+           f"{'speedup':>7}")
     table = []
     for variant in args.variants:
         for impl in impls:
@@ -204,6 +221,7 @@ def main():
                     rows.append(r)
                     table.append(f"{variant:10} {impl:>6} {batch:5d} {k:2d} {r['t_verify_us']:10.1f} "
                                  f"{r['roofline_us']:11.1f} {r['gbps']:7.0f} {r['frac_copy']:6.0%} "
+                                 f"{r['t_same_copy_us']:8.1f} {r['frac_same_copy']:6.0%} "
                                  f"{r['t_seq_us']:9.1f} {r['speedup']:6.2f}x")
                     print(table[-1], flush=True)
     print(f"\n{name}, copy {bw / 1e9:.0f} GB/s\n{hdr}\n" + "\n".join(table))

@@ -114,9 +114,9 @@ def copy_bandwidth(device):
 
 def same_bytes_copy_time(nbytes, nsets, device):
     """Seconds a plain ``copy_`` takes to move ``nbytes`` (half read, half written), cycled
-    over nsets buffer pairs as the kernel cycles over its sets: what a call of this size
-    costs at best in this timing regime (launch, ramp-up, tail), where the 1 GiB copy
-    rate is out of reach for a few-MB kernel."""
+    over nsets buffer pairs as the kernel cycles over its sets: what moving a call's bytes
+    costs in this timing regime, launch, ramp-up and tail included; the yardstick for a
+    few-MB call, which cannot reach the rate of a 1 GiB copy."""
     n = max(1, nbytes // 8)                                        # fp32 values each way
     src = [torch.randn(n, device=device) for _ in range(nsets)]
     dst = [torch.empty_like(s) for s in src]

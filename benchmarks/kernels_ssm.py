@@ -32,6 +32,7 @@ CPU timing: median wall time, the C++ kernels and the torch path side by side
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import statistics
@@ -112,11 +113,13 @@ def copy_bandwidth(device):
     return 2 * a.numel() * 4 / time_fn(lambda: b.copy_(a), device)
 
 
+@functools.lru_cache(maxsize=None)
 def same_bytes_copy_time(nbytes, nsets, device):
     """Seconds a plain ``copy_`` takes to move ``nbytes`` (half read, half written), cycled
     over nsets buffer pairs as the kernel cycles over its sets: what moving a call's bytes
     costs in this timing regime, launch, ramp-up and tail included; the yardstick for a
-    few-MB call, which cannot reach the rate of a 1 GiB copy."""
+    few-MB call, which cannot reach the rate of a 1 GiB copy. Cached: a tile sweep times
+    the same bytes for every tile."""
     n = max(1, nbytes // 8)                                        # fp32 values each way
     src = [torch.randn(n, device=device) for _ in range(nsets)]
     dst = [torch.empty_like(s) for s in src]

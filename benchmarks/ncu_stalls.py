@@ -38,7 +38,10 @@ def read_rows(path: str) -> list[dict]:
         raise SystemExit(f"{path}: no '{SAMPLES}' column; was it written with --page source "
                          "--csv --print-source sass from a report with SourceCounters?")
     header = lines[start]
-    return [dict(zip(header, row)) for row in lines[start + 1:] if len(row) == len(header)]
+    rows = [dict(zip(header, row)) for row in lines[start + 1:] if len(row) == len(header)]
+    if not rows:
+        raise SystemExit(f"{path}: a '{SAMPLES}' header but no instruction rows")
+    return rows
 
 
 def value(row: dict, key: str) -> float:

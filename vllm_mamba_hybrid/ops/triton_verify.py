@@ -510,8 +510,8 @@ def mamba2_verify_triton(state, state_idx, replay_x, replay_dt, replay_B, num_re
     y = torch.empty_like(x) if out is None else out
     BLOCK_N = triton.next_power_of_2(N)
     sms = _sm_count(x.device) if x.is_cuda and algo == "loop" else None
-    rows, warps = _loop_tile(P, BLOCK_N, batch * H, sms)
-    BLOCK_P = block_p or rows
+    # a caller's block_p keeps two warps: the rule's one warp holds only the rule's rows
+    BLOCK_P, warps = (block_p, 2) if block_p else _loop_tile(P, BLOCK_N, batch * H, sms)
     extra = dict(SUB_N=min(sub_n, BLOCK_N), SLICES_FIRST=_SLICES_FIRST)
     kernel = _mamba2_verify_kernel
     num_warps = num_warps or (4 if algo == "dot" else warps)

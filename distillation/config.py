@@ -136,7 +136,11 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     checkpoint_every: int = 50
-    keep_checkpoints: int = 2
+    # Checkpoints (model + optimizer state) a running stage keeps: the last K. Once a stage
+    # is done its final model is all later stages and reruns need, so its checkpoints (and
+    # a progressive stage's starting model) go too unless keep_finished_checkpoints.
+    keep_checkpoints: int = 1
+    keep_finished_checkpoints: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"
     # torch.compile every decoder layer of the student and the teacher (one graph per
     # layer type, reused by all layers): far fewer, fused kernels where eager training

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from vllm_mamba_hybrid.checkpoint import check_model_dir
+
 from .config import DataConfig, EvalConfig
 from .generation import generate_answers
 from .losses import greedy_agreement_count, kd_loss_sums
@@ -160,6 +162,8 @@ def eval_main(argv: list[str]) -> int:
                      num_essays=args.num_essays, ppl_max_tokens=args.ppl_max_tokens,
                      num_samples=args.num_samples)
     try:
+        for path in (args.model, args.teacher):  # before the teacher's answers are generated
+            check_model_dir(path)
         result = evaluate_models({"model": Path(args.model)}, Path(args.teacher), data=data, cfg=cfg,
                                  log=lambda m: print(m, file=sys.stderr), device=args.device)
     except (ValueError, FileNotFoundError) as e:

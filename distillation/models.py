@@ -1,37 +1,15 @@
-"""Load a teacher (plain Llama) or a student (hybrid) directory by its config.
-
-One loader for both keeps evaluation and training agnostic of which kind of
-checkpoint they get: ``model_type`` in config.json decides the class.
-"""
+"""Models as the pipeline uses them: loading (teacher or student, one strict loader),
+tokenizers, and which parameters a stage trains."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-HYBRID_MODEL_TYPE = "llama_mamba_hybrid"
+# One strict loader for teachers and students (model_type in config.json picks the class).
+from vllm_mamba_hybrid.checkpoint import load_causal_lm  # noqa: F401  (re-exported)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def model_type(model_dir: str | Path) -> str:
-    cfg = Path(model_dir) / "config.json"
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
-    return json.loads(cfg.read_text()).get("model_type", "")
-
-
-def load_causal_lm(model_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """A LlamaMambaHybridForCausalLM for hybrid dirs, else a LlamaForCausalLM."""
-    mt = model_type(model_dir)
-    if mt == HYBRID_MODEL_TYPE:
-        from vllm_mamba_hybrid.modeling import LlamaMambaHybridForCausalLM
-        return LlamaMambaHybridForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    if mt == "llama":
-        from transformers import LlamaForCausalLM
-        return LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    raise ValueError(f"{model_dir}: model_type {mt!r} is neither 'llama' nor {HYBRID_MODEL_TYPE!r}")
 
 
 def load_tokenizer(model_dir: str | Path):

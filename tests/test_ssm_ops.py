@@ -192,3 +192,22 @@ def test_conv_spec_step_names_a_bad_row():
     blk[0] = c["conv_state"].shape[0]
     with pytest.raises(RuntimeError, match=r"blk\[0\]"):
         kernels.conv_spec_step(*args[:2], blk, *args[3:])
+
+
+def test_softplus_taken_before_vllms_cuda_step_is_exact_and_keeps_tied_views():
+    """The CUDA path hands vLLM's step kernel softplus(dt + dt_bias) and a zero bias (its own
+    softplus is log(exp(dt) + 1), 9e-3 off at dt = -12, where Mamba1's doubled bias puts
+    dt). Exact against float64 log1p(exp) down to dt = -30; Mamba2's views stay stride 0."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    dt = torch.randn(7, 3, 8, generator=g) * 8 - 14                  # Mamba1: per channel
+    bias = torch.randn(3, 8, generator=g)
+    step, zero = ssm_ops.softplus_dt(dt.to(torch.bfloat16), bias)
+    want = torch.log1p(torch.exp(dt.to(torch.bfloat16).double() + bias.double()))
+    assert step.dtype == torch.float32 and (zero == 0).all() and zero.shape == bias.shape
+    torch.testing.assert_close(step.double(), want, rtol=2e-6, atol=0)
+    per_head = (torch.randn(7, 3, generator=g) - 5)[:, :, None].expand(-1, -1, 8)  # Mamba2
+    head_bias = torch.randn(3, generator=g)[:, None].expand(-1, 8)
+    step, zero = ssm_ops.softplus_dt(per_head, head_bias)
+    assert step.stride(-1) == 0 and zero.stride() == (0, 0)
+    torch.testing.assert_close(step.double(), torch.log1p(torch.exp(
+        per_head.double() + head_bias.double())), rtol=2e-6, atol=0)

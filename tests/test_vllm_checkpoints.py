@@ -14,6 +14,7 @@ from vllm_mamba_hybrid.conversion.init import (hybrid_config_from_teacher, init_
 from vllm_mamba_hybrid.conversion.paper import convert_paper
 from vllm_mamba_hybrid.conversion.teacher import load_teacher
 
+pytestmark = pytest.mark.vllm
 NEW_TOKENS = 48
 NEAR_TIE = 1e-4   # logit gap below which fp32 kernels may legitimately pick either token
 

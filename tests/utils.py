@@ -126,6 +126,44 @@ def write_paper_checkpoint(model: LlamaMambaHybridForCausalLM, out, *, fmt="bin"
     return out
 
 
+DAMAGES = ("missing", "unexpected", "wrong_shape", "nan", "truncated")
+
+
+def damaged_copy(src: Path, dst: Path, damage: str, name: str) -> tuple[str, ...]:
+    """Copy the checkpoint directory ``src`` to ``dst`` with one defect in tensor ``name``
+    (``DAMAGES``); returns what an error about it must name: the tensor and its file (the
+    directory for a missing tensor, the file for a truncated one)."""
+    from safetensors.torch import load_file
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    weights = dst / "model.safetensors"
+    if damage == "missing":
+        del tensors[name]
+        expect = (name, str(dst))
+    elif damage == "unexpected":
+        name = name.rsplit(".", 1)[0] + ".stray_bias"
+        tensors[name] = torch.ones(3)
+        expect = (name, str(weights))
+    elif damage == "wrong_shape":
+        tensors[name] = tensors[name][:-1].contiguous()
+        expect = (name, str(weights))
+    elif damage == "nan":
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = float("nan")
+        expect = (name, str(weights), "non-finite")
+    elif damage != "truncated":
+        raise ValueError(f"unknown damage {damage!r}")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    if damage == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+        expect = (str(weights), "unreadable")
+    return expect
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

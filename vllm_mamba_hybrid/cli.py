@@ -34,10 +34,13 @@ def cmd_import_teacher(args) -> int:
 
 
 def cmd_init(args) -> int:
+    from .checkpoint import check_model_dir
     from .conversion.init import hybrid_config_from_teacher, init_hybrid_from_teacher, save_hybrid
     from .conversion.output_dir import check_output_dir
-    from .conversion.teacher import load_teacher
-    check_output_dir(args.out, args.overwrite)          # fail before the expensive part
+    from .conversion.teacher import check_llama_family, load_teacher
+    check_llama_family(args.teacher)                    # fail before the expensive part
+    check_model_dir(args.teacher)
+    check_output_dir(args.out, args.overwrite)
     teacher = load_teacher(args.teacher, dtype=_dtype(args.dtype))
     config = hybrid_config_from_teacher(teacher.config, variant=args.variant,
                                         attn_layers=args.attn_layers, attn_fraction=args.attn_fraction,
@@ -51,10 +54,13 @@ def cmd_init(args) -> int:
 
 def cmd_generate(args) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    import vllm_mamba_hybrid  # noqa: F401  (registers the hybrid with transformers)
+    from transformers import AutoTokenizer
+
+    from .checkpoint import check_model_dir, load_causal_lm
+    for path in filter(None, (args.model, args.draft)):   # both before loading either
+        check_model_dir(path)
+    model = load_causal_lm(args.model, _dtype(args.dtype)).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=_dtype(args.dtype)).eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -69,8 +75,7 @@ def cmd_generate(args) -> int:
         if args.fast or args.draft:
             from .runtime import fast_generate
             from .spec_decode.draft_vocab import load_draft_vocab
-            draft = (AutoModelForCausalLM.from_pretrained(args.draft, dtype=_dtype(args.dtype)).eval()
-                     if args.draft else None)
+            draft = load_causal_lm(args.draft, _dtype(args.dtype)).eval() if args.draft else None
             cut = load_draft_vocab(args.draft, draft.lm_head.out_features) if draft else None
             out = fast_generate(model, batch["input_ids"], batch["attention_mask"], draft_model=draft,
                                 num_draft_tokens=args.num_draft_tokens, draft_token_ids=cut, **kwargs)
@@ -186,16 +191,20 @@ PASSTHROUGH = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in PASSTHROUGH:
-        import importlib
-        module, func = PASSTHROUGH[argv[0]]
-        return getattr(importlib.import_module(module), func)(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
+        if argv and argv[0] in PASSTHROUGH:
+            import importlib
+            module, func = PASSTHROUGH[argv[0]]
+            return getattr(importlib.import_module(module), func)(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
-        print(f"mamba-hybrid {args.command}: error: {e}", file=sys.stderr)
+        print(f"mamba-hybrid {argv[0]}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # output directories are written atomically: nothing half-done
+        print(f"mamba-hybrid {argv[0] if argv else ''}: interrupted; nothing was written",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

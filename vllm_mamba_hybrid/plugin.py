@@ -14,13 +14,20 @@ MIXER_OPS = ("vllm::llama_hybrid_mamba1_mixer", "vllm::llama_hybrid_mamba2_mixer
 
 
 def register() -> None:
+    import vllm
     from transformers import AutoConfig
     from vllm import ModelRegistry
     from vllm.config.compilation import CompilationConfig
+    from vllm.logger import init_logger
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from vllm_mamba_hybrid.config import LlamaMambaHybridConfig
     from vllm_mamba_hybrid.model_executor.engine_config import LlamaMambaHybridEngineConfig
+    from vllm_mamba_hybrid.model_executor.vllm_compat import check_vllm_version
+
+    warning = check_vllm_version(vllm.__version__)
+    if warning:
+        init_logger(__name__).warning_once(warning)
 
     AutoConfig.register(LlamaMambaHybridConfig.model_type, LlamaMambaHybridConfig, exist_ok=True)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():

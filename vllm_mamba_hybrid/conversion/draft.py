@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from .output_dir import atomic_output_dir
+from .output_dir import atomic_output_dir, check_output_dir
 from .teacher import load_teacher
 
 
@@ -60,6 +60,7 @@ def make_layer_subset_draft(teacher_dir: str | os.PathLike, out_dir: str | os.Pa
     with the teacher's tokenizer; serve it as the draft of ``HybridDraftProposer``."""
     from transformers import AutoTokenizer
 
+    check_output_dir(out_dir, overwrite)       # before the teacher loads
     draft = layer_subset(load_teacher(teacher_dir, dtype=torch.float32), layers)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         draft.to(dtype).save_pretrained(tmp, safe_serialization=True)

@@ -13,14 +13,16 @@ from pathlib import Path
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output directory unless ``overwrite``; check the parent is writable."""
+    """Refuse an existing output directory unless ``overwrite``, and one that could not be
+    created; creates nothing (commands check before any work)."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists (pass --overwrite to replace it)")
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write to {parent} (parent of output directory {out})")
+    existing = out.resolve().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create {out}: {existing} is not a writable directory")
     return out
 
 
@@ -28,6 +30,7 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory; on success it replaces ``out_dir``."""
     out = check_output_dir(out_dir, overwrite)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     try:
         yield tmp

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
+from ..checkpoint import CheckpointError, check_finite
 from ..config import LlamaMambaHybridConfig
 from ..modeling import LlamaMambaHybridForCausalLM
 from .output_dir import atomic_output_dir
@@ -36,7 +37,7 @@ _UNSUPPORTED = {"mamba2": {"D_has_hdim": False, "rmsnorm": True, "norm_before_ga
 
 def read_paper_weights(src: Path) -> dict[str, torch.Tensor]:
     """All tensors of a paper checkpoint (.bin via weights_only=True, or safetensors, sharded or not)."""
-    for index_name, loader in (("model.safetensors.index.json", load_file),
+    for index_name, loader in (("model.safetensors.index.json", _load_safetensors),
                                ("pytorch_model.bin.index.json", _load_bin)):
         index = src / index_name
         if index.is_file():
@@ -46,7 +47,7 @@ def read_paper_weights(src: Path) -> dict[str, torch.Tensor]:
                 out.update(loader(src / shard))
             return out
     if (src / "model.safetensors").is_file():
-        return load_file(src / "model.safetensors")
+        return _load_safetensors(src / "model.safetensors")
     if (src / "pytorch_model.bin").is_file():
         return _load_bin(src / "pytorch_model.bin")
     raise FileNotFoundError(f"{src}: no pytorch_model.bin or model.safetensors (sharded or not)")
@@ -56,7 +57,14 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{path}: cannot load with weights_only=True ({e})") from e
+        raise CheckpointError(f"{path}: cannot load with weights_only=True ({e})") from e
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors' own error names no file
+        raise CheckpointError(f"{path}: unreadable weights file ({type(e).__name__}: {e})") from e
 
 
 def detect_variant(tensors: dict[str, torch.Tensor]) -> str:
@@ -119,6 +127,7 @@ def check_tensors(config: LlamaMambaHybridConfig, tensors: dict[str, torch.Tenso
         if tuple(tensors[name].shape) != tuple(shape):
             raise ValueError(f"{src}: tensor {name} has shape {tuple(tensors[name].shape)}, "
                              f"expected {tuple(shape)}")
+        check_finite(name, tensors[name], src)
     return tensors
 
 

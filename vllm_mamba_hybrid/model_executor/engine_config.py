@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
+from vllm_mamba_hybrid.model_executor.vllm_compat import replayssm_enabled
+
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
@@ -18,7 +20,7 @@ logger = init_logger(__name__)
 # Proposers that run beside a hybrid target: they need no draft layers in vLLM's
 # KV cache groups and no target hidden states. "custom_class" covers the
 # project's draft-model proposer (vllm_mamba_hybrid.spec_decode.HybridDraftProposer).
-SUPPORTED_SPEC_METHODS = ("ngram", "custom_class", "suffix")
+SUPPORTED_SPEC_METHODS = ("ngram", "ngram_gpu", "custom_class", "suffix")
 
 
 def check_speculative_config(vllm_config: VllmConfig) -> None:
@@ -37,7 +39,7 @@ def check_speculative_config(vllm_config: VllmConfig) -> None:
         raise ValueError(
             f"LlamaMambaHybridForCausalLM supports speculative methods "
             f"{SUPPORTED_SPEC_METHODS}, not {spec.method!r}.{hint}")
-    if vllm_config.cache_config.use_replayssm:
+    if replayssm_enabled(vllm_config.cache_config):
         raise ValueError(
             "LlamaMambaHybridForCausalLM's Mamba layers keep one state block per draft "
             "token; ReplaySSM (use_replayssm) is not implemented for them.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from itertools import islice
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
+from vllm_mamba_hybrid.checkpoint import check_finite, tensor_files
 from vllm_mamba_hybrid.config import LlamaMambaHybridConfig
 from vllm_mamba_hybrid.model_executor.mixers import (
     Mamba1Mixer,
@@ -244,9 +246,11 @@ class LlamaMambaHybridForCausalLM(nn.Module, HasInnerState, IsHybrid):
 
     # ---- weights -------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Strict loader: every checkpoint tensor must be expected, well-shaped and
-        present; errors name the tensor and the checkpoint."""
+        """Strict loader: every checkpoint tensor must be expected, well-shaped, finite
+        and present; errors name the tensor and the checkpoint (file, where local)."""
         source = self.vllm_config.model_config.model
+        # The files' headers first: a truncated file is named before vLLM reads it.
+        where = tensor_files(source) if Path(source).is_dir() else {}
         expected = checkpoint_tensor_shapes(self.config)
         params = dict(self.named_parameters())
         seen: set[str] = set()
@@ -256,15 +260,17 @@ class LlamaMambaHybridForCausalLM(nn.Module, HasInnerState, IsHybrid):
                 logger.warning("%s: ignoring lm_head.weight, the model ties it to "
                                "model.embed_tokens.weight", source)
                 continue
+            file = where.get(name, source)
             if name not in expected:
-                raise ValueError(f"Unexpected tensor {name!r} in checkpoint {source} "
+                raise ValueError(f"Unexpected tensor {name!r} in checkpoint {file} "
                                  f"(mamba_variant={self.config.mamba_variant!r}, "
                                  f"attn_layers={self.config.attn_layers})")
             if tuple(tensor.shape) != expected[name]:
-                raise ValueError(f"Tensor {name!r} in checkpoint {source} has shape "
+                raise ValueError(f"Tensor {name!r} in checkpoint {file} has shape "
                                  f"{tuple(tensor.shape)}, expected {expected[name]}")
             if name in seen:
                 raise ValueError(f"Tensor {name!r} appears twice in checkpoint {source}")
+            check_finite(name, tensor, file)
             seen.add(name)
             param_name, shard = name.replace(".mamba.A_log", ".mamba.A"), None
             for ckpt_piece, param_piece, shard_id in _STACKED:

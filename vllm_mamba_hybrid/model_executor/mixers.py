@@ -35,7 +35,6 @@ from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.layers.mamba.mamba_mixer2 import Mixer2RMSNormGated
 from vllm.model_executor.layers.mamba.mamba_utils import (
     MambaStateDtypeCalculator,
-    MambaStateShapeCalculator,
     is_conv_state_dim_first,
 )
 from vllm.model_executor.layers.mamba.ops.causal_conv1d import causal_conv1d_fn
@@ -64,6 +63,7 @@ from vllm_mamba_hybrid.model_executor.ssm_ops import (
     mamba1_prefill_scan,
     ssm_update,
 )
+from vllm_mamba_hybrid.model_executor.vllm_compat import conv_state_shape
 
 def mamba_state_shapes(
     config: LlamaMambaHybridConfig, tp_size: int, num_spec: int = 0
@@ -71,9 +71,7 @@ def mamba_state_shapes(
     """(conv_state, ssm_state) shapes of one layer's cache block; the conv state
     keeps ``num_spec`` extra columns so a verify step can roll back by choosing
     its start column (vLLM's convention)."""
-    (conv_shape,) = MambaStateShapeCalculator.short_conv_state_shape(
-        tp_world_size=tp_size, intermediate_size=config.conv_dim, conv_kernel=config.d_conv,
-        num_spec=num_spec)
+    conv_shape = conv_state_shape(config.conv_dim, config.d_conv, tp_size, num_spec)
     heads = divide(config.d_inner // config.d_state, tp_size)
     return conv_shape, (heads, config.d_state, config.d_state)
 

@@ -154,8 +154,9 @@ def ssm_update(
         )
 
         indices = state_indices if spec is None else spec.indices
+        dt, dt_bias = softplus_dt(dt, dt_bias)
         selective_state_update(
-            ssm_state, x, dt, A, B, C, D, dt_bias, z=z, dt_softplus=True,
+            ssm_state, x, dt, A, B, C, D, dt_bias, z=z, dt_softplus=False,
             state_batch_indices=indices, dst_state_batch_indices=indices, out=out,
             num_accepted_tokens=None if spec is None else spec.num_accepted,
             cu_seqlens=None if spec is None else spec.query_start_loc,
@@ -191,6 +192,18 @@ def ssm_update(
         keep = valid[:, t] & (dst > 0)
         ssm_state[dst[keep]] = state[keep].to(ssm_state.dtype)
         out[p[valid[:, t]]] = y[valid[:, t]]
+
+
+def softplus_dt(dt: torch.Tensor, dt_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softplus(dt + dt_bias) in float32, a zero bias) for vLLM's CUDA step kernel, which
+    takes softplus as log(exp(dt) + 1): 4e-4 relative off at dt = -10 and 9e-3 at -12,
+    where Mamba1's twice-applied bias puts it. Views tied over headdim (stride 0, Mamba2)
+    stay tied, so the kernel keeps its per-head path."""
+    if dt.stride(-1) == 0 and dt_bias.stride(-1) == 0:
+        step = F.softplus(dt[..., :1].float() + dt_bias[..., :1].float()).expand(dt.shape)
+    else:
+        step = F.softplus(dt.float() + dt_bias.float())
+    return step, dt_bias.new_zeros(()).expand(dt_bias.shape)
 
 
 def _ssm_step_cpu(state, x, dt, A, B, C, D, dt_bias, z, out, per_head_params) -> None:

@@ -39,10 +39,8 @@ batch size").
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,16 +59,13 @@ _KEEP_CALLS = 2
 def load_draft_model(path: str | os.PathLike, device: torch.device | str = "cpu",
                      dtype: torch.dtype = torch.float32):
     """A Llama or hybrid checkpoint as a reference ``LlamaMambaHybridForCausalLM``."""
-    from vllm_mamba_hybrid import LlamaMambaHybridConfig, LlamaMambaHybridForCausalLM
+    from vllm_mamba_hybrid import LlamaMambaHybridForCausalLM
+    from vllm_mamba_hybrid.checkpoint import load_causal_lm
 
-    model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
-    if model_type == LlamaMambaHybridConfig.model_type:
-        model = LlamaMambaHybridForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        from transformers import AutoModelForCausalLM
-
+    model = load_causal_lm(path, dtype)
+    if not isinstance(model, LlamaMambaHybridForCausalLM):
         from vllm_mamba_hybrid.runtime.decoder import as_hybrid
-        model = as_hybrid(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
+        model = as_hybrid(model)
     return model.to(device).eval()
 
 

@@ -1,0 +1,116 @@
+"""Long GPU-machine work as background jobs that outlive the device call that starts them.
+
+A device call may run 10 minutes and the machine keeps what a detached process writes
+while it stays warm, so a call starts jobs (run in the order given, one at a time) and
+a later call collects them:
+
+    python3 tools/gpu_jobs.py start tests-engine tests-spec   # returns at once
+    python3 tools/gpu_jobs.py wait --max-s 500                 # until done or time is up
+    python3 tools/gpu_jobs.py collect                          # logs + results -> $OUT
+
+Jobs run with the staged vLLM on the path (tools/gpu_stage.py env) and write under
+/tmp/vllm_jobs/NAME.{log,rc}; their JSON results under /tmp/vllm_jobs/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gpu_stage import staged_env
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS_DIR = Path("/tmp/vllm_jobs")
+RESULTS = JOBS_DIR / "results"
+PYTEST = "python3 -m pytest -q -ra -p no:cacheprovider"
+TEACHER = "/tmp/smollm2/teacher"  # the real SmolLM2, imported from the staged GGUF
+JOBS = {
+    "teacher": f"python3 -m vllm_mamba_hybrid.cli import-teacher {TEACHER}",
+    "tests-engine": f"{PYTEST} tests/test_vllm_engine.py",
+    "tests-spec": f"{PYTEST} tests/test_vllm_spec_decode.py",
+    "tests-server": f"{PYTEST} tests/test_vllm_server.py tests/test_vllm_checkpoints.py",
+    "tests-gpu": f"{PYTEST} -m gpu tests/",
+    "agreement": (f"python3 benchmarks/vllm_agreement.py --teacher {TEACHER} "
+                  f"--out {RESULTS}/vllm_agreement_cuda.json"),
+    "bench-8b": ("python3 benchmarks/serving_throughput.py --shape llama3-8b --dummy --graphs "
+                 "--models teacher mamba2-50% mamba2-25% mamba1-50% "
+                 "--contexts 1024 8192 32768 --batches 1 16 64 256 --kv-bytes 42e9 "
+                 "--batched-tokens 16384 --max-new 320 --max-prefill-tokens 524288 "
+                 f"--out {RESULTS}/serving_throughput_llama3_8b_cuda.json"),
+    "bench-smollm2": (f"python3 benchmarks/serving_throughput.py --teacher {TEACHER} "
+                      "--graphs --contexts 1024 8192 32768 --batches 1 16 64 256 --kv-bytes 42e9 "
+                      "--batched-tokens 16384 --max-new 320 --max-prefill-tokens 1048576 "
+                      f"--out {RESULTS}/serving_throughput_smollm2_cuda.json"),
+}
+
+
+def _env() -> dict[str, str]:
+    env = staged_env()
+    env.update(PYTHONUNBUFFERED="1", MAMBA_HYBRID_SHARED=str(REPO / ".carry" / "shared"))
+    return env
+
+
+def start(names: list[str]) -> None:
+    """Run the jobs one after another in one detached chain: vLLM engines sharing a GPU
+    fail their start-up memory check when another process frees memory meanwhile."""
+    JOBS_DIR.mkdir(exist_ok=True)
+    RESULTS.mkdir(exist_ok=True)
+    steps = []
+    for name in names:
+        log, rc = JOBS_DIR / f"{name}.log", JOBS_DIR / f"{name}.rc"
+        rc.unlink(missing_ok=True)
+        log.write_text("queued\n")
+        steps.append(f"{{ {JOBS[name]}; }} > {log} 2>&1; echo $? > {rc}")
+    subprocess.Popen(["bash", "-c", "\n".join(steps)], cwd=REPO, env=_env(),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
+    print("started, in order: " + ", ".join(names), flush=True)
+
+
+def _status() -> dict[str, str | None]:
+    return {log.stem: ((JOBS_DIR / f"{log.stem}.rc").read_text().strip()
+                       if (JOBS_DIR / f"{log.stem}.rc").exists() else None)
+            for log in sorted(JOBS_DIR.glob("*.log"))}
+
+
+def wait(max_s: float, names: list[str]) -> None:
+    deadline = time.time() + max_s
+    while time.time() < deadline and any(
+            rc is None for name, rc in _status().items() if not names or name in names):
+        time.sleep(5)
+    for name, rc in _status().items():
+        tail = (JOBS_DIR / f"{name}.log").read_text(errors="replace").splitlines()[-6:]
+        print(f"== {name}: {'running' if rc is None else 'rc ' + rc}\n" + "\n".join(tail))
+
+
+def collect() -> None:
+    out = Path(os.environ["OUT"])
+    for path in [*JOBS_DIR.glob("*.log"), *RESULTS.glob("*.json")]:
+        shutil.copy(path, out / path.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("start")
+    s.add_argument("names", nargs="+", choices=sorted(JOBS))
+    w = sub.add_parser("wait")
+    w.add_argument("names", nargs="*", help="jobs to wait for (default: all)")
+    w.add_argument("--max-s", type=float, default=480)
+    sub.add_parser("collect")
+    args = p.parse_args(argv)
+    if args.cmd == "start":
+        start(args.names)
+    elif args.cmd == "wait":
+        wait(args.max_s, args.names)
+    else:
+        collect()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -78,6 +78,14 @@ def test_generate_and_eval_on_a_directory_that_is_no_model(hybrid, tmp_path):
     assert time.time() - t0 < 60, "eval did work before checking its inputs"
 
 
+def test_serve_refuses_a_broken_directory_before_vllm_starts(hybrid, tmp_path):
+    expect = damaged_copy(hybrid, tmp_path / "broken", "truncated", "")
+    t0 = time.time()
+    proc = _cli("serve", tmp_path / "broken", "--port", "1")
+    assert proc.returncode == 2 and all(piece in proc.stderr for piece in expect), proc.stderr
+    assert time.time() - t0 < 60, "the server started before the directory was checked"
+
+
 def test_eval_refuses_a_nan_checkpoint_before_generating(hybrid, teacher, tmp_path):
     expect = damaged_copy(hybrid, tmp_path / "broken", "nan", MAMBA_TENSOR)
     proc = _cli("eval", tmp_path / "broken", "--teacher", teacher, "--num-prompts", "2")
@@ -144,19 +152,28 @@ def test_interrupted_distill_says_how_to_resume(teacher, tmp_path, shared_dir):
            "training": {"batch_size": 2, "checkpoint_every": 1000},
            "stages": {"distill": {"steps": 100000}, "export": {"enabled": False}}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    # A shell without job control starts background jobs with SIGINT ignored, and Python
+    # keeps an ignored SIGINT: give the command a terminal's default, as Ctrl-C would meet.
+    # Output to files, not pipes: a pipe nobody reads until the end fills and stalls it.
+    log = open(tmp_path / "distill.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "vllm_mamba_hybrid.cli", "distill",
-                             str(tmp_path / "c.yaml")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline, progress = time.time() + 240, None
-    while time.time() < deadline and proc.poll() is None:
-        progress = next(out.glob(f"stages/*-distill/{PROGRESS}"), None)
-        if progress is not None and progress.stat().st_size > 0:
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None and progress is not None, "training did not start"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+                             str(tmp_path / "c.yaml")], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline, progress = time.time() + 240, None
+        while time.time() < deadline and proc.poll() is None:
+            progress = next(out.glob(f"stages/*-distill/{PROGRESS}"), None)
+            if progress is not None and progress.stat().st_size > 0:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None and progress is not None, "training did not start"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()   # never leave a 100,000-step run behind
+    log.seek(0)
+    err = log.read()
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == (

@@ -341,17 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.layers:
         shape["num_hidden_layers"] = args.layers
     root = args.workdir / f"{args.shape}-{shape['num_hidden_layers']}{'-real' if args.teacher else ''}"
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("worker", "model", "out")}
     results: dict = {}
     for name in args.models:
         model_dir = build_checkpoint(name, root, shape, args.teacher, weights=not args.dummy)
         print(f"{name}: {model_dir}", flush=True)
         results[name] = measure(model_dir, args)
+        if args.out:  # after every model: a run cut short keeps what it measured
+            args.out.write_text(json.dumps({"settings": {**settings, "shape_config": shape},
+                                            "results": results}, indent=1))
     print_table(results, args)
-    if args.out:
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                    if k not in ("worker", "model", "out")}
-        args.out.write_text(json.dumps({"settings": {**settings, "shape_config": shape},
-                                        "results": results}, indent=1))
     return 0
 
 

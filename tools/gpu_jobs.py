@@ -37,7 +37,7 @@ JOBS = {
     "agreement": (f"python3 benchmarks/vllm_agreement.py --teacher {TEACHER} "
                   f"--out {RESULTS}/vllm_agreement_cuda.json"),
     "bench-8b": ("python3 benchmarks/serving_throughput.py --shape llama3-8b --dummy --graphs "
-                 "--models teacher mamba2-50% mamba2-25% mamba1-50% "
+                 "--models teacher mamba2-50% mamba1-50% mamba2-25% mamba1-25% "
                  "--contexts 1024 8192 32768 --batches 1 16 64 256 --kv-bytes 42e9 "
                  "--batched-tokens 16384 --max-new 320 --max-prefill-tokens 524288 "
                  f"--out {RESULTS}/serving_throughput_llama3_8b_cuda.json"),
@@ -55,8 +55,9 @@ def _env() -> dict[str, str]:
 
 
 def start(names: list[str]) -> None:
-    """Run the jobs one after another in one detached chain: vLLM engines sharing a GPU
-    fail their start-up memory check when another process frees memory meanwhile."""
+    """Run the jobs one after another in a detached chain that waits for any chain started
+    earlier: vLLM engines sharing a GPU fail their start-up memory check when another
+    process frees memory meanwhile."""
     JOBS_DIR.mkdir(exist_ok=True)
     RESULTS.mkdir(exist_ok=True)
     steps = []
@@ -65,7 +66,8 @@ def start(names: list[str]) -> None:
         rc.unlink(missing_ok=True)
         log.write_text("queued\n")
         steps.append(f"{{ {JOBS[name]}; }} > {log} 2>&1; echo $? > {rc}")
-    subprocess.Popen(["bash", "-c", "\n".join(steps)], cwd=REPO, env=_env(),
+    chain = f"exec 9>{JOBS_DIR}/chain.lock; flock 9\n" + "\n".join(steps)  # after earlier chains
+    subprocess.Popen(["bash", "-c", chain], cwd=REPO, env=_env(),
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True)
     print("started, in order: " + ", ".join(names), flush=True)

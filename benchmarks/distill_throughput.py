@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distillation.config import BackendConfig  # noqa: E402
 from distillation.job import TrainJob  # noqa: E402
 from distillation.launch import run_job  # noqa: E402
+from distillation.tokens import save_examples  # noqa: E402
 from distillation.reporting import read_progress  # noqa: E402
 
 # SmolLM2-135M-Instruct's shape (see shared/ENVIRONMENT.md).
@@ -94,7 +95,7 @@ def run(args) -> dict:
         examples.append({"prompt_ids": [rng.randrange(3, tcfg.vocab_size) for _ in range(prompt)],
                          "answer_ids": [rng.randrange(3, tcfg.vocab_size)
                                         for _ in range(length - prompt)]})
-    torch.save(examples, root / "examples.pt")
+    save_examples(examples, root / "examples.pt")
     flops_tok = matmul_flops_per_token(tcfg, hcfg, args.seq_len, n_student, n_teacher)
     peak = args.peak_tflops
     if peak is None and device == "cuda":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -29,11 +28,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED = Path(os.environ.get("MAMBA_HYBRID_SHARED", REPO.parent / "shared"))
 
 from distillation.generation import generate_answers  # noqa: E402
+from distillation.paths import default_data_dir  # noqa: E402
 from distillation.splits import heldout_essays, heldout_indices, train_indices  # noqa: E402
 from distillation.tokens import chat_prompt_ids  # noqa: E402
+
+DATA = default_data_dir()
 
 
 def teacher_answers(model, tokenizer, instructions: list[str], new_tokens: int) -> list[list[int]]:
@@ -81,13 +82,13 @@ def main(argv=None) -> int:
 
     from vllm_mamba_hybrid.conversion.draft import layer_subset
     from vllm_mamba_hybrid.conversion.teacher import load_teacher
-    from vllm_mamba_hybrid.runtime.decoder import as_hybrid
+    from vllm_mamba_hybrid.conversion.init import as_hybrid
     from vllm_mamba_hybrid.spec_decode.draft_vocab import cut_head, load_draft_vocab, make_draft_vocab
 
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     teacher = load_teacher(args.teacher, dtype=torch.float32).eval()
     prompts = [json.loads(line)["instruction"]
-               for line in (SHARED / "data" / "alpaca_eval_prompts.jsonl").read_text().splitlines()
+               for line in (DATA / "alpaca_eval_prompts.jsonl").read_text().splitlines()
                if line.strip()]
     train = [prompts[i] for i in train_indices(len(prompts), args.heldout_every)]
     heldout = [prompts[i] for i in heldout_indices(len(prompts), args.heldout_every)]
@@ -95,8 +96,8 @@ def main(argv=None) -> int:
     train_ids = teacher_answers(teacher, tokenizer, train, args.new_tokens)
     held_ids = teacher_answers(teacher, tokenizer, heldout, args.new_tokens)
     held_tokens = torch.tensor([t for row in held_ids for t in row])
-    essays = sorted((SHARED / "data" / "essays").glob("*.txt"))
-    essays = [p for p in essays if p not in heldout_essays(SHARED / "data", 4)]
+    essays = sorted((DATA / "essays").glob("*.txt"))
+    essays = [p for p in essays if p not in heldout_essays(DATA, 4)]
 
     draft = as_hybrid(layer_subset(teacher, [int(i) for i in args.layers.split(",")])).eval()
     full_head = draft.lm_head

@@ -4,7 +4,8 @@ Every model (the teacher; 50% and 25% attention hybrids, Mamba2 and Mamba1) gets
 engine in its own subprocess with the same settings and the same KV-cache budget in
 bytes. For every context length L:
 
-* TTFT: one L-token request alone, seconds to its first token;
+* TTFT: one L-token request alone, seconds to its first token (after an untimed
+  warm-up of two L-token requests, so first-use kernel compiles stay out);
 * the batch: as many L-token requests as the largest offered batch, or as vLLM says
   fit the budget at that length if fewer ("fit" column), or as ``--max-prefill-tokens``
   allows (a bound on run time), added at once ("running" column). Prefill:
@@ -34,8 +35,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MAMBA_HYBRID_SHARED", REPO.parent / "shared"))
+from distillation.paths import default_data_dir
+
+DATA = default_data_dir()
 SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -130,7 +132,7 @@ def essay_prompts(batch: int, context: int, vocab: int) -> list[list[int]]:
     no tokenizer, so a token is a byte of the text (ids 3..258): real text, real length.
     Longer than the essays, a passage wraps around."""
     text = "\n\n".join(p.read_text(encoding="utf-8")
-                       for p in sorted((SHARED / "data" / "essays").glob("*.txt")))
+                       for p in sorted((DATA / "essays").glob("*.txt")))
     data = text.encode("utf-8")
     assert vocab > 259, "the vocabulary must hold the 256 byte ids"
     step = max(1, len(data) // batch)
@@ -221,6 +223,10 @@ def worker(args) -> None:
     for ctx in args.contexts:
         prompts = essay_prompts(max(args.batches), ctx, cfg["vocab_size"])
         r = {"fit": fit[ctx]}
+        # warm-up at this length (first-use kernel compiles stay out of the timings)
+        run.add(prompts[-2:], SamplingParams(max_tokens=2))
+        while llm.llm_engine.has_unfinished_requests():
+            run.step()
         # TTFT: one request alone
         t = time.perf_counter()
         (rid,) = run.add(prompts[:1], params)

@@ -30,8 +30,10 @@ import os
 import time
 from pathlib import Path
 
+from distillation.paths import default_data_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MAMBA_HYBRID_SHARED", REPO.parent / "shared"))
+DATA = default_data_dir()
 DEMO = REPO / "runs" / "demo-distill"
 MODES = ("plain", "plain-sync", "ngram", "ngram-sched", "draft")
 
@@ -81,7 +83,7 @@ def prompts(tokenizer_dir: Path, n: int) -> list[list[int]]:
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     rows = [json.loads(line) for line in
-            (SHARED / "data" / "alpaca_eval_prompts.jsonl").read_text().splitlines()[:n]]
+            (DATA / "alpaca_eval_prompts.jsonl").read_text().splitlines()[:n]]
     return [tok.apply_chat_template([{"role": "user", "content": r["instruction"]}],
                                     add_generation_prompt=True, tokenize=True, return_dict=False)
             for r in rows]

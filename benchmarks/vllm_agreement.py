@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 
 from serving_throughput import build_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MAMBA_HYBRID_SHARED", REPO.parent / "shared"))
+from distillation.paths import default_data_dir
+
+DATA = default_data_dir()
 MODELS = ("teacher", "mamba2-50%", "mamba1-50%")
 
 
@@ -30,7 +30,7 @@ def chat_prompts(teacher: Path, n: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(teacher)
-    lines = (SHARED / "data" / "alpaca_eval_prompts.jsonl").read_text().splitlines()[:n]
+    lines = (DATA / "alpaca_eval_prompts.jsonl").read_text().splitlines()[:n]
     texts = [tok.apply_chat_template([{"role": "user", "content": json.loads(ln)["instruction"]}],
                                      add_generation_prompt=True, tokenize=False) for ln in lines]
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -40,7 +40,7 @@ def reference_greedy(model_dir: Path, prompts, new_tokens: int) -> list[list[int
     import torch
     from transformers import AutoModelForCausalLM
 
-    import vllm_mamba_hybrid  # noqa: F401  (registers the hybrid with the Auto classes)
+    import vllm_mamba_hybrid.modeling  # noqa: F401  (registers the hybrid with the Auto classes)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 _STEP_RE = re.compile(r"^step_(\d{7})$")
@@ -31,8 +31,9 @@ def _fsync_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    """The RNG streams training draws from, as tensors and tuples of ints (loadable with
+    ``weights_only=True``). No numpy: nothing in training draws from it."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -40,7 +41,6 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -107,10 +107,16 @@ def load(path: Path, *, rank: int, world: int) -> dict[str, Any]:
         raise RuntimeError(
             f"checkpoint {path} was written by {meta['world_size']} workers, this run has {world}; "
             f"resume with backend.num_workers: {meta['world_size']} or delete {path.parent}")
-    return {
-        "meta": meta,
-        "model": torch.load(path / "model.pt", map_location="cpu", weights_only=True),
-        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
-        "scheduler": torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True),
-        "rng": torch.load(path / f"rng_rank{rank}.pt", map_location="cpu", weights_only=False),
-    }
+    return {"meta": meta, "model": _load(path / "model.pt"),
+            "optimizer": _load(path / "optimizer.pt"), "scheduler": _load(path / "scheduler.pt"),
+            "rng": _load(path / f"rng_rank{rank}.pt")}
+
+
+def _load(file: Path) -> Any:
+    """One file of a checkpoint; ``weights_only``, so reading it cannot run code."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise RuntimeError(f"checkpoint file {file} cannot be read with weights_only=True ({e}); "
+                           f"delete {file.parent}: the stage then resumes from an earlier "
+                           f"checkpoint if one is kept, else starts over") from None

@@ -152,9 +152,6 @@ class TrainingConfig:
     # much less padding where sequences are mostly shorter than max_length.
     compile_pad_multiple: int = 0
     log_every: int = 1
-    # Fault injection for testing recovery: the last worker dies (SIGKILL; the
-    # local backend raises) right after the checkpoint of this step, once per stage.
-    fail_once_at_step: int | None = None
 
 
 @dataclass
@@ -329,9 +326,9 @@ def _check_semantics(cfg: PipelineConfig) -> None:
         raise ConfigError(f"`student.attn_fraction` must lie in [0, 1], got {s.attn_fraction}")
     if s.d_state is not None and s.d_state < 1:
         raise ConfigError(f"`student.d_state` must be a positive integer or null, got {s.d_state}")
-    if s.layers is not None and (not s.layers or len(set(s.layers)) != len(s.layers)):
-        raise ConfigError(f"`student.layers` must be a non-empty list of distinct teacher layer "
-                          f"indices, got {s.layers}")
+    if s.layers == []:
+        raise ConfigError("`student.layers` is empty: list the teacher layers to keep, or null "
+                          "for all")
     sched = cfg.stages.progressive.schedule
     if isinstance(sched, list):
         if not sched:

@@ -47,8 +47,6 @@ class TrainJob:
     strategy: str = "ddp"
     seed: int = 0
     threads: int = 0
-    fail_once_at_step: int | None = None
-    fail_mode: Literal["raise", "kill"] = "raise"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,6 +8,8 @@
   which resumes from the last checkpoint.
 
 Workers append to ``<stage_dir>/progress.jsonl``; the driver tails it into tqdm.
+``<stage_dir>/workers.json`` names the worker processes (host, pid) and the step they
+resumed from.
 """
 from __future__ import annotations
 

@@ -22,11 +22,11 @@ from .config import ConfigError, PipelineConfig
 from .job import TrainJob
 from .launch import run_job
 from .models import load_causal_lm, load_tokenizer
-from .plan import final_attention_layers, progressive_layouts
+from .plan import check_layers, final_attention_layers, progressive_layouts
 from .prompts import load_prompts, prompt_source
 from .reporting import summarize
 from .sources import load_table
-from .tokens import answer_ids, chat_prompt_ids, pad_id_of
+from .tokens import answer_ids, chat_prompt_ids, load_examples, pad_id_of, save_examples
 
 DONE = "DONE.json"
 STAGE = "stage.json"
@@ -127,10 +127,7 @@ def preflight(cfg: PipelineConfig, log=print) -> Context:
         teacher_config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     num_layers = teacher_config.num_hidden_layers
     if cfg.student.layers is not None:
-        bad = [i for i in cfg.student.layers if not 0 <= i < num_layers]
-        if bad:
-            raise ConfigError(f"`student.layers` {bad} out of range: the teacher has {num_layers} "
-                              f"layers (0..{num_layers - 1})")
+        check_layers("student.layers", cfg.student.layers, num_layers)  # kept in their order
         num_layers = len(cfg.student.layers)
     final_attn = final_attention_layers(num_layers, cfg.student.attn_layers,
                                         cfg.student.attn_fraction)
@@ -283,7 +280,7 @@ def _kd_examples(ctx: Context) -> tuple[Path, str, dict]:
     path = ctx.out / "data" / f"kd_examples-{fp}.pt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(examples, path.with_name(path.name + ".tmp"))
+        save_examples(examples, path.with_name(path.name + ".tmp"))
         os.replace(path.with_name(path.name + ".tmp"), path)
     info = {"prompt_source": prompt_source(cfg.data), "num_examples": len(examples),
             "answer_tokens": sum(len(e["answer_ids"]) for e in examples),
@@ -305,8 +302,7 @@ def _job(ctx: Context, name: str, d: Path, init_dir: Path, data_file: Path, obje
         keep_checkpoints=t.keep_checkpoints, log_every=t.log_every, dtype=t.dtype,
         compile=t.compile, pad_multiple=t.compile_pad_multiple,
         device=ctx.device, strategy=cfg.backend.strategy, seed=cfg.seed,
-        threads=cfg.backend.threads_per_worker, fail_once_at_step=t.fail_once_at_step,
-        fail_mode="raise" if cfg.backend.kind == "local" else "kill", **extra)
+        threads=cfg.backend.threads_per_worker, **extra)
 
 
 def _kd_job(ctx: Context, name: str, d: Path, init_dir: Path, kd_file: Path, stage_cfg,
@@ -362,8 +358,8 @@ def _dpo_pairs(ctx: Context, d: Path, start: Path, kd_file: Path) -> tuple[Path,
         info = {"source": dpo.dataset, "num_pairs": len(pairs)}
     else:
         from .generation import generate_answers
-        kd = [e for e in torch.load(kd_file, weights_only=False)
-              if e["prompt_ids"]][: dpo.num_pairs]  # answers only, no prose windows
+        # answers only, no prose windows
+        kd = [e for e in load_examples(kd_file) if e["prompt_ids"]][: dpo.num_pairs]
         ctx.log(f"[dpo] sampling {len(kd)} student answers as rejected responses")
         student = load_causal_lm(start, torch.float32)
         samples = generate_answers(
@@ -376,7 +372,7 @@ def _dpo_pairs(ctx: Context, d: Path, start: Path, kd_file: Path) -> tuple[Path,
                 "num_pairs": len(pairs)}
     if not pairs:
         raise RuntimeError("no preference pairs could be built")
-    torch.save(pairs, d / "pairs.pt.tmp")
+    save_examples(pairs, d / "pairs.pt.tmp")
     _write_json(d / "pairs.json", info)
     os.replace(d / "pairs.pt.tmp", path)
     return path, info
@@ -399,8 +395,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     st = cfg.stages
     base = {"teacher": teacher_fp, "student": asdict(cfg.student), "seed": cfg.seed,
             "training": {k: v for k, v in asdict(cfg.training).items()
-                         if k not in ("fail_once_at_step", "log_every", "checkpoint_every",
-                                      "keep_checkpoints", "keep_finished_checkpoints")},
+                         if k not in ("log_every", "checkpoint_every", "keep_checkpoints",
+                                      "keep_finished_checkpoints")},
             "workers": cfg.backend.num_workers, "strategy": cfg.backend.strategy,
             "max_length": cfg.data.max_length}
     stages: list[dict] = []

@@ -9,19 +9,24 @@ are replaced in increasing index order.
 """
 from __future__ import annotations
 
-from vllm_mamba_hybrid.config import paper_attention_layers
+from vllm_mamba_hybrid.config import check_attn_layers, paper_attention_layers
 
 from .config import ConfigError
+
+
+def check_layers(key: str, layers: list[int], num_layers: int) -> list[int]:
+    """``check_attn_layers`` (the one check of a layer list) on config key ``key``;
+    returns the layers sorted."""
+    try:
+        return check_attn_layers(layers, num_layers, name=f"`{key}`")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def final_attention_layers(num_layers: int, attn_layers: list[int] | None,
                            attn_fraction: float) -> list[int]:
     if attn_layers is not None:
-        bad = [i for i in attn_layers if not 0 <= i < num_layers]
-        if bad:
-            raise ConfigError(f"`student.attn_layers` {bad} out of range: the teacher has "
-                              f"{num_layers} layers (0..{num_layers - 1})")
-        return sorted(set(attn_layers))
+        return check_layers("student.attn_layers", attn_layers, num_layers)
     return paper_attention_layers(num_layers, attn_fraction)
 
 

@@ -14,7 +14,7 @@ import contextlib
 import functools
 import json
 import os
-import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -30,10 +30,10 @@ from . import checkpoint as ckpt
 from .job import TrainJob
 from .losses import dpo_losses, kd_loss_sums, sequence_logps
 from .models import DTYPES, is_trainable, load_causal_lm
-from .tokens import collate_lm, collate_pairs
+from .tokens import collate_lm, collate_pairs, load_examples
 
 PROGRESS = "progress.jsonl"
-FAULT_MARKER = ".fault_injected"
+WORKERS = "workers.json"
 
 
 class _Dist:
@@ -53,6 +53,14 @@ class _Dist:
         if self.on:
             dist.all_reduce(t)
         return t.tolist()
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order."""
+        if not self.on:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -155,15 +163,15 @@ def _frozen_model(path: str, dtype: torch.dtype, device: torch.device):
     return m
 
 
-def _inject_fault(job: TrainJob, d: _Dist, stage_dir: Path) -> None:
-    """Test hook: the last worker dies once, right after the checkpoint of this step."""
-    marker = stage_dir / FAULT_MARKER
-    if d.rank != d.world - 1 or marker.exists():
-        return
-    marker.write_text(str(job.fail_once_at_step))
-    if job.fail_mode == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected failure after step {job.fail_once_at_step} (fail_once_at_step)")
+def _write_workers(path: Path, stage: str, resumed_from: int, workers: list[dict]) -> None:
+    """``workers.json``: the processes training the stage now (host and pid per rank, to
+    watch or stop one: Ray and torchrun workers are not the driver's children) and the
+    checkpoint step they resumed from (0: a fresh start). Each start of the worker
+    group, a restart after a failure included, rewrites it."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"stage": stage, "resumed_from_step": resumed_from,
+                               "started": time.time(), "workers": workers}, indent=1))
+    os.replace(tmp, path)
 
 
 def _rewind_progress(path: Path, step: int) -> None:
@@ -217,7 +225,7 @@ def train_worker(job_dict: dict) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=job.lr, betas=(0.9, 0.98),
                                   weight_decay=job.weight_decay)
     scheduler = _scheduler(optimizer, job)
-    examples = torch.load(job.data_file, weights_only=False)
+    examples = load_examples(job.data_file)
     if job.objective == "kd":
         # A prompt as long as max_length leaves no answer token to learn from.
         examples = [e for e in examples if len(e["prompt_ids"]) < job.max_length]
@@ -235,9 +243,11 @@ def train_worker(job_dict: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         step, tokens_seen = state["meta"]["step"], state["meta"]["tokens_seen"]
+    workers = d.gather({"rank": d.rank, "host": socket.gethostname(), "pid": os.getpid()})
     if d.rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
         _rewind_progress(stage_dir / PROGRESS, step)
+        _write_workers(stage_dir / WORKERS, job.stage, step, workers)
     d.barrier()
 
     collate = collate_lm if job.objective == "kd" else collate_pairs
@@ -322,8 +332,6 @@ def train_worker(job_dict: dict) -> None:
                       optim_state=osd if d.rank == 0 else None,
                       sched_state=scheduler.state_dict(),
                       meta={"stage": job.stage, "tokens_seen": tokens_seen}, keep=job.keep_checkpoints)
-            if job.fail_once_at_step == step:
-                _inject_fault(job, d, stage_dir)
 
     msd = get_model_state_dict(model, options=full)
     if d.rank == 0:

@@ -600,6 +600,7 @@ def cmd_gpu_finish(args) -> int:
 
     import torch
     from distillation.evaluate import evaluate_models, format_table
+    from distillation.tokens import load_examples
     from vllm_mamba_hybrid.conversion.delta import write_delta
     cfg = _study_config(root, args)
     models = {n: _final_model(root, n) for n in finished}
@@ -616,7 +617,7 @@ def cmd_gpu_finish(args) -> int:
     for n in finished:
         metrics = _training_stages(root, n)[-1] / "metrics.json"
         result["training"][n] = json.loads(metrics.read_text()) if metrics.is_file() else None
-    kd = torch.load(next((root / "runs" / next(iter(pids)) / "data").glob("kd_examples-*.pt")))
+    kd = load_examples(next((root / "runs" / next(iter(pids)) / "data").glob("kd_examples-*.pt")))
     prose = [e for e in kd if not e["prompt_ids"]]
     labels = json.loads((root / "pseudo_labels" / "settings.json").read_text())
     result["data"] = {"examples": len(kd), "answers": len(kd) - len(prose),

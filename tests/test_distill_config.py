@@ -123,7 +123,11 @@ def test_student_layers_samples_and_text_rules(tmp_path, teacher, capsys, shared
     err = _run(tmp_path, _base(tmp_path, teacher, **{"student.layers": [0, 7]}), capsys)
     assert "`student.layers` [7] out of range" in err and "4 layers" in err
     err = _run(tmp_path, _base(tmp_path, teacher, **{"student.layers": [1, 1]}), capsys)
-    assert "`student.layers` must be a non-empty list of distinct" in err
+    assert "`student.layers` has duplicates: [1, 1]" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"student.layers": []}), capsys)
+    assert "`student.layers` is empty" in err
+    err = _run(tmp_path, _base(tmp_path, teacher, **{"student.attn_layers": [0, 4]}), capsys)
+    assert "`student.attn_layers` [4] out of range" in err and "4 layers" in err
     err = _run(tmp_path, _base(tmp_path, teacher, **{"pseudo_labels.samples_per_prompt": 2,
                                                      "pseudo_labels.sample_temperature": 0.0}),
                capsys)

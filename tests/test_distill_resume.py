@@ -1,8 +1,18 @@
-"""Checkpoints: an interrupted run resumes to the same parameters; a crash while a
+"""Checkpoints: a run killed mid-stage resumes to the same parameters; a crash while a
 checkpoint is written leaves the previous one in charge."""
 import gc
 import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,8 +21,9 @@ from distillation import checkpoint as ckpt
 from distillation.config import BackendConfig
 from distillation.job import TrainJob
 from distillation.launch import run_job
-from distillation.trainer import PROGRESS, train_worker
-from tests.utils import make_random_llama, random_kd_examples
+from distillation.tokens import load_examples, save_examples
+from distillation.trainer import PROGRESS, WORKERS, train_worker
+from tests.utils import REPO, make_random_llama, random_kd_examples
 from vllm_mamba_hybrid.conversion.init import (hybrid_config_from_teacher, init_hybrid_from_teacher,
                                                save_hybrid)
 
@@ -40,14 +51,69 @@ def _curve(stage_dir):
     return [json.loads(ln)["loss"] for ln in (stage_dir / PROGRESS).read_text().splitlines()]
 
 
+def _workers(stage_dir):
+    return json.loads((stage_dir / WORKERS).read_text())
+
+
+# The child of _train_until_killed. Test code, not the trainer's: it holds the child
+# after the checkpoint of the given step, so the kill lands there and not at a later
+# step of a run this small (its six steps take well under a second).
+_HOLD_AFTER_CHECKPOINT = """
+import json, sys, time
+import torch
+from distillation import checkpoint, trainer
+
+job, hold_at = json.loads(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(int(sys.argv[3]))
+save = checkpoint.save
+
+def save_then_hold(root, step, **kw):
+    path = save(root, step, **kw)
+    while step == hold_at:
+        time.sleep(1)
+    return path
+
+checkpoint.save = save_then_hold
+trainer.train_worker(job)
+"""
+
+
+def _train_until_killed(job: dict, step: int) -> None:
+    """Train ``job`` in a child process and SIGKILL it once the checkpoint of ``step`` is
+    on disk: a real crash at a known step. The child uses this process's thread count,
+    so its steps are bit-equal to the ones trained here."""
+    stage_dir = Path(job["stage_dir"])
+    done = ckpt.checkpoint_dir(stage_dir / "checkpoints", step) / ckpt.META
+    with open(stage_dir.with_suffix(".log"), "w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_AFTER_CHECKPOINT, json.dumps(job), str(step),
+             str(torch.get_num_threads())],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log,
+            stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        try:
+            while not done.is_file():
+                if proc.poll() is not None or time.time() > deadline:
+                    log.seek(0)
+                    pytest.fail(f"{stage_dir.name}: no checkpoint of step {step} (exit code "
+                                f"{proc.returncode}):\n{log.read()[-3000:]}")
+                time.sleep(0.05)
+        finally:
+            proc.kill()  # SIGKILL
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_resume_matches_uninterrupted_run(setup):
     root = setup
     train_worker(_job(root, "straight"))
-    with pytest.raises(RuntimeError, match="injected failure after step 4"):
-        train_worker(_job(root, "interrupted", fail_once_at_step=4))
+    assert _workers(root / "straight")["workers"] == [
+        {"rank": 0, "host": socket.gethostname(), "pid": os.getpid()}]
+    _train_until_killed(_job(root, "interrupted"), 4)
     assert ckpt.latest_checkpoint(root / "interrupted" / "checkpoints").name == "step_0000004"
     assert not (root / "interrupted" / "model").exists()
-    train_worker(_job(root, "interrupted", fail_once_at_step=4))  # resumes from step 4
+    train_worker(_job(root, "interrupted"))  # resumes from step 4
+    assert _workers(root / "interrupted")["resumed_from_step"] == 4
 
     a = load_file(root / "straight" / "model" / "model.safetensors")
     b = load_file(root / "interrupted" / "model" / "model.safetensors")
@@ -84,6 +150,45 @@ def test_crash_during_checkpoint_write_keeps_last_good(setup):
     assert ckpt.latest_checkpoint(ckroot) == before
     state = ckpt.load(before, rank=0, world=1)
     assert state["meta"]["step"] == 6
+
+
+def test_checkpoint_files_load_with_weights_only(tmp_path):
+    """Every file of a checkpoint loads with weights_only=True, the RNG streams included:
+    restored, they draw what they drew after the save. A file that needs more (an older
+    checkpoint's numpy RNG state) stops the resume with its name."""
+    path = ckpt.save(tmp_path, 1, rank=0, world=1, barrier=lambda: None,
+                     model_state={"w": torch.ones(2)}, optim_state={"state": {}},
+                     sched_state={"last_epoch": 1}, meta={"tokens_seen": 5}, keep=1)
+    drawn = torch.rand(3), random.random()
+    state = ckpt.load(path, rank=0, world=1)
+    ckpt.set_rng_state(state["rng"])
+    assert torch.equal(torch.rand(3), drawn[0]) and random.random() == drawn[1]
+    assert torch.equal(state["model"]["w"], torch.ones(2)) and state["meta"]["tokens_seen"] == 5
+    assert state["scheduler"] == {"last_epoch": 1}
+
+    torch.save({"numpy": np.random.get_state()}, path / "rng_rank0.pt")
+    with pytest.raises(RuntimeError, match=re.escape(f"checkpoint file {path / 'rng_rank0.pt'} "
+                                                     f"cannot be read with weights_only=True")):
+        ckpt.load(path, rank=0, world=1)
+
+
+def test_examples_files_load_with_weights_only(tmp_path):
+    """The trainer's examples (and DPO pairs) load with weights_only=True; anything else
+    in their place is refused with the file's name."""
+    examples = random_kd_examples(5, prompt=(0, 4), answer=(1, 6))
+    save_examples(examples, tmp_path / "examples.pt")          # the packed format
+    assert load_examples(tmp_path / "examples.pt") == examples
+    torch.save(examples, tmp_path / "plain.pt")                # a plain list still loads
+    assert load_examples(tmp_path / "plain.pt") == examples
+    with pytest.raises(ValueError, match="the same fields"):
+        save_examples([{"prompt_ids": [1]}, {"answer_ids": [2]}], tmp_path / "mixed.pt")
+    torch.save([{"prompt_ids": np.arange(3)}], tmp_path / "numpy.pt")
+    with pytest.raises(RuntimeError, match=re.escape(f"{tmp_path / 'numpy.pt'}: not an examples "
+                                                     f"file readable with weights_only=True")):
+        load_examples(tmp_path / "numpy.pt")
+    torch.save({"prompt_ids": [1]}, tmp_path / "dict.pt")
+    with pytest.raises(RuntimeError, match=re.escape(f"{tmp_path / 'dict.pt'}: expected examples")):
+        load_examples(tmp_path / "dict.pt")
 
 
 def test_resume_refuses_other_world_size(setup):
@@ -181,9 +286,9 @@ def test_length_grouped_training_resumes_exactly(setup):
     """Killed after a checkpoint inside a grouping window (steps 3-5), the resumed run
     ends with the uninterrupted run's weights and loss curve."""
     train_worker(_job(setup, "grouped", length_grouping_steps=3))
-    with pytest.raises(RuntimeError, match="injected failure after step 4"):
-        train_worker(_job(setup, "grouped-resumed", length_grouping_steps=3, fail_once_at_step=4))
-    train_worker(_job(setup, "grouped-resumed", length_grouping_steps=3, fail_once_at_step=4))
+    _train_until_killed(_job(setup, "grouped-resumed", length_grouping_steps=3), 4)
+    train_worker(_job(setup, "grouped-resumed", length_grouping_steps=3))
+    assert _workers(setup / "grouped-resumed")["resumed_from_step"] == 4
     a = load_file(setup / "grouped" / "model" / "model.safetensors")
     b = load_file(setup / "grouped-resumed" / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

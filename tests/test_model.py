@@ -147,7 +147,7 @@ def test_mamba1_attention_init_pairs_dimensions_like_attention(d_state):
     for i in cfg.mamba_layers:
         m = hybrid.model.layers[i].mamba
         q, o = m.C_proj.weight[:, 0].long(), m.out_proj.weight[0].long()
-        k, v = m._repeat(m.B_proj.weight[:, 0]).long(), m._repeat(m.in_proj_x.weight[:, 0]).long()
+        k, v = m.repeat_groups(m.B_proj.weight[:, 0]).long(), m.repeat_groups(m.in_proj_x.weight[:, 0]).long()
         assert sorted(q.tolist()) == list(range(cfg.d_inner)) and torch.equal(q, o)
         assert torch.equal(q % hd, k % hd) and torch.equal(q // hd // rep, k // hd)
         assert torch.equal(o % hd, v % hd) and torch.equal(o // hd // rep, v // hd)
@@ -190,10 +190,10 @@ def test_mamba1_dt_bias_is_applied_twice():
     # with the low-rank part zeroed, dt = softplus(2 * bias): compare with a manual scan
     from vllm_mamba_hybrid.ops import selective_scan_fn
     out = mixer(h)
-    x = mixer._repeat(mixer.in_proj_x(h)).transpose(1, 2)
+    x = mixer.repeat_groups(mixer.in_proj_x(h)).transpose(1, 2)
     from vllm_mamba_hybrid.ops import causal_conv1d_fn
     x, _ = causal_conv1d_fn(x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias)
-    B = mixer._repeat(mixer.B_proj(h)).reshape(1, 5, -1, 16).permute(0, 2, 3, 1)
+    B = mixer.repeat_groups(mixer.B_proj(h)).reshape(1, 5, -1, 16).permute(0, 2, 3, 1)
     C = mixer.C_proj(h).reshape(1, 5, -1, 16).permute(0, 2, 3, 1)
     delta = (2 * mixer.dt_proj.bias)[None, :, None].expand(1, -1, 5)
     y, _ = selective_scan_fn(x, delta, -torch.exp(mixer.A_log), B, C, mixer.D,

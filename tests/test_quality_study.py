@@ -257,9 +257,8 @@ def test_gpu_continue_rehearsed_on_cpu_goes_on_with_the_students_walk(tmp_path, 
     """gpu-continue on CPU with a tiny teacher and student: the student trains on from its
     final model (compiled, as the study trains), its walk starting where its stages
     stopped (their model's data_end), and comes back evaluated."""
-    import torch
-
     from distillation.pipeline import data_end
+    from distillation.tokens import save_examples
     from tests.utils import make_random_hybrid, make_random_llama, random_kd_examples
     root, name = tmp_path / "study", "mamba2-50"
     root.mkdir()
@@ -270,8 +269,8 @@ def test_gpu_continue_rehearsed_on_cpu_goes_on_with_the_students_walk(tmp_path, 
     make_random_hybrid(final, "mamba2", num_layers=2, attn_layers=(1,))
     (final / "train_state.json").write_text(json.dumps({"steps": 4, "data_end": 8}))
     (root / "runs" / name / "data").mkdir()
-    torch.save(random_kd_examples(40, prompt=(2, 12), answer=(4, 40)),
-               root / "runs" / name / "data" / "kd_examples-0.pt")
+    save_examples(random_kd_examples(40, prompt=(2, 12), answer=(4, 40)),
+                  root / "runs" / name / "data" / "kd_examples-0.pt")
     out = tmp_path / "out"
     sets = ["data.max_length=96", "training.compile_pad_multiple=48", "eval.num_prompts=2",
             "eval.num_essays=1", "eval.max_new_tokens=4", "eval.ppl_max_tokens=128",

@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from distillation.paths import default_data_dir
 from vllm_mamba_hybrid import LlamaMambaHybridConfig, LlamaMambaHybridForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MAMBA_HYBRID_SHARED", REPO.parent / "shared"))
+SHARED = default_data_dir().parent  # the directory that holds data/
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
@@ -32,7 +33,7 @@ def make_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512) -> PreTrai
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    texts = [p.read_text(encoding="utf-8") for p in sorted((SHARED / "data" / "essays").glob("*.txt"))[:8]]
+    texts = [p.read_text(encoding="utf-8") for p in sorted((default_data_dir() / "essays").glob("*.txt"))[:8]]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)

@@ -1,28 +1,26 @@
 """vllm-mamba-hybrid: Llama -> hybrid Mamba/attention models, served with vLLM.
 
-Importing the package registers the hybrid config and model with transformers'
-Auto classes, so ``AutoModelForCausalLM.from_pretrained(dir)`` needs no
-``trust_remote_code``.
+The package itself imports nothing heavy, so ``vllm_mamba_hybrid.ops`` (and the layout)
+load without transformers or vLLM. Importing ``vllm_mamba_hybrid.modeling``, or taking
+``LlamaMambaHybridConfig`` / ``LlamaMambaHybridForCausalLM`` from here, registers the
+hybrid with transformers' Auto classes, so ``AutoModelForCausalLM.from_pretrained(dir)``
+needs no ``trust_remote_code``.
 """
-from transformers import AutoConfig, AutoModelForCausalLM
+from __future__ import annotations
 
-from .config import LlamaMambaHybridConfig
-from .modeling import LlamaMambaHybridForCausalLM
+import importlib
 
 __version__ = "0.1.0"
 
-
-def _register_with_transformers() -> None:
-    try:
-        AutoConfig.register(LlamaMambaHybridConfig.model_type, LlamaMambaHybridConfig)
-    except ValueError:  # already registered (idempotent)
-        pass
-    try:
-        AutoModelForCausalLM.register(LlamaMambaHybridConfig, LlamaMambaHybridForCausalLM)
-    except ValueError:
-        pass
+_LAZY = {"LlamaMambaHybridConfig": "config", "LlamaMambaHybridForCausalLM": "modeling"}
 
 
-_register_with_transformers()
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        importlib.import_module(".modeling", __name__)  # registers both Auto classes
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["LlamaMambaHybridConfig", "LlamaMambaHybridForCausalLM", "__version__"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import entry_points
 
 VARIANTS = ("mamba1", "mamba2")
 
@@ -174,28 +175,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--field", help="the .jsonl field holding the text (default: every string)")
     s.set_defaults(func=cmd_draft_vocab)
 
-    # Subcommands whose arguments belong to another module (vLLM's, the distiller's).
-    for name, help_text in (("serve", "serve DIR with vLLM's OpenAI-compatible server"),
-                            ("distill", "run a distillation config (YAML)"),
-                            ("eval", "evaluate a hybrid against its teacher")):
-        sub.add_parser(name, help=help_text, add_help=False)
+    # Subcommands that parse their own arguments: serve (vLLM's) and those other packages
+    # add through the COMMANDS entry-point group (the distiller's distill and eval).
+    sub.add_parser("serve", help="serve DIR with vLLM's OpenAI-compatible server", add_help=False)
+    for ep in entry_points(group=COMMANDS):
+        sub.add_parser(ep.name, help=f"see `mamba-hybrid {ep.name} --help` ({ep.value})",
+                       add_help=False)
     return p
 
 
-PASSTHROUGH = {
-    "serve": ("vllm_mamba_hybrid.serve", "main"),
-    "distill": ("distillation.cli", "distill_main"),
-    "eval": ("distillation.evaluate", "eval_main"),
-}
+COMMANDS = "vllm_mamba_hybrid.commands"
+"""Entry-point group of subcommands: ``name = module:main``, main(argv) -> exit code."""
+
+
+def _passthrough(name: str):
+    """The main(argv) of a subcommand that parses its own arguments, or None."""
+    if name == "serve":
+        from .serve import main as serve_main
+        return serve_main
+    found = [ep for ep in entry_points(group=COMMANDS) if ep.name == name]
+    return found[0].load() if found else None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] in PASSTHROUGH:
-            import importlib
-            module, func = PASSTHROUGH[argv[0]]
-            return getattr(importlib.import_module(module), func)(argv[1:])
+        command = _passthrough(argv[0]) if argv else None
+        if command is not None:
+            return command(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:

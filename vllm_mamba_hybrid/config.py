@@ -14,6 +14,8 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
+from .layout import mamba2_conv_channels
+
 MAMBA_VARIANTS = ("mamba1", "mamba2")
 
 
@@ -36,6 +38,24 @@ def paper_attention_layers(num_layers: int, attn_fraction: float) -> list[int]:
     # Non-integer strides (e.g. 0.75): spread the kept layers evenly, ending on the last.
     n_keep = max(1, round(num_layers * attn_fraction))
     return sorted({num_layers - 1 - int(round(i * num_layers / n_keep)) for i in range(n_keep)})
+
+
+def check_attn_layers(attn_layers, num_layers: int, name: str = "attn_layers") -> list[int]:
+    """The one check of a layer list: integers in 0..num_layers-1, no duplicates;
+    returns them sorted. Raises ValueError naming the offending entries."""
+    try:
+        layers = [int(i) for i in attn_layers]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a list of layer indices, got {attn_layers!r}") from None
+    if any(isinstance(i, bool) or float(i) != int(i) for i in attn_layers):
+        raise ValueError(f"{name} must be integer layer indices, got {list(attn_layers)}")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"{name} {bad} out of range: the model has {num_layers} layers "
+                         f"(valid 0..{num_layers - 1})")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{name} has duplicates: {layers}")
+    return sorted(layers)
 
 
 @strict(accept_kwargs=True)
@@ -76,14 +96,7 @@ class LlamaMambaHybridConfig(LlamaConfig):
         n = self.num_hidden_layers
         if self.attn_layers is None:
             self.attn_layers = paper_attention_layers(n, 0.5)
-        layers = [int(i) for i in self.attn_layers]
-        bad = [i for i in layers if not 0 <= i < n]
-        if bad:
-            raise ValueError(
-                f"attn_layers {bad} out of range: the model has {n} layers (valid 0..{n - 1})")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"attn_layers has duplicates: {layers}")
-        self.attn_layers = sorted(layers)
+        self.attn_layers = check_attn_layers(self.attn_layers, n)
 
         head_dim = self.head_dim
         if self.d_inner is None:
@@ -143,7 +156,7 @@ class LlamaMambaHybridConfig(LlamaConfig):
     def conv_dim(self) -> int:
         """Channels of the causal conv1d."""
         if self.mamba_variant == "mamba2":
-            return self.d_inner + 2 * self.d_xb
+            return sum(mamba2_conv_channels(self).values())
         return self.d_inner if self.repeat_kv_before_conv else self.d_xb
 
 

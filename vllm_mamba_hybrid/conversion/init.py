@@ -8,11 +8,13 @@ teacher has them, have no Mamba counterpart and are dropped.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from ..config import MAMBA_VARIANTS, LlamaMambaHybridConfig, paper_attention_layers
+from ..layout import mamba2_in_proj, row_slices
 from ..modeling import LlamaMambaHybridForCausalLM
 from .output_dir import atomic_output_dir
 from .teacher import check_llama_family
@@ -49,11 +51,9 @@ def map_attention_to_mamba(mixer: torch.nn.Module, attn: torch.nn.Module, config
     """Copy the attention projections into a freshly built mixer (by value)."""
     q, k, v, o = (getattr(attn, f"{n}_proj").weight for n in "qkvo")
     if config.mamba_variant == "mamba2":
-        d_in, d_xb = config.d_inner, config.d_xb
-        w = mixer.in_proj.weight                       # rows [z | x | B | C | dt]
-        w[d_in:d_in + d_xb].copy_(v)
-        w[d_in + d_xb:d_in + 2 * d_xb].copy_(k)
-        w[d_in + 2 * d_xb:2 * d_in + 2 * d_xb].copy_(q)
+        rows = row_slices(mamba2_in_proj(config))      # [z | x | B | C | dt]
+        for piece, weight in (("x", v), ("B", k), ("C", q)):
+            mixer.in_proj.weight[rows[piece]].copy_(weight)
     else:
         channels = query_channels_for_repeated_groups(config)
         mixer.in_proj_x.weight.copy_(v)
@@ -136,6 +136,32 @@ def init_hybrid_from_teacher(teacher: PreTrainedModel, hybrid_config: LlamaMamba
     if hybrid_config.tie_word_embeddings:
         hybrid.tie_weights()
     hybrid.generation_config = source.generation_config
+    return hybrid
+
+
+_HYBRID_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def as_hybrid(model) -> LlamaMambaHybridForCausalLM:
+    """The model itself if it is a hybrid; for a Llama teacher, an all-attention hybrid
+    whose parameters *are* the teacher's tensors (zero-copy; same logits)."""
+    if isinstance(model, LlamaMambaHybridForCausalLM):
+        return model
+    if model in _HYBRID_VIEWS:
+        return _HYBRID_VIEWS[model]
+    n = model.config.num_hidden_layers
+    cfg = hybrid_config_from_teacher(model.config, variant="mamba2", attn_layers=list(range(n)))
+    with torch.device("meta"):
+        hybrid = LlamaMambaHybridForCausalLM(cfg)
+    hybrid.load_state_dict(model.state_dict(), strict=False, assign=True)
+    hybrid.model.rotary_emb = model.model.rotary_emb
+    if cfg.tie_word_embeddings:
+        hybrid.lm_head.weight = hybrid.model.embed_tokens.weight
+    left = [k for k, p in hybrid.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"teacher lacks tensors for {left[:4]}")
+    hybrid.generation_config = model.generation_config
+    _HYBRID_VIEWS[model] = hybrid.eval()
     return hybrid
 
 

@@ -4,7 +4,8 @@ Layers listed in ``config.attn_layers`` are vLLM's own ``LlamaDecoderLayer``
 (attention, RoPE from ``rope_parameters``, MLP); every other layer replaces
 ``self_attn`` by a Mamba mixer (``mixers.py``) under the same norms and MLP.
 Checkpoint tensor names are the HF ones, so weights load 1:1 (q/k/v and
-gate/up, and Mamba1's x/z/B/C projections, are stacked into single GEMMs).
+gate/up, and Mamba1's x/z/B/C projections, are stacked into single GEMMs:
+``layout.STACKED_PARAMS``; the expected tensors: ``layout.checkpoint_tensor_shapes``).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_mamba_hybrid.checkpoint import check_finite, tensor_files
 from vllm_mamba_hybrid.config import LlamaMambaHybridConfig
+from vllm_mamba_hybrid.layout import A_LOG, A_PARAM, STACKED_PARAMS, checkpoint_tensor_shapes
 from vllm_mamba_hybrid.model_executor.mixers import (
     Mamba1Mixer,
     Mamba2Mixer,
@@ -127,68 +129,6 @@ class LlamaMambaHybridModel(nn.Module):
         return hidden_states
 
 
-def checkpoint_tensor_shapes(config: LlamaMambaHybridConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a hybrid checkpoint must contain, with its (unsharded) shape."""
-    h, v = config.hidden_size, config.vocab_size
-    hd = config.head_dim
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    di, dxb, n, w = config.d_inner, config.d_xb, config.d_state, config.d_conv
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h),
-                                          "model.norm.weight": (h,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, h)
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        for name in ("gate_proj", "up_proj"):
-            shapes[f"{p}mlp.{name}.weight"] = (config.intermediate_size, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, config.intermediate_size)
-        if getattr(config, "mlp_bias", False):
-            shapes[p + "mlp.gate_proj.bias"] = shapes[p + "mlp.up_proj.bias"] = (
-                config.intermediate_size,)
-            shapes[p + "mlp.down_proj.bias"] = (h,)
-        if config.is_attention_layer(i):
-            a = p + "self_attn."
-            shapes.update({a + "q_proj.weight": (q, h), a + "k_proj.weight": (kv, h),
-                           a + "v_proj.weight": (kv, h), a + "o_proj.weight": (h, q)})
-            if config.attention_bias:
-                shapes.update({a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,),
-                               a + "v_proj.bias": (kv,), a + "o_proj.bias": (h,)})
-            continue
-        m = p + "mamba."
-        shapes[m + "conv1d.weight"] = (config.conv_dim, 1, w)
-        if config.conv_bias:
-            shapes[m + "conv1d.bias"] = (config.conv_dim,)
-        shapes[m + "out_proj.weight"] = (h, di)
-        if config.mamba_variant == "mamba2":
-            nh = config.mamba_nheads
-            shapes.update({m + "in_proj.weight": (2 * di + 2 * dxb + nh, h),
-                           m + "dt_bias": (nh,), m + "A_log": (nh,), m + "D": (nh,),
-                           m + "norm.weight": (di,)})
-        else:
-            r = config.dt_rank
-            shapes.update({m + "in_proj_x.weight": (dxb, h), m + "in_proj_z.weight": (di, h),
-                           m + "B_proj.weight": (dxb, h), m + "C_proj.weight": (di, h),
-                           m + "dt_proj_down.weight": (r, h), m + "dt_proj.weight": (di, r),
-                           m + "dt_proj.bias": (di,), m + "A_log": (di, n), m + "D": (di,)})
-    return shapes
-
-
-# (checkpoint name piece, model parameter piece, shard id) for stacked GEMMs.
-_STACKED = (
-    (".self_attn.q_proj.", ".self_attn.qkv_proj.", "q"),
-    (".self_attn.k_proj.", ".self_attn.qkv_proj.", "k"),
-    (".self_attn.v_proj.", ".self_attn.qkv_proj.", "v"),
-    (".mlp.gate_proj.", ".mlp.gate_up_proj.", 0),
-    (".mlp.up_proj.", ".mlp.gate_up_proj.", 1),
-    (".mamba.in_proj_x.", ".mamba.in_proj.", 0),
-    (".mamba.in_proj_z.", ".mamba.in_proj.", 1),
-    (".mamba.B_proj.", ".mamba.in_proj.", 2),
-    (".mamba.C_proj.", ".mamba.in_proj.", 3),
-)
-
-
 class LlamaMambaHybridForCausalLM(nn.Module, HasInnerState, IsHybrid):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -272,8 +212,8 @@ class LlamaMambaHybridForCausalLM(nn.Module, HasInnerState, IsHybrid):
                 raise ValueError(f"Tensor {name!r} appears twice in checkpoint {source}")
             check_finite(name, tensor, file)
             seen.add(name)
-            param_name, shard = name.replace(".mamba.A_log", ".mamba.A"), None
-            for ckpt_piece, param_piece, shard_id in _STACKED:
+            param_name, shard = name.replace(A_LOG, A_PARAM), None
+            for ckpt_piece, param_piece, shard_id in STACKED_PARAMS:
                 if ckpt_piece in name:
                     param_name, shard = name.replace(ckpt_piece, param_piece), shard_id
                     break

@@ -57,6 +57,13 @@ from vllm.v1.attention.backends.mamba2_attn import Mamba2AttentionMetadata
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from vllm_mamba_hybrid.config import LlamaMambaHybridConfig
+from vllm_mamba_hybrid.layout import (
+    mamba1_projections,
+    mamba2_conv_channels,
+    mamba2_in_proj,
+    mamba2_in_proj_parts,
+    shard_sizes,
+)
 from vllm_mamba_hybrid.model_executor.ssm_ops import (
     SpecDecode,
     conv_update,
@@ -110,7 +117,6 @@ class _HybridMambaMixer(MambaBase, nn.Module):
         _check_tp(config, self.tp_size)
         self.d_state = config.d_state
         self.d_inner = divide(config.d_inner, self.tp_size)
-        self.d_xb = divide(config.d_xb, self.tp_size)
         self.nheads = self.d_inner // self.d_state
         self.repeat_group = config.repeat_group
         self.conv_dim = divide(config.conv_dim, self.tp_size)
@@ -185,8 +191,8 @@ class _HybridMambaMixer(MambaBase, nn.Module):
 
 
 class Mamba2Mixer(_HybridMambaMixer):
-    """Mamba2InLlama: in_proj -> [z | x | B | C | dt], conv over x||B||C, SSD scan
-    with x/B repeated to all heads, gated per-head RMSNorm, out_proj."""
+    """Mamba2InLlama (``layout.mamba2_in_proj``): in_proj -> [z | x | B | C | dt], conv
+    over x||B||C, SSD scan with x/B repeated to all heads, gated per-head RMSNorm, out_proj."""
 
     def __init__(self, config: LlamaMambaHybridConfig, model_config: ModelConfig | None = None,
                  cache_config: CacheConfig | None = None,
@@ -194,10 +200,11 @@ class Mamba2Mixer(_HybridMambaMixer):
         super().__init__(config, model_config, cache_config, prefix)
         nheads = config.mamba_nheads
         self.in_proj = MergedColumnParallelLinear(
-            config.hidden_size,
-            [config.d_inner, config.d_xb, config.d_xb, config.d_inner, nheads],
+            config.hidden_size, list(mamba2_in_proj(config).values()),
             bias=False, quant_config=quant_config, prefix=f"{prefix}.in_proj")
-        self._make_conv1d([config.d_xb, config.d_xb, config.d_inner])
+        self._make_conv1d(list(mamba2_conv_channels(config).values()))
+        self.in_proj_parts = shard_sizes(mamba2_in_proj_parts(config), self.tp_size)
+        self.conv_channels = shard_sizes(mamba2_conv_channels(config), self.tp_size)
         self.dt_bias = nn.Parameter(torch.empty(self.nheads, dtype=torch.float32))
         self.A = nn.Parameter(torch.empty(self.nheads, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(self.nheads, dtype=torch.float32))
@@ -214,12 +221,13 @@ class Mamba2Mixer(_HybridMambaMixer):
         ssm_out = torch.empty(hidden_states.shape[0], self.d_inner,
                               dtype=hidden_states.dtype, device=hidden_states.device)
         torch.ops.vllm.llama_hybrid_mamba2_mixer(zxbcdt, ssm_out, _encode_layer_name(self.prefix))
-        y = self.norm(ssm_out, zxbcdt[:, : self.d_inner])
+        z = zxbcdt[:, : self.in_proj_parts[0]]
+        y = self.norm(ssm_out, z)
         out, _ = self.out_proj(y)
         return out
 
     def _split_xbc(self, xbc: torch.Tensor):
-        x, B, C = torch.split(xbc, [self.d_xb, self.d_xb, self.d_inner], dim=-1)
+        x, B, C = torch.split(xbc, self.conv_channels, dim=-1)
         return (self._repeat_groups(x), self._repeat_groups(B),
                 C.reshape(C.shape[0], self.nheads, self.d_state))
 
@@ -229,7 +237,7 @@ class Mamba2Mixer(_HybridMambaMixer):
         if md is None:
             output.zero_()
             return
-        xbc, dt = torch.split(zxbcdt[:, self.d_inner:], [self.conv_dim, self.nheads], dim=-1)
+        _, xbc, dt = torch.split(zxbcdt, self.in_proj_parts, dim=-1)
         conv_state, ssm_state = self._states()
         nd = md.num_decode_tokens
         end = nd + md.num_prefill_tokens
@@ -272,10 +280,11 @@ class Mamba1Mixer(_HybridMambaMixer):
                  cache_config: CacheConfig | None = None,
                  quant_config: QuantizationConfig | None = None, prefix: str = ""):
         super().__init__(config, model_config, cache_config, prefix)
-        # in_proj_x, in_proj_z, B_proj, C_proj are stacked into one GEMM.
+        # in_proj_x, in_proj_z, B_proj, C_proj stacked into one GEMM (layout.STACKED_PARAMS).
         self.in_proj = MergedColumnParallelLinear(
-            config.hidden_size, [config.d_xb, config.d_inner, config.d_xb, config.d_inner],
+            config.hidden_size, list(mamba1_projections(config).values()),
             bias=False, quant_config=quant_config, prefix=f"{prefix}.in_proj")
+        self.in_proj_parts = shard_sizes(mamba1_projections(config), self.tp_size)
         self.dt_proj_down = ReplicatedLinear(
             config.hidden_size, config.dt_rank, bias=False, quant_config=quant_config,
             prefix=f"{prefix}.dt_proj_down")
@@ -314,7 +323,7 @@ class Mamba1Mixer(_HybridMambaMixer):
         if md is None:
             output.zero_()
             return
-        x, z, B, C = torch.split(proj, [self.d_xb, self.d_inner, self.d_xb, self.d_inner], dim=-1)
+        x, z, B, C = torch.split(proj, self.in_proj_parts, dim=-1)
         x = self._repeat_x(x, before_conv=True)
         conv_state, ssm_state = self._states()
         nd = md.num_decode_tokens

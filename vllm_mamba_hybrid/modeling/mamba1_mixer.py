@@ -13,6 +13,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ..config import LlamaMambaHybridConfig
+from ..layout import MAMBA1_PROJECTIONS, mamba1_projections
 from ..ops import selective_scan_fn, selective_state_update, triton_scan
 from .mamba2_mixer import inverse_softplus_dt
 from .mamba_state import MambaLayerState
@@ -28,10 +29,9 @@ class Mamba1Mixer(nn.Module):
         self.repeat_group = config.repeat_group
         self.repeat_kv_before_conv = config.repeat_kv_before_conv
         self.conv_dim = config.conv_dim
-        self.in_proj_x = nn.Linear(d_model, self.d_xb, bias=False)
-        self.in_proj_z = nn.Linear(d_model, self.d_inner, bias=False)
-        self.B_proj = nn.Linear(d_model, self.d_xb, bias=False)
-        self.C_proj = nn.Linear(d_model, self.d_inner, bias=False)
+        # in_proj_x (d_xb), in_proj_z (d_inner), B_proj (d_xb), C_proj (d_inner)
+        for name, size in mamba1_projections(config).items():
+            setattr(self, name, nn.Linear(d_model, size, bias=False))
         self.dt_proj_down = nn.Linear(d_model, config.dt_rank, bias=False)
         self.dt_proj = nn.Linear(config.dt_rank, self.d_inner, bias=True)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.d_conv, groups=self.conv_dim,
@@ -56,26 +56,30 @@ class Mamba1Mixer(nn.Module):
         init.uniform_(self.dt_proj.weight, -std, std)
         init.copy_(self.dt_proj.bias, inverse_softplus_dt(self.d_inner) / 2)
 
-    def _repeat(self, t: torch.Tensor) -> torch.Tensor:
+    def repeat_groups(self, t: torch.Tensor) -> torch.Tensor:
         """(..., d_xb) -> (..., d_inner): each d_state-channel group repeated in place."""
         return t.unflatten(-1, (-1, self.d_state)).repeat_interleave(self.repeat_group, -2).flatten(-2)
+
+    def input_projections(self) -> list[nn.Linear]:
+        """The Linears applied to the layer input, in layout order, dt's down-projection
+        last: one GEMM where a runtime stacks them."""
+        return [*(getattr(self, name) for name in MAMBA1_PROJECTIONS),
+                self.dt_proj_down]
 
     def forward(self, hidden_states: torch.Tensor, state: MambaLayerState | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         b, l, _ = hidden_states.shape
-        x = self.in_proj_x(hidden_states)
-        z = self.in_proj_z(hidden_states)
-        B = self._repeat(self.B_proj(hidden_states))            # (b, l, d_inner)
-        C = self.C_proj(hidden_states)
-        dt = self.dt_proj(self.dt_proj_down(hidden_states))     # includes dt_proj.bias once
+        x, z, B, C, dt_low = (proj(hidden_states) for proj in self.input_projections())
+        B = self.repeat_groups(B)                                # (b, l, d_inner)
+        dt = self.dt_proj(dt_low)                                # includes dt_proj.bias once
         if self.repeat_kv_before_conv:
-            x = self._repeat(x)
+            x = self.repeat_groups(x)
         if mask is not None:
             x = x * mask.unsqueeze(-1).to(x.dtype)
         step = state is not None and state.conv is not None and l == 1
         x, new_conv = apply_short_conv(x, self.conv1d, None if state is None else state.conv)
         if not self.repeat_kv_before_conv:
-            x = self._repeat(x)
+            x = self.repeat_groups(x)
         if mask is not None:
             x = x * mask.unsqueeze(-1).to(x.dtype)
         A = -torch.exp(self.A_log.float())

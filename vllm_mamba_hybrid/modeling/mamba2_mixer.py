@@ -1,10 +1,9 @@
 """Mamba2 mixer of Mamba2InLlama: one SSM head per attention head.
 
-Layout (parameter names are the paper's, so its checkpoints load unchanged):
-``in_proj`` rows are ``[z d_inner | x d_xb | B d_xb | C d_inner | dt nheads]``;
-the causal conv runs over ``x||B||C`` before x and B are repeated to all heads
-(GQA-style); the SSM state of each head is ``d_state x d_state`` (head_dim
-squared); ``norm`` is a gated RMSNorm applied per head.
+Layout (``layout.mamba2_in_proj``): ``in_proj`` rows ``[z | x | B | C | dt]``; the causal
+conv runs over ``x||B||C`` before x and B are repeated to all heads (GQA-style); the SSM
+state of each head is ``d_state x d_state`` (head_dim squared); ``norm`` is a gated RMSNorm
+applied per head.
 """
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ..config import LlamaMambaHybridConfig
+from ..layout import mamba2_conv_channels, mamba2_in_proj_parts
 from ..ops import gated_rms_norm, ssd_chunk_scan, ssd_state_update
 from .mamba_state import MambaLayerState
 from .short_conv import apply_short_conv
@@ -50,8 +50,9 @@ class Mamba2Mixer(nn.Module):
         self.repeat_group = config.repeat_group
         self.chunk_size = config.ssm_chunk_size
         self.conv_dim = config.conv_dim
-        self.in_proj = nn.Linear(config.hidden_size, 2 * self.d_inner + 2 * self.d_xb + self.nheads,
-                                 bias=False)
+        self.in_proj_parts = list(mamba2_in_proj_parts(config).values())
+        self.conv_channels = list(mamba2_conv_channels(config).values())
+        self.in_proj = nn.Linear(config.hidden_size, sum(self.in_proj_parts), bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.d_conv, groups=self.conv_dim,
                                 padding=config.d_conv - 1, bias=config.conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(self.nheads))
@@ -68,18 +69,25 @@ class Mamba2Mixer(nn.Module):
         init.copy_(self.dt_bias, inverse_softplus_dt(self.nheads))
         init.ones_(self.D)
 
+    def project(self, hidden_states: torch.Tensor):
+        """in_proj, split into (z, xBC, dt): xBC is the conv's input."""
+        return self.in_proj(hidden_states).split(self.in_proj_parts, dim=-1)
+
+    def split_xbc(self, xBC: torch.Tensor):
+        """The conv's output, split into (x, B, C)."""
+        return xBC.split(self.conv_channels, dim=-1)
+
     def forward(self, hidden_states: torch.Tensor, state: MambaLayerState | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states: (b, l, hidden); mask: (b, l), 0 on padding (left padding of a
         fresh sequence or right padding). ``state`` is read and replaced in place."""
         b, l, _ = hidden_states.shape
-        z, xBC, dt = self.in_proj(hidden_states).split(
-            [self.d_inner, self.d_inner + 2 * self.d_xb, self.nheads], dim=-1)
+        z, xBC, dt = self.project(hidden_states)
         if mask is not None:
             xBC = xBC * mask.unsqueeze(-1).to(xBC.dtype)
         step = state is not None and state.conv is not None and l == 1
         xBC, new_conv = apply_short_conv(xBC, self.conv1d, None if state is None else state.conv)
-        x, B, C = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
+        x, B, C = self.split_xbc(xBC)
         if mask is not None:
             x = x * mask.unsqueeze(-1).to(x.dtype)
         x = x.reshape(b, l, -1, self.headdim).repeat_interleave(self.repeat_group, dim=2)

@@ -161,16 +161,15 @@ class LlamaMambaHybridForCausalLM(LlamaMambaHybridPreTrainedModel, GenerationMix
                  temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id=None, pad_token_id=None,
                  generation_config: GenerationConfig | None = None,
-                 generator: torch.Generator | None = None, fast: bool = False,
-                 draft_model=None, num_draft_tokens: int = 4) -> torch.Tensor:
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Batched incremental decoding (left-padded prompts), HF ``generate`` semantics for
         the common arguments: returns prompt + new tokens, pad after a row's EOS.
 
         Attention layers append to a KV cache; Mamba layers carry their conv/SSM
         state, so each new token costs O(1) in them.
 
-        ``fast=True`` runs the static-cache runtime instead (CUDA graphs and Triton
-        kernels on a GPU; optional speculative decoding with ``draft_model``).
+        The static-cache runtime (CUDA graphs and Triton kernels on a GPU, speculative
+        decoding) is ``vllm_mamba_hybrid.runtime.fast_generate(model, ...)``, same contract.
         """
         gc = generation_config or self.generation_config or GenerationConfig()
         max_new_tokens = max_new_tokens if max_new_tokens is not None else (gc.max_new_tokens or 20)
@@ -181,12 +180,6 @@ class LlamaMambaHybridForCausalLM(LlamaMambaHybridPreTrainedModel, GenerationMix
         eos, pad = resolve_eos_and_pad(self, eos_token_id, pad_token_id, input_ids.device, gc)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if fast or draft_model is not None:
-            from ..runtime import fast_generate
-            return fast_generate(self, input_ids, attention_mask, max_new_tokens,
-                                 draft_model=draft_model, num_draft_tokens=num_draft_tokens,
-                                 do_sample=do_sample, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, eos_token_id=eos.tolist(), pad_token_id=pad, generator=generator)
         self.eval()
         cache = HybridCache(self.config)
         logits = self(input_ids, attention_mask=attention_mask, past_key_values=cache,

@@ -19,9 +19,8 @@ import torch
 
 from ._dtype import compute_dtype
 from .causal_conv1d import activate
-from .selective_scan import _prepare_delta, selective_state_update
+from .selective_scan import _prepare_delta, per_channel_groups, selective_state_update
 from .ssd import _prepare_dt, ssd_chunk_scan
-from .verify import _per_channel
 
 
 def _rows(state_idx):
@@ -73,13 +72,13 @@ def mamba1_verify_torch(state, state_idx, replay_x, replay_dt, replay_B, num_rep
                         keep)
         rx, rB = _masked(replay_x, keep), _masked(replay_B, keep)
         for t in range(R):
-            Bt = _per_channel(rB[:, t], d)
+            Bt = per_channel_groups(rB[:, t], d)
             _, S = selective_state_update(S, rx[:, t], delta[:, t], A, Bt, Bt)
         _write_back(state, slots, active, S)
     y = torch.empty_like(x)
     for t in range(x.shape[1]):
-        y[:, t], S = selective_state_update(S, x[:, t], dt[:, t], A, _per_channel(B[:, t], d),
-                                            _per_channel(C[:, t], d), D,
+        y[:, t], S = selective_state_update(S, x[:, t], dt[:, t], A, per_channel_groups(B[:, t], d),
+                                            per_channel_groups(C[:, t], d), D,
                                             None if z is None else z[:, t], dt_bias, dt_softplus)
     return _masked(y, active[:, None].expand(-1, x.shape[1]))
 

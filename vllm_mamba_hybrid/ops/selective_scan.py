@@ -88,6 +88,11 @@ def selective_scan_fn(
 
 
 @no_autocast
+def per_channel_groups(G: torch.Tensor, d: int) -> torch.Tensor:
+    """(.., g, n) groups -> (.., d, n): selective_state_update takes one B/C row per channel."""
+    return G.repeat_interleave(d // G.shape[-2], dim=-2)
+
+
 def selective_state_update(
     state: torch.Tensor,
     x: torch.Tensor,

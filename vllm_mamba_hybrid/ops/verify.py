@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from .causal_conv1d import causal_conv1d_update
-from .selective_scan import selective_state_update
+from .selective_scan import per_channel_groups, selective_state_update
 from .ssd import ssd_state_update
 
 IMPLS = ("auto", "reference", "torch", "cpp", "triton")
@@ -228,11 +228,6 @@ def _mamba2_reference(state, state_idx, replay_x, replay_dt, replay_B, num_repla
     return y
 
 
-def _per_channel(G: torch.Tensor, d: int) -> torch.Tensor:
-    """(.., g, n) groups -> (.., d, n): selective_state_update needs one group count for B and C."""
-    return G.repeat_interleave(d // G.shape[-2], dim=-2)
-
-
 def _mamba1_reference(state, state_idx, replay_x, replay_dt, replay_B, num_replay, x, dt, A, B, C,
                       D, z, dt_bias, dt_softplus):
     d = x.shape[-1]
@@ -243,14 +238,14 @@ def _mamba1_reference(state, state_idx, replay_x, replay_dt, replay_B, num_repla
             continue
         S = state[slot:slot + 1]
         for t in range(int(num_replay[b])):
-            Bt = _per_channel(replay_B[b:b + 1, t], d)
+            Bt = per_channel_groups(replay_B[b:b + 1, t], d)
             _, S = selective_state_update(S, replay_x[b:b + 1, t], replay_dt[b:b + 1, t], A, Bt, Bt,
                                           None, None, dt_bias, dt_softplus)
         state[slot] = S[0]
         for t in range(x.shape[1]):
             yt, S = selective_state_update(
-                S, x[b:b + 1, t], dt[b:b + 1, t], A, _per_channel(B[b:b + 1, t], d),
-                _per_channel(C[b:b + 1, t], d), D, None if z is None else z[b:b + 1, t],
+                S, x[b:b + 1, t], dt[b:b + 1, t], A, per_channel_groups(B[b:b + 1, t], d),
+                per_channel_groups(C[b:b + 1, t], d), D, None if z is None else z[b:b + 1, t],
                 dt_bias, dt_softplus)
             y[b, t] = yt[0]
     return y

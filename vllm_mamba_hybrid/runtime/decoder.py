@@ -9,8 +9,8 @@ The runtime drives the model's own modules and parameters (nothing is copied):
   write the static cache; on CUDA the same math runs as fused Triton kernels
   (``ops/triton_step.py``) around cuBLAS projections, captured in a CUDA graph.
 
-A plain transformers ``LlamaForCausalLM`` goes through :func:`as_hybrid` (an
-all-attention hybrid sharing the teacher's tensors), so teacher and hybrid are
+A plain transformers ``LlamaForCausalLM`` goes through ``conversion.init.as_hybrid``
+(an all-attention hybrid sharing the teacher's tensors), so teacher and hybrid are
 timed by the same code.
 """
 from __future__ import annotations
@@ -20,70 +20,50 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ..conversion.init import hybrid_config_from_teacher
-from ..modeling import HybridCache, LlamaMambaHybridForCausalLM, MambaLayerState
+from ..conversion.init import as_hybrid
+from ..modeling import HybridCache, Mamba1Mixer, MambaLayerState
 from ..modeling.modeling_hybrid import choose_next_token, resolve_eos_and_pad
 from ..ops import triton_step as ts
 from .static_cache import StaticHybridCache
 
-_HYBRID_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_FUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def as_hybrid(model) -> LlamaMambaHybridForCausalLM:
-    """The model itself if it is a hybrid; for a Llama teacher, an all-attention hybrid
-    whose parameters *are* the teacher's tensors (zero-copy; same logits)."""
-    if isinstance(model, LlamaMambaHybridForCausalLM):
-        return model
-    if model in _HYBRID_VIEWS:
-        return _HYBRID_VIEWS[model]
-    n = model.config.num_hidden_layers
-    cfg = hybrid_config_from_teacher(model.config, variant="mamba2", attn_layers=list(range(n)))
-    with torch.device("meta"):
-        hybrid = LlamaMambaHybridForCausalLM(cfg)
-    hybrid.load_state_dict(model.state_dict(), strict=False, assign=True)
-    hybrid.model.rotary_emb = model.model.rotary_emb
-    if cfg.tie_word_embeddings:
-        hybrid.lm_head.weight = hybrid.model.embed_tokens.weight
-    left = [k for k, p in hybrid.named_parameters() if p.is_meta]
-    if left:
-        raise ValueError(f"teacher lacks tensors for {left[:4]}")
-    hybrid.generation_config = model.generation_config
-    _HYBRID_VIEWS[model] = hybrid.eval()
-    return hybrid
-
-
-def _fuse(owner: torch.nn.Module, name: str, linears: list[torch.nn.Linear]) -> None:
-    """One GEMM instead of several on the same input: concatenate the weights once and
-    re-point each Linear's parameter at its slice (same values, no second copy)."""
-    fused = getattr(owner, name, None)
-    if fused is not None and fused[0].data_ptr() == linears[0].weight.data_ptr():
-        return
+def fused_projection(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One GEMM instead of several on the same input: the Linears' weights (and biases)
+    concatenated once, each Linear's parameter re-pointed at its slice (same values, no
+    second copy). Kept per first Linear, so a second call returns the same tensors."""
+    cached = _FUSED.get(linears[0])
+    if cached is not None and cached[0].data_ptr() == linears[0].weight.data_ptr():
+        return cached
+    biases = [l.bias is not None for l in linears]
+    if any(biases) and not all(biases):
+        raise ValueError("cannot fuse projections of which only some have a bias")
     with torch.no_grad():
         weight = torch.cat([l.weight.detach() for l in linears])
-        has_bias = all(l.bias is not None for l in linears)
-        bias = torch.cat([l.bias.detach() for l in linears]) if has_bias else None
+        bias = torch.cat([l.bias.detach() for l in linears]) if all(biases) else None
         off = 0
         for l in linears:
             rows = l.weight.shape[0]
             l.weight.data = weight[off:off + rows]
-            if has_bias:
+            if bias is not None:
                 l.bias.data = bias[off:off + rows]
             off += rows
-    if not has_bias and any(l.bias is not None for l in linears):
-        raise ValueError(f"cannot fuse {name}: only some projections have a bias")
-    object.__setattr__(owner, name, (weight, bias))
+    _FUSED[linears[0]] = (weight, bias)
+    return weight, bias
 
 
-def fuse_projections(model: LlamaMambaHybridForCausalLM) -> None:
-    """q|k|v, gate|up and Mamba1's x|z|B|C|dt_down become single GEMMs (idempotent)."""
-    for layer in model.model.layers:
-        if layer.is_attention:
-            a = layer.self_attn
-            _fuse(a, "_fast_qkv", [a.q_proj, a.k_proj, a.v_proj])
-        elif model.config.mamba_variant == "mamba1":
-            mx = layer.mamba
-            _fuse(mx, "_fast_in", [mx.in_proj_x, mx.in_proj_z, mx.B_proj, mx.C_proj, mx.dt_proj_down])
-        _fuse(layer.mlp, "_fast_gate_up", [layer.mlp.gate_proj, layer.mlp.up_proj])
+def layer_projections(layer) -> dict[str, list[torch.nn.Linear]]:
+    """The Linears of one decoder layer that share an input: q|k|v (attention) or
+    Mamba1's input projections, and the MLP's gate|up."""
+    if layer.is_attention:
+        a = layer.self_attn
+        first = [a.q_proj, a.k_proj, a.v_proj]
+    elif isinstance(layer.mamba, Mamba1Mixer):
+        first = layer.mamba.input_projections()
+    else:
+        first = []
+    return {"mixer": first, "gate_up": [layer.mlp.gate_proj, layer.mlp.up_proj]}
 
 
 def capture_graph(fn, warmup: int = 2):
@@ -150,8 +130,9 @@ class FastGenerator:
         self.use_graph = (self.device.type == "cuda") if use_cuda_graph is None else use_cuda_graph
         self.cache = StaticHybridCache(cfg, batch_size, max_len, self.dtype, self.device, history)
         self.attention_splits = attention_splits
-        if self.use_triton:
-            fuse_projections(self.model)
+        self._fused = [{name: fused_projection(linears) for name, linears in
+                        layer_projections(layer).items() if linears}
+                       for layer in self.model.model.layers] if self.use_triton else []
         self._offs = torch.arange(64, device=self.device)
         self._key_slots = torch.arange(max_len, device=self.device)
         self._rows = torch.arange(batch_size, device=self.device)[:, None]
@@ -204,29 +185,28 @@ class FastGenerator:
         for i, layer in enumerate(self.model.model.layers):
             ln = layer.input_layernorm
             res, n = ts.add_rmsnorm(res, h, ln.weight, ln.variance_epsilon)
+            fused = self._fused[i]
             if layer.is_attention:
-                o = self._attention(i, layer.self_attn, n, cos, sin)
+                o = self._attention(i, layer.self_attn, F.linear(n, *fused["mixer"]), cos, sin)
             elif self.config.mamba_variant == "mamba2":
                 o = self._mamba2(i, layer.mamba, n, record)
             else:
-                o = self._mamba1(i, layer.mamba, n, record)
+                o = self._mamba1(i, layer.mamba, F.linear(n, *fused["mixer"]), record)
             ln = layer.post_attention_layernorm
             res, n = ts.add_rmsnorm(res, o, ln.weight, ln.variance_epsilon)
-            mlp = layer.mlp
-            h = mlp.down_proj(ts.silu_mul(F.linear(n, *mlp._fast_gate_up)))
+            h = layer.mlp.down_proj(ts.silu_mul(F.linear(n, *fused["gate_up"])))
         norm = self.model.model.norm
         return ts.add_rmsnorm(res, h, norm.weight, norm.variance_epsilon)[1]
 
-    def _attention(self, i, attn, n, cos, sin):
+    def _attention(self, i, attn, qkv, cos, sin):
         c = self.cache
-        q = ts.rope_write(F.linear(n, *attn._fast_qkv), cos, sin, c.key[i], c.value[i], c.end,
-                          attn.num_heads)
+        q = ts.rope_write(qkv, cos, sin, c.key[i], c.value[i], c.end, attn.num_heads)
         o = ts.decode_attention(q, c.key[i], c.value[i], c.start, c.end, self.attention_splits)
         return attn.o_proj(o.flatten(2))
 
     def _mamba2(self, i, mx, n, record):
         c = self.cache
-        z, xbc, dt = mx.in_proj(n).split([mx.d_inner, mx.conv_dim, mx.nheads], dim=-1)
+        z, xbc, dt = mx.project(n)
         weight = mx.conv1d.weight.view(mx.conv_dim, -1)
         ys = []
         for k in range(n.shape[1]):
@@ -237,18 +217,18 @@ class FastGenerator:
                 c.record(i, k)
         return mx.out_proj(torch.stack(ys, 1))
 
-    def _mamba1(self, i, mx, n, record):
+    def _mamba1(self, i, mx, projected, record):
         c = self.cache
-        x, z, B, C, dt_low = F.linear(n, *mx._fast_in).split(
-            [mx.d_xb, mx.d_inner, mx.d_xb, mx.d_inner, mx.dt_proj.in_features], dim=-1)
+        x, z, B, C, dt_low = projected.split(
+            [l.out_features for l in mx.input_projections()], dim=-1)
         dt = mx.dt_proj(dt_low)          # includes dt_proj.bias once; the kernel adds it again
         weight = mx.conv1d.weight.view(mx.conv_dim, -1)
         ys = []
-        for k in range(n.shape[1]):
+        for k in range(projected.shape[1]):
             if mx.repeat_kv_before_conv:
                 xc = ts.conv_step(x[:, k], c.conv[i], weight, mx.conv1d.bias, mx.d_state, mx.repeat_group)
             else:
-                xc = mx._repeat(ts.conv_step(x[:, k], c.conv[i], weight, mx.conv1d.bias)).contiguous()
+                xc = mx.repeat_groups(ts.conv_step(x[:, k], c.conv[i], weight, mx.conv1d.bias)).contiguous()
             ys.append(ts.selective_step(c.ssm[i], xc, dt[:, k], mx.dt_proj.bias, mx.A_log, B[:, k], C[:, k],
                                         mx.D, z[:, k], mx.repeat_group))
             if record:
@@ -317,33 +297,3 @@ class FastGenerator:
             logits = self.forward(token[:, None])[:, -1]
         out = finish_rows(input_ids, tokens, eos, pad)
         return (out, torch.stack(seen, 1)) if return_logits else out
-
-
-_GENERATORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def fast_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  max_new_tokens: int = 20, *, draft_model=None, num_draft_tokens: int = 4,
-                  draft_token_ids: torch.Tensor | None = None,
-                  use_cuda_graph: bool | None = None, use_triton: bool | None = None, **kwargs):
-    """Drop-in for ``model.generate`` (greedy or sampling; speculative with ``draft_model``,
-    whose head ``draft_token_ids`` may cut: `spec_decode.draft_vocab`).
-
-    The generator (static cache + captured graphs) is kept per model for the last
-    (batch, length bucket) used, so repeated calls of one shape reuse it.
-    """
-    b, width = input_ids.shape
-    max_len = -(-(width + max_new_tokens + num_draft_tokens + 2) // 256) * 256
-    key = (b, max_len, draft_model is not None and id(draft_model), num_draft_tokens, use_cuda_graph,
-           use_triton, None if draft_token_ids is None else tuple(draft_token_ids.tolist()))
-    cached = _GENERATORS.get(model)
-    if cached is None or cached[0] != key:
-        if draft_model is None:
-            gen = FastGenerator(model, b, max_len, use_cuda_graph=use_cuda_graph, use_triton=use_triton)
-        else:
-            from .speculative import SpeculativeGenerator
-            gen = SpeculativeGenerator(model, draft_model, b, max_len, num_draft_tokens=num_draft_tokens,
-                                       use_cuda_graph=use_cuda_graph, use_triton=use_triton,
-                                       draft_token_ids=draft_token_ids)
-        _GENERATORS[model] = cached = (key, gen)
-    return cached[1].generate(input_ids, attention_mask, max_new_tokens, **kwargs)

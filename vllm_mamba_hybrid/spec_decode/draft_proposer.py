@@ -4,7 +4,7 @@ vLLM's ``draft_model`` method places the draft's attention layers into the
 target's KV-cache groups, which a hybrid target's Mamba groups break
 (PITFALLS.md). This proposer keeps the draft entirely outside vLLM: it runs the
 project's reference model (``LlamaMambaHybridForCausalLM``; a plain Llama draft
-goes through ``runtime.as_hybrid``) with its own per-sequence ``HybridCache``.
+goes through ``conversion.init.as_hybrid``) with its own per-sequence ``HybridCache``.
 
 Use::
 
@@ -64,7 +64,7 @@ def load_draft_model(path: str | os.PathLike, device: torch.device | str = "cpu"
 
     model = load_causal_lm(path, dtype)
     if not isinstance(model, LlamaMambaHybridForCausalLM):
-        from vllm_mamba_hybrid.runtime.decoder import as_hybrid
+        from vllm_mamba_hybrid.conversion.init import as_hybrid
         model = as_hybrid(model)
     return model.to(device).eval()
 

@@ -144,7 +144,7 @@ def make_draft_vocab(draft_dir: str | os.PathLike, size: int, texts: list[str],
     tokens and EOS always among them."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    import vllm_mamba_hybrid  # noqa: F401  (registers the hybrid config with transformers)
+    import vllm_mamba_hybrid.modeling  # noqa: F401  (registers the hybrid config with transformers)
     draft_dir = Path(draft_dir)
     if not (draft_dir / "config.json").is_file():
         raise FileNotFoundError(f"{draft_dir}: not a model directory (no config.json)")

@@ -19,7 +19,7 @@ if torch.cuda.is_available():
 # The lent GPU machine has no vLLM; these modules import it at load time and hold no GPU
 # test, so there `pytest -m gpu tests/` skips them instead of stopping at collection.
 # Anywhere else (CI) a vLLM that cannot be found stays a collection error.
-NEEDS_VLLM_TO_IMPORT = ["test_ssm_ops.py", "test_draft_proposer.py"]
+NEEDS_VLLM_TO_IMPORT = ["model_executor/test_ssm_ops.py", "spec_decode/test_draft_proposer.py"]
 collect_ignore = (NEEDS_VLLM_TO_IMPORT
                   if torch.cuda.is_available() and importlib.util.find_spec("vllm") is None else [])
 

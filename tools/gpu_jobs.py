@@ -30,9 +30,9 @@ PYTEST = "python3 -m pytest -q -ra -p no:cacheprovider"
 TEACHER = "/tmp/smollm2/teacher"  # the real SmolLM2, imported from the staged GGUF
 JOBS = {
     "teacher": f"python3 -m vllm_mamba_hybrid.cli import-teacher {TEACHER}",
-    "tests-engine": f"{PYTEST} tests/test_vllm_engine.py",
-    "tests-spec": f"{PYTEST} tests/test_vllm_spec_decode.py",
-    "tests-server": f"{PYTEST} tests/test_vllm_server.py tests/test_vllm_checkpoints.py",
+    "tests-engine": f"{PYTEST} tests/model_executor/test_vllm_engine.py",
+    "tests-spec": f"{PYTEST} tests/spec_decode/test_vllm_spec_decode.py",
+    "tests-server": f"{PYTEST} tests/integration/test_vllm_server.py tests/model_executor/test_vllm_checkpoints.py",
     "tests-gpu": f"{PYTEST} -m gpu tests/",
     "agreement": (f"python3 benchmarks/vllm_agreement.py --teacher {TEACHER} "
                   f"--out {RESULTS}/vllm_agreement_cuda.json"),

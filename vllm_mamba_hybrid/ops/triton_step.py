@@ -7,7 +7,7 @@ residual add + RMSNorm, SiLU-gate, RoPE + KV-cache write, split-K decode
 attention, the causal-conv update and the SSM update (Mamba1; Mamba2 with its
 gated per-head RMSNorm). States are updated in place, so a CUDA graph can replay
 them on static buffers. Rounding mimics the reference (bf16 where it rounds), and
-every kernel is tested against the reference ops (tests/test_runtime_triton.py).
+the decode step is tested against the reference model on a GPU (tests/runtime/test_runtime_gpu.py).
 """
 from __future__ import annotations
 

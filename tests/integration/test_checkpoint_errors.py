@@ -1,5 +1,5 @@
 """Broken checkpoints and bad paths on every load path outside vLLM (vLLM's own is in
-tests/test_vllm_engine.py): one error naming the tensor and its file, before any work,
+tests/model_executor/test_vllm_engine.py): one error naming the tensor and its file, before any work,
 and no output directory left behind; an interrupted `distill` says how to resume."""
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ CI; on the GPU machine the CUDA build with vLLM's defaults, graphs and compile o
 
 Greedy speculative outputs must equal plain greedy decoding, token for token, under
 chunked prefill (64-token budget) and preemption (a cache too small for all eight
-requests). On the CPU engine the bar is the reference model (tests/test_vllm_engine.py
+requests). On the CPU engine the bar is the reference model (tests/model_executor/test_vllm_engine.py
 shows plain decoding equals it); on CUDA it is vLLM's own plain greedy output in the
 same mode, since CUDA's kernels sum in other orders and may take the other side of a
 close call than the float32 CPU reference. Every case runs one engine:
@@ -30,7 +30,7 @@ import httpx
 import pytest
 import torch
 
-from tests.test_vllm_engine import (
+from tests.model_executor.test_vllm_engine import (
     DEFAULT_MODE,
     ENGINE_KW,
     ENGINE_MODES,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from tests.test_model import VARIANTS, tiny_hybrid
+from tests.modeling.test_model import VARIANTS, tiny_hybrid
 from tests.utils import _sharpen, run_under_triton_interpreter, tiny_llama_config
 from vllm_mamba_hybrid.runtime import FastGenerator, SpeculativeGenerator, fast_generate
 
@@ -105,8 +105,8 @@ def test_llama_teacher_runs_through_the_runtime():
 
 _INTERPRETED = r"""
 import torch
-from tests.test_model import tiny_hybrid
-from tests.test_runtime import left_padded, sharp_hybrid
+from tests.modeling.test_model import tiny_hybrid
+from tests.runtime.test_runtime import left_padded, sharp_hybrid
 from vllm_mamba_hybrid.runtime import FastGenerator, SpeculativeGenerator
 torch.manual_seed(1)
 for variant in ("mamba1", "mamba2"):

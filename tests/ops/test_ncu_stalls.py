@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "ncu_stalls", Path(__file__).parents[1] / "benchmarks" / "ncu_stalls.py")
+    "ncu_stalls", Path(__file__).parents[2] / "benchmarks" / "ncu_stalls.py")
 ncu_stalls = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ncu_stalls)
 

@@ -13,13 +13,13 @@ PROBE = """
 import importlib, pathlib, sys
 sys.modules["vllm"] = None
 failing = []
-for path in sorted(pathlib.Path("tests").glob("test_*.py")):
+for path in sorted(pathlib.Path("tests").rglob("test_*.py")):
     try:
-        importlib.import_module(f"tests.{path.stem}")
+        importlib.import_module(".".join(path.with_suffix("").parts))
     except ImportError as e:
         if "vllm" not in str(e):
             raise
-        failing.append(path.name)
+        failing.append(path.relative_to("tests").as_posix())
 print("FAILING", " ".join(failing))
 """
 

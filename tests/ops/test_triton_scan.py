@@ -10,7 +10,7 @@ kernels run under ``TRITON_INTERPRET=1`` in a subprocess; on a GPU under ``-m gp
 import pytest
 import torch
 
-from tests.test_ops import rel_err
+from tests.ops.test_ops import rel_err
 from tests.utils import run_under_triton_interpreter
 from vllm_mamba_hybrid.ops import selective_scan_fn
 
@@ -76,7 +76,7 @@ def interpreter_checks():
 
 
 def test_triton_scan_interpreted():
-    run_under_triton_interpreter("from tests.test_triton_scan import interpreter_checks as f; f()",
+    run_under_triton_interpreter("from tests.ops.test_triton_scan import interpreter_checks as f; f()",
                                  "triton scan checks passed")
 
 

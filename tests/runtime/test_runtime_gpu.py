@@ -3,8 +3,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from tests.test_model import VARIANTS
-from tests.test_runtime import left_padded, sharp_hybrid
+from tests.modeling.test_model import VARIANTS
+from tests.runtime.test_runtime import left_padded, sharp_hybrid
 from tests.utils import _sharpen, tiny_llama_config
 from vllm_mamba_hybrid.runtime import FastGenerator, SpeculativeGenerator, fast_generate
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "vllm_mamba_hybrid"
+PACKAGE = Path(__file__).resolve().parents[2] / "vllm_mamba_hybrid"
 
 
 def _module_name(path: Path) -> str:

@@ -15,7 +15,7 @@ from vllm_mamba_hybrid.ops import triton_verify
 
 pytest.importorskip("triton.backends.nvidia")
 _spec = importlib.util.spec_from_file_location(
-    "kernel_sass", Path(__file__).parents[1] / "benchmarks" / "kernel_sass.py")
+    "kernel_sass", Path(__file__).parents[2] / "benchmarks" / "kernel_sass.py")
 kernel_sass = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kernel_sass)
 

@@ -10,7 +10,7 @@ imported and slows every kernel down), and on a real GPU under ``-m gpu``.
 import pytest
 import torch
 
-from tests.test_ops import rel_err
+from tests.ops.test_ops import rel_err
 from tests.utils import run_under_triton_interpreter
 from vllm_mamba_hybrid.ops import causal_conv1d_update, selective_state_update, ssd_state_update
 from vllm_mamba_hybrid.ops.verify import conv_verify, mamba1_verify, mamba2_verify
@@ -391,7 +391,7 @@ def triton_interpreter_checks():
 
 def test_triton_kernels_interpreted():
     run_under_triton_interpreter(
-        "from tests.test_verify_ops import triton_interpreter_checks as f; f()",
+        "from tests.ops.test_verify_ops import triton_interpreter_checks as f; f()",
         "triton interpreter checks passed")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from gpu_stage import staged_env
 REPO = Path(__file__).resolve().parents[1]
 JOBS_DIR = Path("/tmp/vllm_jobs")
 RESULTS = JOBS_DIR / "results"
-PYTEST = "python3 -m pytest -q -ra -p no:cacheprovider"
+PYTEST = "python3 -m pytest -v -ra -p no:cacheprovider"  # -v: a cut-short log still names each case
 TEACHER = "/tmp/smollm2/teacher"  # the real SmolLM2, imported from the staged GGUF
 JOBS = {
     "teacher": f"python3 -m vllm_mamba_hybrid.cli import-teacher {TEACHER}",
@@ -67,9 +68,12 @@ def start(names: list[str]) -> None:
         log.write_text("queued\n")
         steps.append(f"{{ {JOBS[name]}; }} > {log} 2>&1; echo $? > {rc}")
     chain = f"exec 9>{JOBS_DIR}/chain.lock; flock 9\n" + "\n".join(steps)  # after earlier chains
+    # The device call runs us in the background, where SIGINT comes in ignored: give the
+    # jobs the default back, so `kill -INT` stops pytest with its failure reports.
     subprocess.Popen(["bash", "-c", chain], cwd=REPO, env=_env(),
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True)
+                     start_new_session=True,
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     print("started, in order: " + ", ".join(names), flush=True)
 
 

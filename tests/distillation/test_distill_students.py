@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from distillation.cli import distill_main
 from distillation.splits import heldout_essays
+from distillation.tokens import load_examples
 from tests.utils import REPO, make_random_llama
 from vllm_mamba_hybrid import LlamaMambaHybridForCausalLM
 from vllm_mamba_hybrid.conversion.delta import apply_delta, write_delta
@@ -58,7 +59,7 @@ def test_teacher_samples_and_prose_are_training_data(draft_run, shared_dir):
     heldout = {p.name for p in heldout_essays(shared_dir / "data", NUM_ESSAYS)}
     assert data["text_windows"] > 10 and not heldout & set(data["text_files"])
     assert len(data["text_files"]) == len(list((shared_dir / "data" / "essays").glob("*.txt"))) - NUM_ESSAYS
-    examples = torch.load(next((draft_run / "run" / "data").glob("kd_examples-*.pt")))
+    examples = load_examples(next((draft_run / "run" / "data").glob("kd_examples-*.pt")))
     assert len(examples) == 36 + data["text_windows"]
     prose = [e for e in examples if not e["prompt_ids"]]
     assert len(prose) == data["text_windows"] and max(len(e["answer_ids"]) for e in prose) == 64
@@ -221,7 +222,7 @@ def test_prose_continuations_are_teacher_samples_of_prose(draft_run, tmp_path):
         assert prose["answer_ids"][row] == ref, row
     samples = [tuple(a) for a, s in zip(prose["answer_ids"], prose["sample"]) if s > 0]
     assert len(set(samples)) > len(samples) // 2
-    examples = torch.load(path)
+    examples = load_examples(path)
     assert len(examples) == 36 + 3 * len(prefixes) + len(windows) == info["num_examples"]
     continued = [e for e in examples if not e["prompt_ids"] and len(e["answer_ids"]) <= n + 24
                  and e["answer_ids"][:n] in prefixes]

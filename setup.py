@@ -54,8 +54,10 @@ setup(
     entry_points={
         "console_scripts": ["mamba-hybrid = vllm_mamba_hybrid.cli:main"],
         "vllm.general_plugins": ["mamba_hybrid = vllm_mamba_hybrid.plugin:register"],
-        # `mamba-hybrid distill` / `eval`: the distiller adds them; the core never imports it.
+        # `mamba-hybrid distill` / `eval` / `layer-importance`: the distiller adds them;
+        # the core never imports it.
         "vllm_mamba_hybrid.commands": ["distill = distillation.cli:distill_main",
-                                       "eval = distillation.evaluate:eval_main"],
+                                       "eval = distillation.evaluate:eval_main",
+                                       "layer-importance = distillation.layer_importance:main"],
     },
 )

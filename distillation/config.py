@@ -31,9 +31,13 @@ class TeacherConfig:
 class StudentConfig:
     variant: Literal["mamba1", "mamba2"] = "mamba2"
     # Final share of layers that keep attention (the paper's layouts), or an
-    # explicit list of attention layer indices (takes precedence).
-    attn_fraction: float = 0.5
-    attn_layers: list[int] | None = None
+    # explicit list of attention layer indices (takes precedence), or "auto": the
+    # attn_fraction share of layers the teacher's measured layer importance ranks first
+    # (`layer_criterion`, see distillation/layer_importance.py; scores cached in
+    # <output_dir>/layer_importance.json).
+    attn_fraction: float | None = 0.5
+    attn_layers: list[int] | Literal["auto"] | None = None
+    layer_criterion: Literal["loo", "kl-guided"] = "loo"
     mamba_init: Literal["attention", "random"] = "attention"
     # Keep only these teacher layers, in this order: a small student such as a
     # speculative-decoding draft. attn_fraction / attn_layers then apply to the kept
@@ -322,8 +326,14 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 def _check_semantics(cfg: PipelineConfig) -> None:
     """Cross-field rules that types cannot express."""
     s = cfg.student
-    if not 0.0 <= s.attn_fraction <= 1.0:
+    if s.attn_fraction is None and not isinstance(s.attn_layers, list):
+        raise ConfigError(f"`student.attn_fraction` is null: `student.attn_layers: "
+                          f"{s.attn_layers or 'null'}` needs the share of attention layers to keep")
+    if s.attn_fraction is not None and not 0.0 <= s.attn_fraction <= 1.0:
         raise ConfigError(f"`student.attn_fraction` must lie in [0, 1], got {s.attn_fraction}")
+    if s.attn_layers == "auto" and s.attn_fraction in (0.0, 1.0):
+        raise ConfigError(f"`student.attn_fraction` {s.attn_fraction} with `student.attn_layers: "
+                          f"auto` leaves no layer to choose: give a fraction between 0 and 1")
     if s.d_state is not None and s.d_state < 1:
         raise ConfigError(f"`student.d_state` must be a positive integer or null, got {s.d_state}")
     if s.layers == []:

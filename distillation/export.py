@@ -16,6 +16,7 @@ import yaml
 from .evaluate import evaluate_models, format_table
 
 _MODEL_FILES = ("config.json", "generation_config.json")
+LAYER_PLOT = "layer_importance.png"
 
 
 def export_model(ctx, final_dir: Path, init_dir: Path, export_dir: Path, summary: dict) -> None:
@@ -37,6 +38,14 @@ def export_model(ctx, final_dir: Path, init_dir: Path, export_dir: Path, summary
         AutoTokenizer.from_pretrained(ctx.teacher_dir).save_pretrained(tmp)
         if evaluation is not None:
             (tmp / "eval.json").write_text(json.dumps(evaluation, indent=1))
+        importance = summary.get("layer_importance")
+        if importance is not None:
+            from .layer_importance import plot_scores
+            plot = plot_scores(importance["scores"], importance["chosen"],
+                               importance["criterion"], tmp / LAYER_PLOT)
+            importance["plot"] = plot.name if plot else None
+            if plot is None:
+                ctx.log("[export] matplotlib is not installed: no layer importance plot")
         full = dict(summary, evaluation=evaluation, config=cfg.to_dict())
         (tmp / "distill_summary.json").write_text(json.dumps(full, indent=1, default=str))
         (tmp / "README.md").write_text(model_card(full))
@@ -44,6 +53,23 @@ def export_model(ctx, final_dir: Path, init_dir: Path, export_dir: Path, summary
 
 def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _layer_choice(importance: dict | None) -> list[str]:
+    """The card's account of `student.attn_layers: auto`: criterion, scores, plot."""
+    if importance is None:
+        return []
+    from .layer_importance import CRITERIA
+    scores, criterion = importance["scores"], importance["criterion"]
+    return ["## Attention layer choice",
+            f"Attention layers chosen by measured layer importance: {importance['chosen']}. "
+            f"Criterion `{criterion}`: {CRITERIA[criterion]}; the highest scores keep attention.",
+            "",
+            "| layer | " + " | ".join(scores) + " |",
+            "|---|" + "---|" * len(scores),
+            "| score | " + " | ".join(f"{v:.4g}" for v in scores.values()) + " |", "",
+            f"![layer importance]({importance['plot']})" if importance.get("plot")
+            else "(no bar plot: matplotlib is not installed)", ""]
 
 
 def model_card(s: dict) -> str:
@@ -63,6 +89,7 @@ def model_card(s: dict) -> str:
         f"- attention layers ({len(s['attn_layers'])}): {s['attn_layers']}",
         f"- Mamba layers ({len(mamba)}): {mamba}",
         "",
+        *_layer_choice(s.get("layer_importance")),
         "## Stages",
         "| stage | steps | tokens seen | first loss | last loss | first KL | last KL |",
         "|---|---|---|---|---|---|---|",

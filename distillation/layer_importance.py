@@ -236,7 +236,11 @@ def _check_settings(path: Path, settings: dict) -> dict | None:
     """The JSON at ``path`` if it holds scores for ``settings``; None if absent."""
     if not path.is_file():
         return None
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not a layer scores file ({e}); delete it to start over, "
+                         f"or write elsewhere") from None
     if old.get("settings") != settings:
         diff = {k: (old.get("settings", {}).get(k), v) for k, v in settings.items()
                 if old.get("settings", {}).get(k) != v}

@@ -37,9 +37,13 @@ def load_examples(path) -> list[dict]:
         raise RuntimeError(f"{path}: not an examples file readable with weights_only=True "
                            f"({e}); if the pipeline wrote it, delete it to have it rebuilt") from None
     if isinstance(data, dict) and data.get("format") == PACKED:
-        columns = {k: [t.tolist() for t in data[k].split(data[k + ".lengths"].tolist())]
-                   for k in data["fields"]}
-        return [{k: columns[k][i] for k in data["fields"]} for i in range(data["count"])]
+        try:
+            columns = {k: [t.tolist() for t in data[k].split(data[k + ".lengths"].tolist())]
+                       for k in data["fields"]}
+            return [{k: columns[k][i] for k in data["fields"]} for i in range(data["count"])]
+        except (KeyError, IndexError, RuntimeError) as e:
+            raise RuntimeError(f"{path}: a damaged examples file ({type(e).__name__}: {e}); "
+                               f"if the pipeline wrote it, delete it to have it rebuilt") from None
     if not isinstance(data, list) or not all(isinstance(e, dict) for e in data):
         raise RuntimeError(f"{path}: expected examples (save_examples' format or a list of "
                            f"dicts of token id lists), got {type(data).__name__}")

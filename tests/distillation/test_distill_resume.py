@@ -178,6 +178,11 @@ def test_examples_files_load_with_weights_only(tmp_path):
     examples = random_kd_examples(5, prompt=(0, 4), answer=(1, 6))
     save_examples(examples, tmp_path / "examples.pt")          # the packed format
     assert load_examples(tmp_path / "examples.pt") == examples
+    packed = torch.load(tmp_path / "examples.pt", weights_only=True)
+    del packed["answer_ids.lengths"]
+    torch.save(packed, tmp_path / "damaged.pt")
+    with pytest.raises(RuntimeError, match=re.escape(f"{tmp_path / 'damaged.pt'}: a damaged examples file")):
+        load_examples(tmp_path / "damaged.pt")
     torch.save(examples, tmp_path / "plain.pt")                # a plain list still loads
     assert load_examples(tmp_path / "plain.pt") == examples
     with pytest.raises(ValueError, match="the same fields"):

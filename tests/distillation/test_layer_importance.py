@@ -43,6 +43,43 @@ def test_planted_layer_ranks_first_and_runs_repeat(teacher, tmp_path, criterion)
     assert li.choose_attention_layers(a["scores"], count=1) == [PLANTED]
 
 
+@pytest.mark.parametrize("variant", ["mamba2", "mamba1"])
+def test_leave_one_out_equals_a_hybrid_built_with_that_layer_replaced(teacher, shared_dir, variant):
+    """The in-place swap scores what a separately built hybrid (only layer i Mamba, the same
+    mixer weights) gives: KL(teacher || hybrid) by hand over every next-token position."""
+    from distillation.models import load_causal_lm, load_tokenizer
+    from vllm_mamba_hybrid.conversion.init import (hybrid_config_from_teacher,
+                                                   init_hybrid_from_teacher)
+    model = load_causal_lm(teacher, torch.float32).eval()
+    batches, _ = li.sample_tokens(load_tokenizer(teacher), shared_dir / "data", TOKENS, seed=0)
+    details = li.score_layers(model, batches, criterion="loo", variant=variant, seed=0)
+    blocks = li._mamba_layers(model, variant, None, 0)
+    n = model.config.num_hidden_layers
+    with torch.no_grad():
+        want = [model(input_ids=x).logits for x in batches]
+        for i in (0, PLANTED, n - 1):
+            cfg = hybrid_config_from_teacher(model.config, variant=variant,
+                                             attn_layers=[j for j in range(n) if j != i])
+            hybrid = init_hybrid_from_teacher(model, cfg, seed=5).eval()
+            hybrid.model.layers[i].mamba.load_state_dict(blocks[i].mamba.state_dict())
+            kl = tokens = 0
+            for x, t in zip(batches, want):
+                p_t = torch.log_softmax(t[:, :-1].double(), -1)
+                p_s = torch.log_softmax(hybrid(input_ids=x).logits[:, :-1].double(), -1)
+                kl += float((p_t.exp() * (p_t - p_s)).sum())
+                tokens += x[:, :-1].numel()
+            assert details[i]["kl"] == pytest.approx(kl / tokens, rel=1e-4), i
+        # the teacher is left as it was
+        assert all(torch.equal(model(input_ids=x).logits, t) for x, t in zip(batches, want))
+
+
+def test_a_damaged_scores_file_is_named(teacher, tmp_path):
+    out = tmp_path / "scores.json"
+    (tmp_path / "scores.json.partial").write_text("{not json")
+    with pytest.raises(ValueError, match=r"scores\.json\.partial is not a layer scores file"):
+        _score(teacher, out)
+
+
 def test_interrupted_run_resumes_without_rescoring(teacher, tmp_path, monkeypatch):
     reference = _score(teacher, tmp_path / "ref.json")
     original, scored = li._LeaveOneOut.score, []

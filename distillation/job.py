@@ -34,7 +34,9 @@ class TrainJob:
     kl_weight: float = 1.0
     ce_weight: float = 0.0
     kl_direction: str = "forward"
-    beta: float = 0.1
+    beta: float = 0.1               # dpo: trl's loss (losses.dpo_loss_sums)
+    dpo_loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
     freeze_mlp: bool = False
     freeze_embeddings: bool = False
     checkpoint_every: int = 50

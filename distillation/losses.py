@@ -7,6 +7,9 @@ global batch, independent of how it is split.
 """
 from __future__ import annotations
 
+import collections
+import types
+
 import torch
 import torch.nn.functional as F
 
@@ -102,21 +105,114 @@ def greedy_agreement_count(student_logits: torch.Tensor, teacher_logits: torch.T
     return int((s.argmax(-1) == t.argmax(-1)).sum()), int(s.shape[0])
 
 
-def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor,
-                   loss_mask: torch.Tensor) -> torch.Tensor:
-    """Per-row sum of log p(answer tokens) (the DPO sequence log-likelihood)."""
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(token t+1 | tokens <= t) at every position: (rows, length - 1), at least float32.
+
+    Unmasked: what trl's fused LM head computes before it zeroes the positions whose
+    label is -100 (``dpo_loss_sums`` leaves that masking to trl)."""
     logp = F.log_softmax(_f32(logits[:, :-1]), dim=-1)
-    tok = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return (tok * loss_mask[:, 1:].to(tok.dtype)).sum(-1)
+    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
-def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-               ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-               beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair sigmoid DPO loss -log sigma(beta * (chosen log-ratio - rejected log-ratio)).
+class _FusedHeadOutput:
+    """What trl's fused LM head returns (``trl.trainer.utils.add_fused_lm_head``), built
+    from log-probs we already have. trl's loss reads ``log_probs`` only; ``entropy``,
+    ``mean_logits`` and ``is_top1`` feed trl's own logged metrics, which we drop, so
+    they are zeros instead of three more vocabulary-wide passes."""
 
-    Same formula as trl's DPOTrainer with loss_type "sigmoid" (no label smoothing).
-    Returns (losses, reward_margins) per pair.
+    def __init__(self, per_token: torch.Tensor, labels: torch.Tensor):
+        # The fused head scores position t against label t+1 and gives 0 where it is -100.
+        self.log_probs = per_token.masked_fill(labels[:, 1:] == -100, 0.0)
+        zeros = torch.zeros_like(per_token).detach()
+        self.entropy = self.mean_logits = zeros
+        self.is_top1 = zeros.bool()
+
+
+class _LogProbModel:
+    """Stands in for the policy or the reference model in trl's loss: the forward was
+    ours (DDP/FSDP, autocast, compiled layers), so it hands back its log-probs."""
+    training = True                  # trl logs under "train" when the policy trains
+    is_gradient_checkpointing = False
+
+    def __init__(self, per_token: torch.Tensor):
+        self.per_token = per_token
+
+    def __call__(self, *, labels: torch.Tensor, fused_lm_head: bool = False, **_inputs):
+        if not fused_lm_head:
+            raise RuntimeError("trl asked for logits, not the fused head's log-probs: "
+                               "dpo_loss_sums does not fit this trl version")
+        return _FusedHeadOutput(self.per_token, labels)
+
+
+class _OneProcess:
+    """trl's ``accelerator`` for the loss of one micro-batch: no gathering (our loop
+    sums the statistics over micro-batches and workers itself)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    gather_for_metrics = gather
+
+
+def dpo_loss_sums(policy_token_logps: torch.Tensor, ref_token_logps: torch.Tensor,
+                  input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  loss_mask: torch.Tensor, *, loss_type: str = "sigmoid", beta: float = 0.1,
+                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """trl's DPO loss (``trl.DPOTrainer``, trl 1.16) on our models' log-probs, as a sum over pairs.
+
+    Rows are [chosen..., rejected...] (``tokens.collate_pairs``), as in trl's batches;
+    ``*_token_logps`` are ``token_logps`` of the policy (with gradients) and of the
+    frozen reference; ``loss_mask`` marks answer tokens (trl's ``completion_mask``).
+
+    trl 1.16 has no free loss function: the formulas of every ``loss_type`` live in
+    ``DPOTrainer._compute_loss(self, model, inputs)``, which runs the policy and the
+    reference through trl's fused LM head and reads a dozen trainer attributes. Building
+    a DPOTrainer would bring its own data pipeline, accelerator and checkpoints, while
+    ours (Ray/torchrun workers, exact resume) must stay; so this calls that method as a
+    plain function with a stand-in ``self`` holding what the method reads: the settings
+    (``beta``, ``loss_types``, ``label_smoothing``, f-divergence "reverse_kl" = standard
+    DPO, no length-desensitised ``ld_alpha``, no WPO weighting), a one-process
+    accelerator, and stand-in models that return our log-probs in the fused head's form.
+    trl then masks them with its labels, sums them per sequence, forms the log-ratios,
+    the loss and its reward metrics. ``tests/distillation/test_distill_losses.py`` holds
+    the formulas written out by hand and fails if a trl release changes any of this.
+
+    Returns (sum of the per-pair losses, with gradients; statistics summed over pairs:
+    ``reward_chosen``, ``reward_rejected``, ``reward_margin`` (beta * log-ratios, as trl
+    logs them) and ``reward_accuracy`` (pairs whose chosen reward is the higher)).
     """
-    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    return -F.logsigmoid(beta * margin), beta * margin.detach()
+    from .config import DPO_LOSS_TYPES
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"DPO loss_type must be one of {list(DPO_LOSS_TYPES)}, got {loss_type!r}")
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    pairs = policy_token_logps.shape[0] // 2
+    metrics = {"train": collections.defaultdict(list)}   # trl's own metrics land here
+    policy = _LogProbModel(policy_token_logps)
+    stand_in = types.SimpleNamespace(
+        model=policy, ref_model=_LogProbModel(ref_token_logps.detach()),
+        accelerator=_OneProcess(policy_token_logps.device),
+        args=types.SimpleNamespace(gradient_checkpointing_kwargs=None),
+        beta=beta, loss_types=[loss_type], loss_weights=[1.0], label_smoothing=label_smoothing,
+        f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, ld_alpha=None,
+        use_weighting=False, precompute_ref_logps=False, aux_loss_enabled=False,
+        _metrics=metrics, _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "completion_mask": loss_mask}
+    try:
+        mean_loss = DPOTrainer._compute_loss(stand_in, policy, inputs, return_outputs=False)
+    except (AttributeError, KeyError) as e:
+        import trl
+        raise RuntimeError(f"trl {trl.__version__}: DPOTrainer._compute_loss needs {e!r}, which "
+                           f"the stand-in trainer of distillation.losses.dpo_loss_sums (written "
+                           f"for trl 1.16) lacks") from e
+    m = metrics["train"]
+    stats = {"reward_chosen": m["rewards/chosen"][-1] * pairs,
+             "reward_rejected": m["rewards/rejected"][-1] * pairs,
+             "reward_margin": m["rewards/margins"][-1] * pairs,
+             # a count: trl's mean is float32 (0.4 * 5 = 2.00000003)
+             "reward_accuracy": float(round(m["rewards/accuracies"][-1] * pairs))}
+    return mean_loss * pairs, stats

@@ -352,6 +352,17 @@ def _kd_job(ctx: Context, name: str, d: Path, init_dir: Path, kd_file: Path, sta
                 data_start=data_start)
 
 
+def _dpo_settings(dpo) -> dict:
+    """The DPO stage's settings for its fingerprint. The keys added with trl's losses are
+    left out at the values that reproduce the earlier hand-written loss, so a run started
+    before them goes on (or stays done) instead of being refused as changed."""
+    settings = asdict(dpo)
+    for key, before in (("loss_type", "sigmoid"), ("label_smoothing", 0.0)):
+        if settings[key] == before:
+            del settings[key]
+    return settings
+
+
 def data_end(model_dir: Path) -> int:
     """Where the walk through the training examples stopped for the stage that wrote
     ``model_dir`` (trainer.batch_indices), so the next stage on the same examples goes on
@@ -487,14 +498,16 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
 
     if st.dpo.enabled:
         name = f"{k:02d}-dpo"
-        fp = fingerprint.of_json({"prev": fp, "data": kd_fp, "stage": asdict(st.dpo)})
+        fp = fingerprint.of_json({"prev": fp, "data": kd_fp, "stage": _dpo_settings(st.dpo)})
         d, done = _open_stage(ctx, name, fp)
         if not done:
             pairs, pair_info = _dpo_pairs(ctx, d, current, kd_file)
             ref = str(ctx.teacher_dir) if st.dpo.reference == "teacher" else str(current)
-            job = _job(ctx, name, d, current, pairs, "dpo", st.dpo, ref_dir=ref, beta=st.dpo.beta)
+            job = _job(ctx, name, d, current, pairs, "dpo", st.dpo, ref_dir=ref, beta=st.dpo.beta,
+                       dpo_loss_type=st.dpo.loss_type, label_smoothing=st.dpo.label_smoothing)
             _finish_stage(ctx, d, fp, _train(ctx, job, {"pairs": pair_info,
-                                                   "reference": st.dpo.reference}))
+                                                   "reference": st.dpo.reference,
+                                                   "loss_type": st.dpo.loss_type}))
         current = d / "model"
         stages.append({"name": name, **_stage_summary(d)})
         k += 1

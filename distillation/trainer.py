@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from . import checkpoint as ckpt
 from .job import TrainJob
-from .losses import dpo_losses, kd_loss_sums, sequence_logps
+from .losses import dpo_loss_sums, kd_loss_sums, token_logps
 from .models import DTYPES, is_trainable, load_causal_lm
 from .tokens import collate_lm, collate_pairs, load_examples
 
@@ -268,7 +268,8 @@ def train_worker(job_dict: dict) -> None:
         else:
             local_count = sum(b["input_ids"].shape[0] // 2 for b in micro)
         (global_count,) = d.sum([local_count], device)
-        sums = torch.zeros(4, dtype=torch.float64)  # kd: kl, ce, tokens; dpo: loss, margin, acc
+        # kd: kl, ce, -, tokens; dpo: loss, margin, accuracy, tokens, chosen and rejected rewards
+        sums = torch.zeros(6, dtype=torch.float64)
         for j, b in enumerate(micro):
             b = {k: v.to(device) for k, v in b.items()}
             sync = j == job.grad_accum - 1 or not hasattr(model, "no_sync")
@@ -286,16 +287,17 @@ def train_worker(job_dict: dict) -> None:
                     kl, ce, _ = kd_loss_sums(out, other_logits, b["input_ids"], b["loss_mask"],
                                              job.kl_direction)
                     loss = (job.kl_weight * kl + job.ce_weight * ce) / global_count * d.world
-                    sums += torch.tensor([kl.item(), ce.item(), 0, 0], dtype=torch.float64)
+                    sums[:2] += torch.tensor([kl.item(), ce.item()], dtype=torch.float64)
                 else:
-                    pol = sequence_logps(out, b["input_ids"], b["loss_mask"])
-                    ref = sequence_logps(other_logits, b["input_ids"], b["loss_mask"])
-                    half = pol.shape[0] // 2
-                    losses, margins = dpo_losses(pol[:half], pol[half:], ref[:half], ref[half:],
-                                                 job.beta)
-                    loss = losses.sum() / global_count * d.world
-                    sums += torch.tensor([losses.sum().item(), margins.sum().item(),
-                                          (margins > 0).sum().item(), 0], dtype=torch.float64)
+                    loss_sum, rewards = dpo_loss_sums(
+                        token_logps(out, b["input_ids"]), token_logps(other_logits, b["input_ids"]),
+                        b["input_ids"], b["attention_mask"], b["loss_mask"],
+                        loss_type=job.dpo_loss_type, beta=job.beta,
+                        label_smoothing=job.label_smoothing)
+                    loss = loss_sum / global_count * d.world
+                    sums += torch.tensor([loss_sum.item(), rewards["reward_margin"],
+                                          rewards["reward_accuracy"], 0, rewards["reward_chosen"],
+                                          rewards["reward_rejected"]], dtype=torch.float64)
                 loss.backward()
             sums[3] += float(b["attention_mask"].sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, job.max_grad_norm)
@@ -320,7 +322,9 @@ def train_worker(job_dict: dict) -> None:
                            answer_tokens=int(global_count))
             else:
                 rec.update(loss=totals[0] / global_count, reward_margin=totals[1] / global_count,
-                           reward_accuracy=totals[2] / global_count, pairs=int(global_count))
+                           reward_accuracy=totals[2] / global_count,
+                           reward_chosen=totals[4] / global_count,
+                           reward_rejected=totals[5] / global_count, pairs=int(global_count))
             with open(stage_dir / PROGRESS, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 

@@ -82,6 +82,25 @@ def test_dpo_dataset_without_column(tmp_path, teacher, capsys):
     assert "stages.dpo.dataset" in err and "no column 'rejected'" in err
 
 
+def test_dpo_loss_settings(tmp_path, teacher):
+    """trl's DPO loss types and their label smoothing, refused naming the key."""
+    p = _write(tmp_path, _base(tmp_path, teacher))
+    dpo = load_config(p, {"stages.dpo.loss_type": "robust",
+                          "stages.dpo.label_smoothing": 0.1}).stages.dpo
+    assert (dpo.loss_type, dpo.label_smoothing) == ("robust", 0.1)
+    with pytest.raises(ConfigError, match=r"`stages.dpo.loss_type` must be one of \['sigmoid'"):
+        load_config(p, {"stages.dpo.loss_type": "aot"})   # sorts the batch: not per pair
+    with pytest.raises(ConfigError, match="`stages.dpo.label_smoothing` must be 0 with "
+                                          "`stages.dpo.loss_type: sigmoid`"):
+        load_config(p, {"stages.dpo.label_smoothing": 0.1})
+    with pytest.raises(ConfigError, match=r"`stages.dpo.label_smoothing` must be in \[0, 0.5\)"):
+        load_config(p, {"stages.dpo.loss_type": "robust", "stages.dpo.label_smoothing": 0.5})
+    with pytest.raises(ConfigError, match=r"`stages.dpo.label_smoothing` must be in \(0, 1\)"):
+        load_config(p, {"stages.dpo.loss_type": "exo_pair"})
+    with pytest.raises(ConfigError, match="`stages.dpo.beta` must be > 0"):
+        load_config(p, {"stages.dpo.beta": 0})
+
+
 def test_unwritable_output_dir(tmp_path, teacher, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

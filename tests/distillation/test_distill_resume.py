@@ -314,3 +314,60 @@ def test_grouping_lengths_are_the_collated_widths():
             collate_lm([e], 0, max_length)["input_ids"].shape[1] for e in kd)
         assert _sequence_lengths(dpo, "dpo", max_length) == tuple(
             collate_pairs([e], 0, max_length)["input_ids"].shape[1] for e in dpo)
+
+
+def _dpo_job(root, name, **kw):
+    """A DPO stage on random pairs, the reference being the starting student."""
+    if not (root / "pairs.pt").is_file():
+        kd = random_kd_examples(24, prompt=(2, 6), answer=(3, 12), seed=1)
+        torch.save([{"prompt_ids": a["prompt_ids"], "chosen_ids": a["answer_ids"],
+                     "rejected_ids": b["answer_ids"]} for a, b in zip(kd[:12], kd[12:])],
+                   root / "pairs.pt")
+    job = dict(stage=name, stage_dir=str(root / name), init_dir=str(root / "init"),
+               data_file=str(root / "pairs.pt"), objective="dpo", ref_dir=str(root / "init"),
+               steps=6, lr=3e-3, batch_size=2, grad_accum=2, checkpoint_every=2, max_length=64,
+               keep_checkpoints=2, beta=0.5)
+    return TrainJob(**{**job, **kw}).to_dict()
+
+
+def _records(stage_dir):
+    return [json.loads(ln) for ln in (stage_dir / PROGRESS).read_text().splitlines()]
+
+
+def test_dpo_stage_through_trl_loss_resumes_exactly(setup):
+    """The DPO objective (trl's loss): log 2 at step 1, where the policy is its reference;
+    the loss falls and the chosen answers gain reward; a run killed after a checkpoint
+    resumes to the uninterrupted run's weights and curve."""
+    train_worker(_dpo_job(setup, "dpo"))
+    recs = _records(setup / "dpo")
+    assert [r["step"] for r in recs] == list(range(1, 7)) and recs[0]["pairs"] == 4
+    assert recs[0]["loss"] == pytest.approx(np.log(2), rel=1e-6)
+    assert recs[0]["reward_margin"] == pytest.approx(0, abs=1e-6)
+    assert recs[0]["reward_chosen"] == pytest.approx(0, abs=1e-6)
+    assert recs[-1]["loss"] < recs[0]["loss"] and recs[-1]["reward_margin"] > 0
+    for r in recs:
+        assert r["reward_margin"] == pytest.approx(r["reward_chosen"] - r["reward_rejected"],
+                                                   abs=1e-9)
+        assert 0 <= r["reward_accuracy"] <= 1
+
+    _train_until_killed(_dpo_job(setup, "dpo-resumed"), 4)
+    train_worker(_dpo_job(setup, "dpo-resumed"))
+    assert _workers(setup / "dpo-resumed")["resumed_from_step"] == 4
+    a = load_file(setup / "dpo" / "model" / "model.safetensors")
+    b = load_file(setup / "dpo-resumed" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    keys = ("step", "loss", "reward_margin", "reward_accuracy", "reward_chosen", "reward_rejected")
+    assert ([{k: r[k] for k in keys} for r in _records(setup / "dpo")]
+            == [{k: r[k] for k in keys} for r in _records(setup / "dpo-resumed")])
+
+
+@pytest.mark.parametrize("loss_type,smoothing", [("ipo", 0.0), ("robust", 0.2)])
+def test_dpo_stage_runs_other_trl_losses(setup, loss_type, smoothing):
+    train_worker(_dpo_job(setup, f"dpo-{loss_type}", steps=2, dpo_loss_type=loss_type,
+                          label_smoothing=smoothing))
+    recs = _records(setup / f"dpo-{loss_type}")
+    z = 0.0   # step 1: policy = reference, every log-ratio 0
+    want = {"ipo": (z - 1 / (2 * 0.5)) ** 2,
+            "robust": (-(1 - smoothing) * np.log(0.5) + smoothing * np.log(0.5)) / (1 - 2 * smoothing)}
+    assert recs[0]["loss"] == pytest.approx(want[loss_type], rel=1e-6)
+    assert np.isfinite(recs[-1]["loss"])

@@ -75,6 +75,27 @@ def shard_sizes(sizes: dict[str, int], tp_size: int) -> list[int]:
     return [size // tp_size for size in sizes.values()]
 
 
+def mamba_tp_groups(config) -> int:
+    """The Mamba layers' x/B groups (``d_xb // d_state``; for mamba2 the key/value heads):
+    the unit a tensor-parallel rank must hold whole, since every SSM head reads the x and
+    B of its own group (GQA) and the rank's z/C/dt/A/D rows follow the same split."""
+    return config.d_xb // config.d_state
+
+
+def check_tensor_parallel_size(config, tp_size: int) -> None:
+    """Refuse a ``tensor_parallel_size`` the Mamba layers cannot be split over, naming both
+    numbers. Dividing the x/B groups also divides the SSM heads, ``d_inner``, the conv
+    channels and (mamba2) the gated norm's per-head groups, which are multiples of them."""
+    groups = mamba_tp_groups(config)
+    if tp_size < 1 or groups % tp_size:
+        what = "num_key_value_heads" if config.mamba_variant == "mamba2" else "d_xb / d_state"
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} does not divide the {groups} x/B groups of the "
+            f"{config.mamba_variant} layers ({what}: d_xb={config.d_xb}, "
+            f"d_state={config.d_state}); each rank must hold whole groups, so use a "
+            f"tensor_parallel_size that divides {groups}")
+
+
 def checkpoint_tensor_shapes(config) -> dict[str, tuple[int, ...]]:
     """Every tensor a hybrid checkpoint must contain, with its (unsharded) shape."""
     h, v = config.hidden_size, config.vocab_size

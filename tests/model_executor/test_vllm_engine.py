@@ -47,6 +47,11 @@ VARIANTS = {
     "mamba2": dict(tie_word_embeddings=False, seed=7, scale=3.0),
     "mamba1": dict(tie_word_embeddings=True, seed=8, scale=4.0),
 }
+# 11 cache blocks of 128 tokens: one request of 949 tokens fits (8 attention + 1 Mamba
+# block), the eight together do not. Prompts that cross a block boundary while decoding
+# go first, so running requests must grow into a full cache and get preempted (and
+# recomputed later).
+PREEMPT = dict(order=(6, 5, 4, 3, 7, 2, 1, 0), num_gpu_blocks_override=11)
 
 
 def _prompts() -> list[list[int]]:
@@ -54,11 +59,20 @@ def _prompts() -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
+_CASES: dict[str, dict] = {}
+
+
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def case(request, tmp_path_factory):
-    """Checkpoint dir + the reference model's greedy tokens and prompt logprobs."""
+    """Checkpoint dir + the reference model's greedy tokens and prompt logprobs; built
+    once per session (test_vllm_tp.py uses the same cases)."""
     variant = request.param
-    ckpt = tmp_path_factory.mktemp(f"hybrid_{variant}")
+    if variant not in _CASES:
+        _CASES[variant] = _reference_case(variant, tmp_path_factory.mktemp(f"hybrid_{variant}"))
+    return _CASES[variant]
+
+
+def _reference_case(variant: str, ckpt) -> dict:
     make_random_hybrid(ckpt, variant, **MODEL_KW, **VARIANTS[variant])
     ref = LlamaMambaHybridForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     prompts = _prompts()
@@ -112,10 +126,7 @@ def _assert_greedy_equal(case, greedy):
         assert got == ref, f"{case['variant']}: prompt of {n} tokens diverged:\nref {ref}\nvllm {got}"
 
 
-@pytest.mark.parametrize("mode", ENGINE_MODES)
-def test_chunked_prefill_batch_matches_reference(case, mode):
-    greedy, prompt_logprobs, _ = _run_engine(case, mode)
-    _assert_greedy_equal(case, greedy)
+def _assert_logprobs_close(case, prompt_logprobs):
     for n, ref, got in zip(PROMPT_LENS, case["logprobs"], prompt_logprobs):
         assert got.shape == ref.shape
         if n > 1:
@@ -125,13 +136,15 @@ def test_chunked_prefill_batch_matches_reference(case, mode):
 
 
 @pytest.mark.parametrize("mode", ENGINE_MODES)
+def test_chunked_prefill_batch_matches_reference(case, mode):
+    greedy, prompt_logprobs, _ = _run_engine(case, mode)
+    _assert_greedy_equal(case, greedy)
+    _assert_logprobs_close(case, prompt_logprobs)
+
+
+@pytest.mark.parametrize("mode", ENGINE_MODES)
 def test_preemption_matches_reference(case, mode):
-    # 11 cache blocks of 128 tokens: one request of 949 tokens fits (8 attention + 1 Mamba
-    # block), the eight together do not. Prompts that cross a block boundary while
-    # decoding go first, so running requests must grow into a full cache and get
-    # preempted (and recomputed later).
-    greedy, _, preemptions = _run_engine(case, mode, order=(6, 5, 4, 3, 7, 2, 1, 0),
-                                         num_gpu_blocks_override=11)
+    greedy, _, preemptions = _run_engine(case, mode, **PREEMPT)
     assert preemptions >= 1, "the small cache did not force a preemption"
     _assert_greedy_equal(case, greedy)
 

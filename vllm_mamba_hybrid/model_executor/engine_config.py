@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
+from vllm_mamba_hybrid.layout import check_tensor_parallel_size
 from vllm_mamba_hybrid.model_executor.vllm_compat import replayssm_enabled
 
 if TYPE_CHECKING:
@@ -49,6 +50,10 @@ class LlamaMambaHybridEngineConfig(VerifyAndUpdateConfig):
     @classmethod
     def verify_and_update_config(cls, vllm_config: VllmConfig) -> None:
         cache_config = vllm_config.cache_config
+        # Here, in the process that builds the config, before any worker is started (and
+        # before vLLM sizes the Mamba state per rank).
+        check_tensor_parallel_size(vllm_config.model_config.hf_config,
+                                   vllm_config.parallel_config.tensor_parallel_size)
         check_speculative_config(vllm_config)
         # The mixers keep one state per request (mamba_cache_mode "none"); the
         # block-aligned states prefix caching needs ("align") are not written.

@@ -58,6 +58,7 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from vllm_mamba_hybrid.config import LlamaMambaHybridConfig
 from vllm_mamba_hybrid.layout import (
+    check_tensor_parallel_size,
     mamba1_projections,
     mamba2_conv_channels,
     mamba2_in_proj,
@@ -90,14 +91,6 @@ def mamba_state_dtypes(model_config: ModelConfig, cache_config: CacheConfig):
     )
 
 
-def _check_tp(config: LlamaMambaHybridConfig, tp_size: int) -> None:
-    kv_groups = config.d_xb // config.d_state
-    if kv_groups % tp_size:
-        raise ValueError(
-            f"tensor_parallel_size={tp_size} must divide the {kv_groups} x/B groups "
-            "(num_key_value_heads) of the Mamba layers")
-
-
 def _a_log_loader():
     """A = -exp(A_log), applied exactly once, when the checkpoint tensor is loaded."""
     return composed_weight_loader(sharded_weight_loader(0), lambda a: -torch.exp(a.float()))
@@ -114,7 +107,7 @@ class _HybridMambaMixer(MambaBase, nn.Module):
         self.cache_config = cache_config
         self.prefix = prefix
         self.tp_size = get_tensor_model_parallel_world_size()
-        _check_tp(config, self.tp_size)
+        check_tensor_parallel_size(config, self.tp_size)
         self.d_state = config.d_state
         self.d_inner = divide(config.d_inner, self.tp_size)
         self.nheads = self.d_inner // self.d_state

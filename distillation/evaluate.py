@@ -66,7 +66,11 @@ def eval_inputs(data: DataConfig, cfg: EvalConfig, name=lambda key: f"`eval.{key
         essays = heldout_essays(data_dir, cfg.num_essays)
     except FileNotFoundError as e:
         raise ConfigError(f"{name('num_essays')} {cfg.num_essays}: {e}") from None
-    short = short_answer_prompts(essays, cfg.num_short_answers)
+    try:
+        short = short_answer_prompts(essays, cfg.num_short_answers)
+    except ValueError as e:
+        raise ConfigError(f"{name('num_short_answers')} {cfg.num_short_answers}: {e} (raise "
+                          f"{name('num_essays')} or lower {name('num_short_answers')})") from None
     return heldout[: cfg.num_prompts], essays, short
 
 

@@ -22,8 +22,6 @@ import re
 import unicodedata
 from pathlib import Path
 
-from .config import ConfigError
-
 # A clean sentence: capitalised, words of letters (commas, hyphens, apostrophes inside),
 # a final full stop. Numbers, quotes, abbreviations and brackets are left out: their
 # "last word" would be ambiguous once punctuation is stripped.
@@ -48,9 +46,8 @@ def short_answer_prompts(essays: list[Path], n: int, seed: int = 0) -> list[dict
     sentences = cloze_sentences(essays)
     n_cloze = (n + 1) // 2
     if len(sentences) < n_cloze:
-        raise ConfigError(f"`eval.num_short_answers` {n} needs {n_cloze} clean sentences from the "
-                          f"held-out essays, which have {len(sentences)} (raise `eval.num_essays` "
-                          f"or lower `eval.num_short_answers`)")
+        raise ValueError(f"{n} short-answer prompts need {n_cloze} clean sentences from the "
+                         f"held-out essays, which have {len(sentences)}")
     cloze = []
     for i in range(n_cloze):
         words = sentences[i * len(sentences) // n_cloze].split()

@@ -12,8 +12,8 @@ greedily (at most ``eval.max_new_tokens`` tokens) and its answers are scored:
 * degeneration: the share of repeated token n-grams within answers, and the share of
   answers that never stop (``max_new_tokens`` reached without EOS);
 * short-answer agreement: on ``short_answers.short_answer_prompts``, the share of
-  prompts where the model's normalised answer equals the teacher's (and, for context,
-  the share that contains the reference answer).
+  prompts where the answer in the model's reply (``short_answers.extract_answer``)
+  equals the one in the teacher's (and, for context, the share that is right).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 
 from .generation import generate_answers
 from .losses import sequence_logps
-from .short_answers import is_correct, normalize_answer
+from .short_answers import extract_answer, is_correct
 from .tokens import chat_prompt_ids, collate_lm
 
 
@@ -107,9 +107,9 @@ class GenerationReference:
         }
         if short:
             metrics["short_answer_agreement"] = sum(
-                normalize_answer(s) == normalize_answer(t)
-                for s, t in zip(short, self.teacher_short)) / len(short)
+                extract_answer(p, s) == extract_answer(p, t)
+                for p, s, t in zip(self.short_prompts, short, self.teacher_short)) / len(short)
             metrics["short_answer_correct"] = sum(
-                is_correct(s, p["reference"]) for s, p in zip(short, self.short_prompts)) / len(short)
+                is_correct(p, s) for p, s in zip(self.short_prompts, short)) / len(short)
             metrics["short_answers"] = short
         return metrics

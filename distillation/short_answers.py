@@ -13,7 +13,9 @@ deterministically, never hard-coded, from two sources the student never trained 
 
 Each prompt keeps its ``reference`` (the essay's word, the true result) so the table
 can also say how often a model is right, which tells a wrong-but-agreeing student
-from a right one.
+from a right one. Small models rarely reply with the bare answer ("59 + 63 = 122.",
+"But the pool of writers is very, very talented."): ``extract_answer`` takes the
+answer out of those two forms, and compares the whole first line otherwise.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ def short_answer_prompts(essays: list[Path], n: int, seed: int = 0) -> list[dict
     for i in range(n_cloze):
         words = sentences[i * len(sentences) // n_cloze].split()
         cloze.append({"kind": "cloze", "reference": words[-1].rstrip("."),
+                      "context": " ".join(words[:-1]),
                       "instruction": "Fill in the blank with one word. Reply with that word "
                                      f"only.\n\n{' '.join(words[:-1])} ____."})
     rng = random.Random(seed)
@@ -73,6 +76,23 @@ def normalize_answer(text: str) -> str:
     return " ".join("".join(chars).split())
 
 
-def is_correct(answer: str, reference: str) -> bool:
-    """The reference appears as a word of the normalised answer ("the answer is 42")."""
-    return normalize_answer(reference) in normalize_answer(answer).split()
+_INTEGER = re.compile(r"-?\d+")
+
+
+def extract_answer(prompt: dict, text: str) -> str:
+    """The answer in a reply to ``prompt``, normalised: arithmetic, the last integer of the
+    first line ("59 + 63 = 122." -> "122"); cloze, the word after the sentence when the
+    reply repeats it, else a one-word reply. Otherwise the whole normalised first line,
+    so that only identical replies agree."""
+    line = normalize_answer(text)
+    if prompt["kind"] == "arithmetic":
+        numbers = _INTEGER.findall(line)
+        return numbers[-1] if numbers else line
+    context = normalize_answer(prompt["context"])
+    if line.startswith(context + " "):
+        return line[len(context) + 1:].split()[0]
+    return line
+
+
+def is_correct(prompt: dict, text: str) -> bool:
+    return extract_answer(prompt, text) == normalize_answer(prompt["reference"])

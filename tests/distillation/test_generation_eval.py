@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from distillation.config import ConfigError, DataConfig, EvalConfig, load_config
 from distillation.evaluate import TeacherReference, eval_inputs, eval_main, evaluate_models
 from distillation.generation_eval import never_stops, repeated_ngram_rate, repeated_ngrams
-from distillation.short_answers import normalize_answer, short_answer_prompts
+from distillation.short_answers import (extract_answer, is_correct, normalize_answer,
+                                        short_answer_prompts)
 from distillation.splits import heldout_essays
 from tests.utils import make_random_hybrid, make_random_llama
 
@@ -87,6 +88,17 @@ def test_normalize_answer():
     assert normalize_answer("well-known,  really") == "well known really"
 
 
+def test_extract_answer_from_the_replies_small_models_give():
+    cloze = {"kind": "cloze", "context": "But the pool of writers is very, very", "reference": "large"}
+    plus = {"kind": "arithmetic", "reference": "-32"}
+    assert extract_answer(cloze, "But the pool of writers is very, very talented.") == "talented"
+    assert extract_answer(cloze, "Large.\nBecause ...") == "large" and is_correct(cloze, "large!")
+    assert extract_answer(cloze, "The word is large") == "the word is large"   # no clean answer
+    assert extract_answer(plus, "43 - 75 = -32.") == "-32" and is_correct(plus, "It is -32")
+    assert extract_answer(plus, "43 - 75 is 22.") == "22" and not is_correct(plus, "-3")
+    assert extract_answer(plus, "I cannot say") == "i cannot say"
+
+
 def constant_answer_model(src, dst, token: int, C: float = 10.0) -> None:
     """A copy of the Llama ``src`` whose greedy next token is always ``token``: hidden
     dimension 0 holds C in every embedding and nothing writes to it; the final norm keeps
@@ -145,7 +157,7 @@ def test_stopping_and_looping_models(result):
     L, n = EVAL["max_new_tokens"], EVAL["ngram"]
     assert loops["never_stops"] == 1.0 and loops["mean_answer_tokens"] == L
     assert loops["repeated_ngram_rate"] == pytest.approx((L - n) / (L - n + 1))
-    teacher_short = [normalize_answer(t) for t in result["teacher_generation"]["short_answers"]]
+    teacher_short = [extract_answer(p, p["teacher"]) for p in result["short_answer_prompts"]]
     assert stops["short_answer_agreement"] == sum(t == "" for t in teacher_short) / len(teacher_short)
 
 
@@ -190,7 +202,6 @@ def test_eval_cli_prints_and_writes_the_generation_metrics(models, shared_dir, t
 
 @pytest.mark.parametrize("flag, value, named", [
     ("--num-prompts", "1000", "--num-prompts 1000"), ("--ngram", "0", "--ngram must be >= 1"),
-    ("--num-samples", "20", "--num-samples (20) must be at most --num-prompts"),
     ("--num-essays", "0", "--num-essays must be >= 1"),
     ("--num-short-answers", "100000", "--num-short-answers"),
 ])
@@ -204,7 +215,7 @@ def test_eval_cli_refuses_what_it_cannot_honour_naming_the_flag(models, shared_d
 
 @pytest.mark.parametrize("key, value, named", [
     ("eval.num_prompts", 1000, "`eval.num_prompts` 1000"),
-    ("eval.num_samples", 20, "`eval.num_samples` (20) must be at most `eval.num_prompts`"),
+    ("eval.num_samples", -1, "`eval.num_samples` must be >= 0"),
     ("eval.short_answer_max_new_tokens", 0, "`eval.short_answer_max_new_tokens` must be >= 1"),
     ("eval.num_short_answers", 100000, "`eval.num_short_answers` 100000"),
 ])

@@ -236,12 +236,37 @@ class ExportConfig:
 
 @dataclass
 class EvalConfig:
+    # Held-out prompts: KL and greedy agreement along the teacher's answers, and each
+    # model's own greedy answers (at most max_new_tokens tokens) for the generation
+    # scores (distillation/generation_eval.py); the first num_samples (at most all) shown
+    # side by side.
     num_prompts: int = 16
     max_new_tokens: int = 48
     num_essays: int = 8
     ppl_max_tokens: int = 4096
     ppl_seq_len: int = 256
     num_samples: int = 3
+    # Short-answer prompts for answer-level agreement with the teacher (half cloze from
+    # the held-out essays, half arithmetic, distillation/short_answers.py; 0 = none) and
+    # the tokens an answer to one may take.
+    num_short_answers: int = 16
+    short_answer_max_new_tokens: int = 16
+    # Degeneration: the share of token n-grams of this order repeated within an answer.
+    ngram: int = 4
+
+
+# The smallest value each `eval` key can honour (num_essays 0 would select every essay).
+EVAL_MINIMUMS = {"num_prompts": 1, "max_new_tokens": 1, "num_essays": 1, "ppl_max_tokens": 2,
+                 "ppl_seq_len": 2, "num_samples": 0, "num_short_answers": 0,
+                 "short_answer_max_new_tokens": 1, "ngram": 1}
+
+
+def check_eval_config(e: EvalConfig, name=lambda key: f"`eval.{key}`") -> None:
+    """Refuse evaluation settings that cannot be honoured; ``name`` spells a key as the
+    caller's user wrote it (a config key, or `mamba-hybrid eval`'s flag)."""
+    for key, low in EVAL_MINIMUMS.items():
+        if getattr(e, key) < low:
+            raise ConfigError(f"{name(key)} must be >= {low}, got {getattr(e, key)}")
 
 
 @dataclass
@@ -417,6 +442,7 @@ def _check_semantics(cfg: PipelineConfig) -> None:
         raise ConfigError(f"`stages.dpo.label_smoothing` must be {allowed} with "
                           f"`stages.dpo.loss_type: {dpo.loss_type}`, got {dpo.label_smoothing} "
                           f"(only robust and exo_pair use it)")
+    check_eval_config(cfg.eval)
 
 
 # Keys holding paths: relative to the YAML file when written there, to the current

@@ -4,6 +4,8 @@
 * forward KL(teacher || model) per answer token and greedy-token agreement, teacher
   forced on the teacher's own greedy answers to held-out prompts (the prompts
   training never sees, see ``splits.py``);
+* each model's own greedy answers scored by the teacher as judge, against the teacher's
+  short answers, and for degeneration (``generation_eval.py``);
 * a few answers of both models side by side.
 
 ``mamba-hybrid eval DIR --teacher TDIR [--out JSON]``.
@@ -21,12 +23,14 @@ import torch
 
 from vllm_mamba_hybrid.checkpoint import check_model_dir
 
-from .config import DataConfig, EvalConfig
+from .config import ConfigError, DataConfig, EvalConfig, check_eval_config
 from .generation import generate_answers
+from .generation_eval import GenerationReference
 from .losses import greedy_agreement_count, kd_loss_sums
 from .models import load_causal_lm, load_tokenizer
 from .paths import resolve_data_dir
-from .prompts import load_prompts
+from .prompts import load_prompts, prompt_source
+from .short_answers import short_answer_prompts
 from .splits import heldout_essays
 from .tokens import chat_prompt_ids, collate_lm, pad_id_of
 
@@ -47,12 +51,35 @@ def perplexity(model, tokenizer, texts: list[str], *, max_tokens: int, seq_len: 
     return math.exp(nll / count)
 
 
+def eval_inputs(data: DataConfig, cfg: EvalConfig, name=lambda key: f"`eval.{key}`"
+                ) -> tuple[list[dict], list[Path], list[dict]]:
+    """The held-out prompts, held-out essays and short-answer prompts an evaluation uses;
+    settings the data cannot honour are refused naming the key (``name``: as in
+    config.check_eval_config), before any model is loaded."""
+    check_eval_config(cfg, name)
+    data_dir = resolve_data_dir(data.data_dir)
+    _, heldout = load_prompts(data)
+    if len(heldout) < cfg.num_prompts:
+        raise ConfigError(f"{name('num_prompts')} {cfg.num_prompts}: {prompt_source(data)} holds "
+                          f"out only {len(heldout)} prompts (every {data.heldout_every}th row)")
+    try:
+        essays = heldout_essays(data_dir, cfg.num_essays)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{name('num_essays')} {cfg.num_essays}: {e}") from None
+    try:
+        short = short_answer_prompts(essays, cfg.num_short_answers)
+    except ValueError as e:
+        raise ConfigError(f"{name('num_short_answers')} {cfg.num_short_answers}: {e} (raise "
+                          f"{name('num_essays')} or lower {name('num_short_answers')})") from None
+    return heldout[: cfg.num_prompts], essays, short
+
+
 class TeacherReference:
     """The teacher's greedy answers and logits on held-out prompts, computed once and
-    reused for every model compared against it."""
+    reused for every model compared against it (and its side of the generation scores)."""
 
     def __init__(self, teacher_dir: Path, prompts: list[dict], cfg: EvalConfig,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", short_prompts: list[dict] = ()) -> None:
         self.tokenizer = load_tokenizer(teacher_dir)
         self.device = torch.device(device)
         self.teacher = load_causal_lm(teacher_dir, torch.float32).to(self.device).eval()
@@ -70,6 +97,8 @@ class TeacherReference:
         self.logits = [self.teacher(input_ids=b["input_ids"],
                                     attention_mask=b["attention_mask"]).logits for b in self.batches]
         self.answers = answers
+        self.generation = GenerationReference(self.teacher, tok, self.prompt_ids, answers,
+                                              list(short_prompts), cfg, self.pad_id)
 
     @torch.no_grad()
     def compare(self, model) -> dict:
@@ -88,50 +117,74 @@ def evaluate_models(model_dirs: dict[str, Path], teacher_dir: Path, *, data: Dat
     """Metrics for each named model dir (and the teacher's own perplexity); float32
     weights on ``device`` (on CUDA, answers come from the fast runtime)."""
     t0 = time.perf_counter()
-    data_dir = resolve_data_dir(data.data_dir)
-    _, heldout = load_prompts(data)
-    heldout = heldout[: cfg.num_prompts]
-    essays = heldout_essays(data_dir, cfg.num_essays)
+    heldout, essays, short = eval_inputs(data, cfg)
     texts = [p.read_text() for p in essays]
-    log(f"eval: teacher answers {len(heldout)} held-out prompts")
-    ref = TeacherReference(teacher_dir, heldout, cfg, device)
-    tok = ref.tokenizer
+    log(f"eval: teacher answers {len(heldout)} held-out prompts and {len(short)} short-answer "
+        f"prompts")
+    ref = TeacherReference(teacher_dir, heldout, cfg, device, short)
+    tok, gen = ref.tokenizer, ref.generation
     result = {
         "teacher": str(teacher_dir),
         "heldout_prompts": [p["index"] for p in heldout],
         "heldout_essays": [p.name for p in essays],
         "teacher_perplexity": perplexity(ref.teacher, tok, texts, max_tokens=cfg.ppl_max_tokens,
                                          seq_len=cfg.ppl_seq_len),
+        "generation": {"max_new_tokens": cfg.max_new_tokens, "ngram": cfg.ngram,
+                       "short_answer_max_new_tokens": cfg.short_answer_max_new_tokens},
+        "judge_ceiling": gen.ceiling,
+        "teacher_generation": gen.teacher_metrics,
+        "short_answer_prompts": [dict(p, teacher=t) for p, t in zip(short, gen.teacher_short)],
         "models": {},
     }
-    sample_ids = ref.prompt_ids[: cfg.num_samples]
     for name, model_dir in model_dirs.items():
         log(f"eval: {name} ({model_dir})")
         model = load_causal_lm(model_dir, torch.float32).to(device).eval()
         metrics = ref.compare(model)
         metrics["perplexity"] = perplexity(model, tok, texts, max_tokens=cfg.ppl_max_tokens,
                                            seq_len=cfg.ppl_seq_len)
-        answers = generate_answers(model, sample_ids, eos_id=tok.eos_token_id, pad_id=ref.pad_id,
-                                   max_new_tokens=cfg.max_new_tokens)
+        scores, answers = gen.evaluate(model)
+        metrics.update(scores)
         metrics["samples"] = [
             {"prompt": p["instruction"],
              "teacher": tok.decode(t, skip_special_tokens=True).strip(),
              "model": tok.decode(a, skip_special_tokens=True).strip()}
-            for p, t, a in zip(heldout, ref.answers, answers)]
+            for p, t, a in zip(heldout[: cfg.num_samples], ref.answers, answers)]
         metrics["dir"] = str(model_dir)
         result["models"][name] = metrics
     result["eval_time_s"] = time.perf_counter() - t0
     return result
 
 
+# (header, metric key, width, format): the table's columns, left to right.
+COLUMNS = [("KL(teacher||model)", "kl_to_teacher", 19, ".4f"),
+           ("greedy agree", "greedy_agreement", 13, ".3f"),
+           ("perplexity", "perplexity", 11, ".2f"),
+           ("judge logp", "judge_logp", 11, ".3f"),
+           ("gap", "judge_gap", 7, ".3f"),
+           ("short agree", "short_answer_agreement", 12, ".3f"),
+           ("rep {n}-gram", "repeated_ngram_rate", 11, ".3f"),
+           ("no stop", "never_stops", 8, ".3f")]
+
+
 def format_table(result: dict) -> str:
+    """Teacher, then each model; "-" where a result (an older eval.json) lacks a metric."""
+    n = result.get("generation", {}).get("ngram", 4)
+    teacher = {"kl_to_teacher": 0.0, "greedy_agreement": 1.0,
+               "perplexity": result["teacher_perplexity"], **result.get("teacher_generation", {})}
     w = max([12, *map(len, result["models"])])
-    rows = [f"{'model':<{w}} {'KL(teacher||model)':>19} {'greedy agree':>13} {'perplexity':>11}",
-            f"{'teacher':<{w}} {0.0:>19.4f} {1.0:>13.3f} {result['teacher_perplexity']:>11.2f}"]
-    for name, m in result["models"].items():
-        rows.append(f"{name:<{w}} {m['kl_to_teacher']:>19.4f} {m['greedy_agreement']:>13.3f} "
-                    f"{m['perplexity']:>11.2f}")
+    rows = [f"{'model':<{w}} " + " ".join(f"{h.format(n=n):>{cw}}" for h, _, cw, _ in COLUMNS)]
+    for name, m in [("teacher", teacher), *result["models"].items()]:
+        cells = [format(m[k], f) if m.get(k) is not None else "-" for _, k, _, f in COLUMNS]
+        rows.append(f"{name:<{w}} " + " ".join(f"{c:>{cw}}" for c, (_, _, cw, _) in
+                                                zip(cells, COLUMNS)))
     return "\n".join(rows)
+
+
+TABLE_LEGEND = (
+    "KL and greedy agree: along the teacher's answers; judge logp: the teacher's mean per-token "
+    "log-likelihood of the model's own greedy answers (the teacher row: the ceiling), gap: below "
+    "the ceiling; short agree: short answers equal to the teacher's; rep n-gram: share of "
+    "repeated token n-grams within answers; no stop: answers that hit max_new_tokens without EOS")
 
 
 def eval_main(argv: list[str]) -> int:
@@ -149,6 +202,11 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--num-essays", type=int, default=EvalConfig.num_essays)
     p.add_argument("--ppl-max-tokens", type=int, default=EvalConfig.ppl_max_tokens)
     p.add_argument("--num-samples", type=int, default=EvalConfig.num_samples)
+    p.add_argument("--num-short-answers", type=int, default=EvalConfig.num_short_answers)
+    p.add_argument("--short-answer-max-new-tokens", type=int,
+                   default=EvalConfig.short_answer_max_new_tokens)
+    p.add_argument("--ngram", type=int, default=EvalConfig.ngram,
+                   help="order of the repeated n-grams counted as degeneration")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -160,8 +218,10 @@ def eval_main(argv: list[str]) -> int:
                       heldout_every=args.heldout_every)
     cfg = EvalConfig(num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
                      num_essays=args.num_essays, ppl_max_tokens=args.ppl_max_tokens,
-                     num_samples=args.num_samples)
+                     num_samples=args.num_samples, num_short_answers=args.num_short_answers,
+                     short_answer_max_new_tokens=args.short_answer_max_new_tokens, ngram=args.ngram)
     try:
+        eval_inputs(data, cfg, name=lambda key: "--" + key.replace("_", "-"))  # flags, not keys
         for path in (args.model, args.teacher):  # before the teacher's answers are generated
             check_model_dir(path)
         result = evaluate_models({"model": Path(args.model)}, Path(args.teacher), data=data, cfg=cfg,
@@ -170,6 +230,7 @@ def eval_main(argv: list[str]) -> int:
         print(f"mamba-hybrid eval: error: {e}", file=sys.stderr)
         return 2
     print(format_table(result))
+    print(TABLE_LEGEND)
     for s in result["models"]["model"]["samples"]:
         print(f"\n### {s['prompt']}\n--- teacher:\n{s['teacher']}\n--- model:\n{s['model']}")
     if args.out:

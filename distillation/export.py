@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .evaluate import evaluate_models, format_table
+from .evaluate import TABLE_LEGEND, evaluate_models, format_table
 
 _MODEL_FILES = ("config.json", "generation_config.json")
 LAYER_PLOT = "layer_importance.png"
@@ -30,7 +30,7 @@ def export_model(ctx, final_dir: Path, init_dir: Path, export_dir: Path, summary
         models = {"init": init_dir, "final": final_dir} if init_dir != final_dir else {"final": final_dir}
         evaluation = evaluate_models(models, ctx.teacher_dir, data=cfg.data, cfg=cfg.eval, log=ctx.log,
                                      device=ctx.device)
-        ctx.log("[export] held-out evaluation\n" + format_table(evaluation))
+        ctx.log("[export] held-out evaluation\n" + format_table(evaluation) + "\n" + TABLE_LEGEND)
     with atomic_output_dir(export_dir, overwrite=True) as tmp:
         for f in final_dir.iterdir():
             if f.suffix == ".safetensors" or f.name in _MODEL_FILES or f.name.endswith(".index.json"):
@@ -113,7 +113,7 @@ def model_card(s: dict) -> str:
         lines += ["## Held-out evaluation",
                   f"Prompts: {len(ev['heldout_prompts'])} held-out AlpacaEval rows; perplexity on "
                   f"held-out essays {', '.join(ev['heldout_essays'])}.", "", "```",
-                  format_table(ev), "```", ""]
+                  format_table(ev), "```", "", TABLE_LEGEND + ".", ""]
         final = ev["models"].get("final")
         if final:
             lines += ["### Sample answers (greedy)", ""]

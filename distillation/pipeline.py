@@ -111,9 +111,9 @@ def preflight(cfg: PipelineConfig, log=print) -> Context:
                               f"this pipeline; choose another directory")
         _check_writable(export_dir.parent, "stages.export.dir")
         if cfg.stages.export.evaluate:
-            from .paths import resolve_data_dir
-            try:
-                resolve_data_dir(cfg.data.data_dir)
+            from .evaluate import eval_inputs
+            try:  # held-out prompts, essays and short-answer prompts enough for `eval`
+                eval_inputs(cfg.data, cfg.eval)
             except FileNotFoundError as e:
                 raise ConfigError(f"`stages.export.evaluate`: {e}") from None
 

@@ -76,9 +76,10 @@ def main() -> int:
               f"short CPU distillation):\n{answers['hybrid'][i]}")
     eval_json = hybrid / "eval.json"
     if eval_json.is_file():
-        from distillation.evaluate import format_table
+        from distillation.evaluate import TABLE_LEGEND, format_table
         print("\nheld-out evaluation (init = freshly initialised hybrid, final = distilled):")
         print(format_table(json.loads(eval_json.read_text())))
+        print(TABLE_LEGEND)
     print("\nThe CPU demo distils for a few minutes only: quality needs a GPU run (examples/gpu.yaml).")
     return 0
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .generation import generate_answers
-from .losses import sequence_logps
+from .losses import token_logps
 from .short_answers import extract_answer, is_correct
 from .tokens import chat_prompt_ids, collate_lm
 
@@ -59,8 +59,9 @@ def judge_logps(judge, prompt_ids: list[list[int]], answers: list[list[int]], pa
                     for p, a in zip(prompt_ids[i:i + batch_size], answers[i:i + batch_size])]
         b = {k: v.to(judge.device) for k, v in collate_lm(examples, pad_id, 10 ** 9).items()}
         logits = judge(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        sums = sequence_logps(logits, b["input_ids"], b["loss_mask"])
-        out += (sums / b["loss_mask"][:, 1:].sum(-1)).tolist()
+        mask = b["loss_mask"][:, 1:]
+        sums = (token_logps(logits, b["input_ids"]) * mask).sum(-1)
+        out += (sums / mask.sum(-1)).tolist()
     return out
 
 

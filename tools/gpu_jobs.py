@@ -36,7 +36,11 @@ BENCH_8B = ("python3 benchmarks/serving_throughput.py --shape llama3-8b --dummy 
 JOBS = {
     "teacher": f"python3 -m vllm_mamba_hybrid.cli import-teacher {TEACHER}",
     "tests-engine": f"{PYTEST} tests/model_executor/test_vllm_engine.py",
+    # The graph-mode half of tests-engine (what users run; ~100 s an engine start).
+    "tests-engine-graphs": f"{PYTEST} tests/model_executor/test_vllm_engine.py -k graphs",
     "tests-spec": f"{PYTEST} tests/spec_decode/test_vllm_spec_decode.py",
+    "tests-spec-tiny": (f"{PYTEST} tests/spec_decode/test_vllm_spec_decode.py "
+                        "-k 'ngram_matches or draft_proposer'"),
     "tests-server": f"{PYTEST} tests/integration/test_vllm_server.py tests/model_executor/test_vllm_checkpoints.py",
     "tests-gpu": f"{PYTEST} -m gpu tests/",
     "agreement": (f"python3 benchmarks/vllm_agreement.py --teacher {TEACHER} "

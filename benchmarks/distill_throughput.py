@@ -10,15 +10,24 @@ scaling efficiency, and on a GPU the model FLOPs utilisation (MFU).
     python benchmarks/distill_throughput.py --device cuda --dtype bfloat16 --batch-size 16
 
 By default the teacher is a random Llama with SmolLM2-135M's shape (no download);
-``--teacher DIR`` uses a real one. MFU counts matmul FLOPs only (2 per parameter
-per token forward, 4 backward for weights that train plus 2 for activations,
-attention scores added, SSM scan and elementwise work left out), so it is a
+``--shape 1b`` a random one of Llama-3.2-1B's shape, ``--shape tiny`` a toy for a CPU smoke
+run; ``--teacher DIR`` uses a real one. ``--scan reference fla`` times the Mamba2 student's
+training scan both ways in one run (Mamba1: ``reference triton``), one row per scan and
+worker count, by setting ``MAMBA_HYBRID_SCAN`` (vllm_mamba_hybrid/ops/scan_impl.py) for
+the trainer; ``auto`` is what training uses by default.
+
+    python benchmarks/distill_throughput.py --device cuda --dtype bfloat16 --workers 1 \
+        --seq-len 512 --batch-size 16 --scan reference fla --out scan_ab.json
+
+MFU counts matmul FLOPs only (2 per parameter per token forward, 4 backward for weights
+that train plus 2 for activations, attention scores added, SSM scan and elementwise work left out), so it is a
 slight underestimate.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -34,23 +43,34 @@ from distillation.job import TrainJob  # noqa: E402
 from distillation.launch import run_job  # noqa: E402
 from distillation.tokens import save_examples  # noqa: E402
 from distillation.reporting import read_progress  # noqa: E402
+from vllm_mamba_hybrid.ops.scan_impl import ENV as SCAN_ENV  # noqa: E402
 
 # SmolLM2-135M-Instruct's shape (see shared/ENVIRONMENT.md).
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5)
+# Llama-3.2-1B's shape (random weights): the "1B" row of the scan A/B (issue 38).
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5)
+# A toy for a CPU smoke run of the benchmark itself (seconds, not a measurement).
+TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            tie_word_embeddings=True, max_position_embeddings=4096, rms_norm_eps=1e-5)
+SHAPES = {"smollm2": SMOLLM2, "1b": LLAMA_1B, "tiny": TINY}
+SCANS = {"mamba1": ("auto", "reference", "triton"), "mamba2": ("auto", "reference", "fla")}
 # Dense bf16 peak of the GPUs we are lent (datasheet, SXM).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
 def build_models(root: Path, teacher: str | None, variant: str, attn_fraction: float,
-                 d_state: int | None = None):
+                 d_state: int | None = None, shape: str = "smollm2"):
     from transformers import LlamaConfig, LlamaForCausalLM
     from vllm_mamba_hybrid.conversion.init import (hybrid_config_from_teacher,
                                                    init_hybrid_from_teacher, save_hybrid)
     if teacher is None:
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2))
+        model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))
         teacher = root / "teacher"
         model.save_pretrained(teacher)
     else:
@@ -83,7 +103,7 @@ def run(args) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     root = Path(tempfile.mkdtemp(prefix="distill-bench-"))
     teacher_dir, student_dir, tcfg, hcfg = build_models(root, args.teacher, args.variant,
-                                                        args.attn_fraction)
+                                                        args.attn_fraction, shape=args.shape)
     from distillation.models import load_causal_lm
     n_student = sum(p.numel() for p in load_causal_lm(student_dir).parameters())
     n_teacher = sum(p.numel() for p in load_causal_lm(teacher_dir).parameters())
@@ -103,9 +123,12 @@ def run(args) -> dict:
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
     rows = []
-    for workers in args.workers:
-        stage = root / f"w{workers}"
-        job = TrainJob(stage=f"bench-{workers}w", stage_dir=str(stage), init_dir=str(student_dir),
+    saved_scan = os.environ.get(SCAN_ENV)
+    for scan, workers in [(s, w) for s in args.scan for w in args.workers]:
+        os.environ[SCAN_ENV] = scan     # read by the mixers in every worker process
+        stage = root / f"{scan}-w{workers}"
+        job = TrainJob(stage=f"bench-{scan}-{workers}w", stage_dir=str(stage),
+                       init_dir=str(student_dir),
                        data_file=str(root / "examples.pt"), objective="kd",
                        teacher_dir=str(teacher_dir), steps=args.warmup + args.steps, lr=1e-5,
                        batch_size=args.batch_size, grad_accum=1, max_length=args.seq_len,
@@ -120,19 +143,28 @@ def run(args) -> dict:
         recs = recs[args.warmup:]
         step_s = statistics.median(r["step_time_s"] for r in recs)
         tokens_per_s = statistics.median(r["tokens_per_s"] for r in recs)  # real tokens, no padding
-        row = {"workers": workers, "step_time_s": step_s, "tokens_per_s": tokens_per_s,
+        row = {"scan": scan, "workers": workers, "step_time_s": step_s, "tokens_per_s": tokens_per_s,
                "tokens_per_s_per_worker": tokens_per_s / workers, "first_step_s": first_step_s}
         if peak:
             row["mfu"] = row["tokens_per_s_per_worker"] * flops_tok / (peak * 1e12)
         if "max_memory_gb" in recs[-1]:
             row["max_memory_gb"] = max(r["max_memory_gb"] for r in recs)
         rows.append(row)
-    base = rows[0]["tokens_per_s"] / rows[0]["workers"]
-    for r in rows:
-        r["scaling_efficiency"] = r["tokens_per_s"] / (base * r["workers"])
+    if saved_scan is None:
+        os.environ.pop(SCAN_ENV, None)
+    else:
+        os.environ[SCAN_ENV] = saved_scan
+    for scan in args.scan:   # scaling against the same scan's first worker count
+        mine = [r for r in rows if r["scan"] == scan]
+        base = mine[0]["tokens_per_s"] / mine[0]["workers"]
+        for r in mine:
+            r["scaling_efficiency"] = r["tokens_per_s"] / (base * r["workers"])
+            r["speedup_vs_first_scan"] = r["tokens_per_s"] / next(
+                q["tokens_per_s"] for q in rows
+                if q["scan"] == args.scan[0] and q["workers"] == r["workers"])
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch_threads_per_worker": args.threads or torch.get_num_threads(),
-            "teacher": args.teacher or "random SmolLM2-135M shape", "variant": args.variant,
+            "teacher": args.teacher or f"random, {args.shape} shape", "variant": args.variant,
             "attn_layers": hcfg.attn_layers, "batch_size_per_worker": args.batch_size,
             "seq_len": args.seq_len, "mixed_lengths": args.mixed_lengths,
             "length_grouping_steps": args.length_grouping_steps,
@@ -144,7 +176,12 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", help="Llama teacher dir (default: random, SmolLM2-135M shape)")
+    p.add_argument("--shape", default="smollm2", choices=sorted(SHAPES),
+                   help="random teacher's shape (default SmolLM2-135M; tiny: CPU smoke run)")
     p.add_argument("--variant", default="mamba2", choices=("mamba1", "mamba2"))
+    p.add_argument("--scan", nargs="+", default=["auto"],
+                   help="training scans to time, one row each: auto, reference, and fla "
+                        "(mamba2) or triton (mamba1); the first is the speedup's base")
     p.add_argument("--attn-fraction", type=float, default=0.5)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch-size", type=int, default=2, help="sequences per worker")
@@ -164,17 +201,24 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: by GPU name)")
     p.add_argument("--out", help="write the results JSON here")
     args = p.parse_args(argv)
+    bad = [v for v in args.scan if v not in SCANS[args.variant]]
+    if bad:
+        p.error(f"--scan {bad} does not apply to {args.variant}; choose from {SCANS[args.variant]}")
+    if args.teacher and args.shape != "smollm2":
+        p.error("--shape sets a random teacher's shape; it does not apply with --teacher")
     result = run(args)
     print(f"\ndistillation step, {result['device']}, {result['dtype']}, "
           f"{'compiled' if args.compile else 'eager'}, "
           f"batch {result['batch_size_per_worker']} x {result['seq_len']} tokens per worker"
           + (f" (mixed lengths, grouping {args.length_grouping_steps} steps)" if args.mixed_lengths else ""))
-    print(f"{'workers':>7} {'step s':>8} {'tokens/s':>10} {'tok/s/worker':>13} {'scaling':>8} "
-          f"{'MFU':>7}")
+    print(f"{'scan':>10} {'workers':>7} {'step s':>8} {'tokens/s':>10} {'tok/s/worker':>13} "
+          f"{'scaling':>8} {'speedup':>8} {'MFU':>7} {'peak GB':>8}")
     for r in result["results"]:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        print(f"{r['workers']:>7} {r['step_time_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
-              f"{r['tokens_per_s_per_worker']:>13.0f} {r['scaling_efficiency']:>8.2f} {mfu:>7}")
+        mem = f"{r['max_memory_gb']:.1f}" if "max_memory_gb" in r else "-"
+        print(f"{r['scan']:>10} {r['workers']:>7} {r['step_time_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
+              f"{r['tokens_per_s_per_worker']:>13.0f} {r['scaling_efficiency']:>8.2f} "
+              f"{r['speedup_vs_first_scan']:>7.2f}x {mfu:>7} {mem:>8}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

@@ -14,7 +14,8 @@ from transformers import initialization as init
 
 from ..config import LlamaMambaHybridConfig
 from ..layout import MAMBA1_PROJECTIONS, mamba1_projections
-from ..ops import selective_scan_fn, selective_state_update, triton_scan
+from ..ops import selective_state_update
+from ..ops.scan_impl import mamba1_scan
 from .mamba2_mixer import inverse_softplus_dt
 from .mamba_state import MambaLayerState
 from .short_conv import apply_short_conv
@@ -90,7 +91,7 @@ class Mamba1Mixer(nn.Module):
                 self.D, z[:, 0], dt_bias=self.dt_proj.bias, dt_softplus=True)
             y = y.unsqueeze(1)
         else:
-            scan = triton_scan.selective_scan_triton if triton_scan.supports(x) else selective_scan_fn
+            scan = mamba1_scan(x)                        # Triton on CUDA, else the reference
             y, new_ssm = scan(
                 x.transpose(1, 2), dt.transpose(1, 2), A,
                 B.reshape(groups).permute(0, 2, 3, 1), C.reshape(groups).permute(0, 2, 3, 1),

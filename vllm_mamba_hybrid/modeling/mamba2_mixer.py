@@ -15,7 +15,8 @@ from transformers import initialization as init
 
 from ..config import LlamaMambaHybridConfig
 from ..layout import mamba2_conv_channels, mamba2_in_proj_parts
-from ..ops import gated_rms_norm, ssd_chunk_scan, ssd_state_update
+from ..ops import gated_rms_norm, ssd_state_update
+from ..ops.scan_impl import mamba2_scan
 from .mamba_state import MambaLayerState
 from .short_conv import apply_short_conv
 
@@ -99,8 +100,9 @@ class Mamba2Mixer(nn.Module):
                                           self.D, self.dt_bias)
             y = y.unsqueeze(1)
         else:
-            y, new_ssm = ssd_chunk_scan(x, dt, A, B, C, self.chunk_size, self.D, self.dt_bias,
-                                        initial_state=None if state is None else state.ssm)
+            scan = mamba2_scan(x)                        # fla's kernels on CUDA, else the reference
+            y, new_ssm = scan(x, dt, A, B, C, self.chunk_size, self.D, self.dt_bias,
+                              initial_state=None if state is None else state.ssm)
         if state is not None:
             state.conv, state.ssm = new_conv, new_ssm
         y = self.norm(y.reshape(b, l, self.d_inner), z)

@@ -43,6 +43,10 @@ JOBS = {
                         "-k 'ngram_matches or draft_proposer'"),
     "tests-server": f"{PYTEST} tests/integration/test_vllm_server.py tests/model_executor/test_vllm_checkpoints.py",
     "tests-gpu": f"{PYTEST} -m gpu tests/",
+    # The fused Mamba2 training scan (fla-core, carried as .carry/fla: docs/gpu.md).
+    "tests-fla": ("pip install -q --no-index --no-deps --target /tmp/fla_site .carry/fla/*.whl && "
+                  f"PYTHONPATH=/tmp/fla_site:$PYTHONPATH {PYTEST} -m gpu tests/ops/test_fla_ssd.py "
+                  "tests/modeling/test_model.py tests/ops/test_triton_scan.py"),
     "agreement": (f"python3 benchmarks/vllm_agreement.py --teacher {TEACHER} "
                   f"--out {RESULTS}/vllm_agreement_cuda.json"),
     "bench-8b": BENCH_8B.format(models="teacher mamba2-50% mamba1-50% mamba2-25% mamba1-25%",

@@ -84,6 +84,19 @@ STUDENTS = {
     # ... only the Mamba mixers train (the paper's first stage), the speculative-decoding
     # target of benchmarks/spec_decode.py, shipped back as its mixers alone ...
     "mamba2-50-mixers": {"stages.distill.freeze_mlp": True},
+    # Issue 37's comparison, beside the fixed odd layers of mamba2-50 and mamba2-50-random
+    # (--only mamba2-50 mamba2-50-loo mamba2-50-klguided mamba2-50-reverse mamba2-25-loo
+    # mamba2-50-random): the attention layers kept by measured importance
+    # (mamba-hybrid layer-importance, scored on the GPU in each run dir) instead of the
+    # paper's odd layers, and reverse KL (mode seeking) instead of forward.
+    "mamba2-50-loo": {"student.attn_layers": "auto", "student.layer_criterion": "loo"},
+    "mamba2-50-klguided": {"student.attn_layers": "auto", "student.layer_criterion": "kl-guided"},
+    "mamba2-25-loo": {"student.attn_fraction": 0.25, "student.attn_layers": "auto"},
+    "mamba1-50-loo": {"student.variant": "mamba1", "student.d_state": 64,
+                      "student.attn_layers": "auto"},
+    "mamba2-50-reverse": {"stages.distill.kl_direction": "reverse"},
+    "mamba2-50-loo-reverse": {"student.attn_layers": "auto",
+                              "stages.distill.kl_direction": "reverse"},
     # ... and a 2-layer draft (teacher layers 0 and 29, attention) sharing the teacher's
     # embeddings and head, which stay frozen so that only its layers travel back.
     "draft-2l": {"student.layers": [0, 29], "student.attn_fraction": 1.0,

@@ -242,8 +242,9 @@ def test_mamba2_fla_training_path_equals_reference_gpu(monkeypatch, padding):
     """The training forward on fla's kernels (MAMBA_HYBRID_SCAN=fla) == the reference
     scan, logits on real tokens and every parameter's gradient, on a padded batch."""
     from vllm_mamba_hybrid.ops import fla_ssd
-    if not fla_ssd.supports(torch.empty(0, device="cuda")):
-        pytest.skip("fla-core is not importable here (extra [train-gpu]; docs/gpu.md)")
+    reason = fla_ssd.unusable_reason(torch.empty(0, device="cuda", requires_grad=True))
+    if reason:
+        pytest.skip(reason)
     torch.manual_seed(0)
     model = tiny_hybrid("mamba2", hidden_size=128, heads=4).cuda().train()
     lengths = [70, 23, 130]

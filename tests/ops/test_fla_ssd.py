@@ -140,8 +140,9 @@ def test_fla_ssd_interpreted():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES + [(4, 512, 9, 3, 64, 64)])   # SmolLM2's Mamba2 layer
 def test_fla_ssd_gpu(case, dtype):
-    if not fla_ssd.supports(torch.empty(0, device="cuda")):
-        pytest.skip("fla-core is not importable here (extra [train-gpu]; docs/gpu.md)")
+    reason = fla_ssd.unusable_reason(torch.empty(0, device="cuda", requires_grad=True))
+    if reason:
+        pytest.skip(reason)
     for with_state in (False, True):
         check_scan("cuda", dtype, *case, with_state)
 
@@ -186,3 +187,18 @@ def test_rejects_bad_shapes_by_name(name, bad):
     t[name] = bad(t[name])
     with pytest.raises(ValueError, match=f"ssd_chunk_scan_fla: {name} is "):
         fla_ssd.ssd_chunk_scan_fla(**t)
+
+
+def test_a_gpu_where_fla_cannot_take_gradients_stops_forced_training(monkeypatch):
+    """fla 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (the lent H100);
+    forced, the scan says so before a step runs; forward-only use (no_grad) still may."""
+    pytest.importorskip("fla")
+    assert fla_ssd.backward_blocker() is None   # this CPU machine is no Hopper GPU
+    monkeypatch.setenv(scan_impl.ENV, "fla")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the forced path past its device check
+    monkeypatch.setattr(fla_ssd, "backward_blocker", lambda: "fla refuses here (Triton 3.6)")
+    x = torch.zeros(1, 2, 2, 4)
+    with pytest.raises(RuntimeError, match=r"MAMBA_HYBRID_SCAN=fla: fla refuses here \(Triton 3.6\)"):
+        scan_impl.mamba2_scan(x)
+    with torch.no_grad():
+        assert scan_impl.mamba2_scan(x) is fla_ssd.ssd_chunk_scan_fla

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 
 import torch
 
@@ -69,10 +70,47 @@ def load() -> "callable":
     return fn
 
 
+@functools.cache
+def backward_blocker() -> str | None:
+    """Why fla refuses the backward this scan needs on this machine, else None.
+
+    fla 0.6.0 raises in its gated ``chunk_bwd_dqkwg`` on Hopper GPUs with Triton >= 3.4.0
+    and < 3.7.1 (wrong results there, fla issue #640) unless its tilelang backend is
+    installed: the lent H100 (torch 2.11, Triton 3.6) is such a machine (seen 2026-12-07,
+    at the first backward of a training step). Asked up front, so that training falls back
+    to the reference (``auto``) or stops before its first step (forced), with the reason."""
+    from fla.backends import TileLangBackend
+    from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    if (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
+            and not TileLangBackend.is_available()):
+        import triton
+        return (f"fla-core refuses the Mamba2 scan's backward on Hopper GPUs with Triton "
+                f"{triton.__version__} (fla issue #640): it needs Triton >= 3.7.1 or tilelang")
+    return None
+
+
+def unusable_reason(x: torch.Tensor) -> str | None:
+    """Why the mixer cannot take this scan for ``x`` (None: it can): it needs CUDA, float32
+    or lower, an importable fla, and where gradients are taken, fla's backward on this GPU."""
+    if not x.is_cuda or x.dtype == torch.float64:
+        return f"fla's kernels take CUDA tensors of float32 or lower, not {x.dtype} on {x.device}"
+    if not fla_installed() or isinstance(_chunk_simple_gla(), ImportError):
+        return "fla-core is not importable (extra [train-gpu]; docs/gpu.md)"
+    return backward_blocker() if torch.is_grad_enabled() else None
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(f"{reason}; training runs the reference Mamba2 scan instead", stacklevel=3)
+
+
 def supports(x: torch.Tensor) -> bool:
-    """Whether the mixer should take this scan for ``x``: CUDA, float32 or lower, fla imports."""
-    return (x.is_cuda and x.dtype != torch.float64 and fla_installed()
-            and not isinstance(_chunk_simple_gla(), ImportError))
+    """Whether ``auto`` takes this scan for ``x``; a GPU where fla cannot take gradients is
+    said once (a warning), since the user installed fla to have it."""
+    reason = unusable_reason(x)
+    if reason and x.is_cuda and fla_installed():
+        _warn_fallback(reason)
+    return reason is None
 
 
 @torch.compiler.disable  # a compiled layer calls the kernels as they are (graph break)

@@ -63,5 +63,8 @@ def mamba2_scan(x: torch.Tensor):
     if impl == "fla":
         _forced(impl, x)
         fla_ssd.load()   # a missing fla says how to install it, before any work
+        reason = fla_ssd.backward_blocker() if torch.is_grad_enabled() else None
+        if reason:
+            raise RuntimeError(f"{ENV}=fla: {reason}")
         return fla_ssd.ssd_chunk_scan_fla
     return ssd_chunk_scan

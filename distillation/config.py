@@ -7,6 +7,7 @@ with a default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -450,6 +451,20 @@ def _check_semantics(cfg: PipelineConfig) -> None:
 PATH_KEYS = {"output_dir", "teacher.path", "data.data_dir", "data.cache_dir", "data.prompts",
              "stages.dpo.dataset", "stages.export.dir"}
 HUB_KEYS = {"data.prompts", "stages.dpo.dataset"}
+
+
+def check_gpu_workers(backend: BackendConfig, visible_gpus: int) -> None:
+    """On CUDA, ray and torchrun run one worker per GPU: more workers than this machine's
+    GPUs would leave Ray Train waiting for resources forever (torchrun: two processes on
+    one card). A Ray cluster (``backend.address``) brings its own GPUs: not checked here."""
+    if backend.kind == "local" or (backend.kind == "ray" and backend.address):
+        return
+    if backend.num_workers > visible_gpus:
+        raise ConfigError(
+            f"`backend.num_workers` {backend.num_workers}: `backend.kind: {backend.kind}` on CUDA "
+            f"runs one worker per GPU and {visible_gpus} GPU(s) are visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+            f"use at most {visible_gpus} workers, or `backend.address` for a Ray cluster")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import fingerprint
-from .config import ConfigError, PipelineConfig
+from .config import ConfigError, PipelineConfig, check_gpu_workers
 from .job import TrainJob
 from .launch import run_job
 from .models import load_causal_lm, load_tokenizer
@@ -128,6 +128,8 @@ def preflight(cfg: PipelineConfig, log=print) -> Context:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("`backend.device: cuda` but no CUDA device is visible")
+    if device == "cuda":
+        check_gpu_workers(cfg.backend, torch.cuda.device_count())
 
     if (teacher_dir / "config.json").is_file():
         teacher_config = AutoConfig.from_pretrained(teacher_dir)

@@ -224,3 +224,18 @@ def test_student_d_state_reaches_the_model_or_is_refused(tmp_path, teacher, caps
     assert distill_main([str(_write(tmp_path, cfg))]) == 0       # the init stage alone
     init = json.loads((tmp_path / "run" / "stages" / "00-init" / "model" / "config.json").read_text())
     assert (init["mamba_variant"], init["d_state"]) == ("mamba1", 32)
+
+
+@pytest.mark.parametrize("kind,workers,address,gpus,ok", [
+    ("ray", 2, None, 1, False), ("torchrun", 3, None, 2, False), ("ray", 2, None, 2, True),
+    ("torchrun", 1, None, 1, True), ("ray", 8, "ray://head:10001", 1, True),
+    ("local", 1, None, 1, True)])
+def test_gpu_workers_beyond_the_visible_gpus_are_refused(kind, workers, address, gpus, ok):
+    """Ray Train would wait forever for a GPU that is not there: refused, naming the key."""
+    from distillation.config import BackendConfig, check_gpu_workers
+    backend = BackendConfig(kind=kind, num_workers=workers, address=address, device="cuda")
+    if ok:
+        check_gpu_workers(backend, gpus)
+    else:
+        with pytest.raises(ConfigError, match=rf"`backend.num_workers` {workers}: .* {gpus} GPU"):
+            check_gpu_workers(backend, gpus)

@@ -111,6 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
+    if args.mamba_ssm_src and not (args.mamba_ssm_src / "mamba_ssm/ops/triton/ssd_combined.py").is_file():
+        p.error(f"--mamba-ssm-src {args.mamba_ssm_src}: no mamba_ssm/ops/triton/ssd_combined.py "
+                f"there (the folder holding mamba_ssm/ of its unpacked sdist; docs/gpu.md)")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     torch.manual_seed(0)
@@ -118,11 +121,10 @@ def main(argv=None) -> int:
     t = inputs(*args.shape, dtype, "cuda")
     ref = run(ssd_chunk_scan, {k: v.double() for k, v in t.items()}, True)
     candidates = {"reference": (ssd_chunk_scan, True)}
-    reason = fla_ssd.unusable_reason(t["x"])
+    reason = fla_ssd.unusable_reason(t["x"])          # with gradients
     with torch.no_grad():
-        fla_forward = fla_ssd.unusable_reason(t["x"]) is None
-    if reason is None or fla_forward:
-        candidates["fla"] = (fla_ssd.ssd_chunk_scan_fla, reason is None)
+        if fla_ssd.unusable_reason(t["x"]) is None:     # the forward alone may still run
+            candidates["fla"] = (fla_ssd.ssd_chunk_scan_fla, reason is None)
     if args.mamba_ssm_src:
         candidates["mamba-ssm"] = (mamba_ssm_scan(load_mamba_ssm_ssd(args.mamba_ssm_src)), True)
     rows = []

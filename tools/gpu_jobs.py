@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
+import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -47,6 +48,11 @@ JOBS = {
     "tests-fla": ("pip install -q --no-index --no-deps --target /tmp/fla_site .carry/fla/*.whl && "
                   f"PYTHONPATH=/tmp/fla_site:$PYTHONPATH {PYTEST} -m gpu tests/ops/test_fla_ssd.py "
                   "tests/modeling/test_model.py tests/ops/test_triton_scan.py"),
+    # Mamba2's training scan: reference vs fla vs mamba-ssm's Triton SSD (carry .carry/mssm
+    # and .carry/fla: docs/gpu.md); no vLLM needed, but kept out of an engine's start-up.
+    "ssd-scan": ("pip install -q --no-index --no-deps --target /tmp/fla_site .carry/fla/*.whl && "
+                 "PYTHONPATH=/tmp/fla_site:$PYTHONPATH python3 benchmarks/ssd_training_scan.py "
+                 f"--mamba-ssm-src .carry/mssm --out {RESULTS}/ssd_training_scan_cuda.json"),
     "agreement": (f"python3 benchmarks/vllm_agreement.py --teacher {TEACHER} "
                   f"--out {RESULTS}/vllm_agreement_cuda.json"),
     "bench-8b": BENCH_8B.format(models="teacher mamba2-50% mamba1-50% mamba2-25% mamba1-25%",
@@ -95,20 +101,29 @@ def _status() -> dict[str, str | None]:
             for log in sorted(JOBS_DIR.glob("*.log"))}
 
 
+# What a reader needs from a long pytest / vLLM log: each case's verdict, the assertion
+# lines and the durations, besides its tail.
+_VERDICT = re.compile(r"(::\S+ (PASSED|FAILED|ERROR|SKIPPED))|^(FAILED|ERROR) |^E  |"
+                      r"^\d+\.\d+s (call|setup|teardown) |took|takes")
+
+
 def wait(max_s: float, names: list[str]) -> None:
     deadline = time.time() + max_s
     while time.time() < deadline and any(
             rc is None for name, rc in _status().items() if not names or name in names):
         time.sleep(5)
     for name, rc in _status().items():
-        tail = (JOBS_DIR / f"{name}.log").read_text(errors="replace").splitlines()[-6:]
-        print(f"== {name}: {'running' if rc is None else 'rc ' + rc}\n" + "\n".join(tail))
+        lines = (JOBS_DIR / f"{name}.log").read_text(errors="replace").splitlines()
+        found = [line[:300] for line in lines[:-6] if _VERDICT.search(line)][-40:]
+        print(f"== {name}: {'running' if rc is None else 'rc ' + rc}\n"
+              + "\n".join(found + ["--"] + [line[:300] for line in lines[-6:]]))
 
 
 def collect() -> None:
-    out = Path(os.environ["OUT"])
-    for path in [*JOBS_DIR.glob("*.log"), *RESULTS.glob("*.json")]:
-        shutil.copy(path, out / path.name)
+    """Logs and JSON results as one archive: the device returns at most 8 files."""
+    with tarfile.open(Path(os.environ["OUT"]) / "jobs.tar.gz", "w:gz") as tar:
+        for path in [*JOBS_DIR.glob("*.log"), *RESULTS.glob("*.json")]:
+            tar.add(path, arcname=path.relative_to(JOBS_DIR))
 
 
 def main(argv: list[str] | None = None) -> int:

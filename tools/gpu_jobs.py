@@ -39,6 +39,8 @@ JOBS = {
     "tests-engine": f"{PYTEST} tests/model_executor/test_vllm_engine.py",
     # The graph-mode half of tests-engine (what users run; ~100 s an engine start).
     "tests-engine-graphs": f"{PYTEST} tests/model_executor/test_vllm_engine.py -k graphs",
+    # Where graph mode parts the chunked-prefill case from the reference (one engine a setting).
+    "graphs-bisect": "python3 tools/vllm_graph_bisect.py --variants mamba1",
     "tests-spec": f"{PYTEST} tests/spec_decode/test_vllm_spec_decode.py",
     "tests-spec-tiny": (f"{PYTEST} tests/spec_decode/test_vllm_spec_decode.py "
                         "-k 'ngram_matches or draft_proposer'"),
@@ -69,7 +71,10 @@ JOBS = {
 
 def _env() -> dict[str, str]:
     env = staged_env()
-    env.update(PYTHONUNBUFFERED="1", MAMBA_HYBRID_SHARED=str(REPO / ".carry" / "shared"))
+    # TRITON_CACHE_AUTOTUNING: every engine is a new process, and vLLM's float32 SSD kernels
+    # spent ~100 s autotuning in each Mamba2 engine (2026-12-07); keep the choices on disk.
+    env.update(PYTHONUNBUFFERED="1", MAMBA_HYBRID_SHARED=str(REPO / ".carry" / "shared"),
+               TRITON_CACHE_AUTOTUNING="1")
     return env
 
 

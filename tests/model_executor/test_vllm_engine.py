@@ -121,9 +121,19 @@ def _run_engine(case, mode, order=tuple(range(len(PROMPT_LENS))), **engine_kw):
     return greedy, prompt_logprobs, preemptions
 
 
+def _first_difference(ref: list[int], got: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+
+
 def _assert_greedy_equal(case, greedy):
-    for n, ref, got in zip(PROMPT_LENS, case["greedy"], greedy):
-        assert got == ref, f"{case['variant']}: prompt of {n} tokens diverged:\nref {ref}\nvllm {got}"
+    """Names every prompt that diverged and where, so one failing run shows the pattern."""
+    diverged = [(n, ref, got) for n, ref, got in zip(PROMPT_LENS, case["greedy"], greedy)
+                if got != ref]
+    summary = "; ".join(f"{n} tokens at token {_first_difference(ref, got)}"
+                        for n, ref, got in diverged)
+    details = "".join(f"\n{n} tokens:\n  ref  {ref}\n  vllm {got}" for n, ref, got in diverged)
+    assert not diverged, (f"{case['variant']}: {len(diverged)} of {len(PROMPT_LENS)} prompts "
+                          f"diverged: {summary}{details}")
 
 
 def _assert_logprobs_close(case, prompt_logprobs):

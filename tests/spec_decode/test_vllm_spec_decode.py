@@ -93,7 +93,8 @@ def _run(ckpt, prompts, spec: dict | None, max_tokens=None, **engine_kw):
     from vllm_mamba_hybrid.spec_decode import spec_decode_metrics
 
     max_tokens = max_tokens or [NEW_TOKENS] * len(prompts)
-    llm = LLM(ckpt, **{**ENGINE_KW, **ENGINE_MODES[DEFAULT_MODE], **engine_kw},
+    # str: vLLM 0.26's LLM() takes no Path (0.32 does); a Path stopped every CUDA case.
+    llm = LLM(str(ckpt), **{**ENGINE_KW, **ENGINE_MODES[DEFAULT_MODE], **engine_kw},
               speculative_config=spec)
     try:
         outs = llm.generate([{"prompt_token_ids": prompts[i]} for i in ORDER],

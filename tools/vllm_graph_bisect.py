@@ -1,0 +1,108 @@
+"""Which part of vLLM's graph mode parts a hybrid from its reference? (CUDA diagnosis)
+
+On the H100 (vLLM 0.26, 2026-12-07) `test_chunked_prefill_batch_matches_reference` failed in
+graph mode for both variants (the 1-token prompt wrong from its first token) while eager
+mode and graph mode under forced preemption passed. This runs that test's case (same
+checkpoints, prompts, engine settings and reference) under one engine setting after another
+and prints, for every prompt, where its greedy tokens leave the reference and how far its
+prompt logprobs are off:
+
+* ``eager`` / ``graphs``: the test's two modes;
+* ``piecewise``, ``full-decode``, ``compile-only``: one of vLLM's CUDA-graph modes at a time
+  (``cudagraph_mode`` PIECEWISE, FULL_DECODE_ONLY, NONE), torch.compile on;
+* ``eager-dirty``: eager, with every Mamba state block filled with noise before the first
+  request, as CUDA-graph capture or an earlier request leaves it: a path that reads state
+  it should not then diverges without any graph.
+
+    python3 tools/vllm_graph_bisect.py --variants mamba1 --settings eager-dirty graphs piecewise
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.model_executor import test_vllm_engine as engine_test  # noqa: E402
+
+SETTINGS = {
+    "eager": dict(enforce_eager=True),
+    "eager-dirty": dict(enforce_eager=True),
+    "graphs": dict(enforce_eager=False),
+    "piecewise": dict(enforce_eager=False, compilation_config={"cudagraph_mode": "PIECEWISE"}),
+    "full-decode": dict(enforce_eager=False,
+                        compilation_config={"cudagraph_mode": "FULL_DECODE_ONLY"}),
+    "compile-only": dict(enforce_eager=False, compilation_config={"cudagraph_mode": "NONE"}),
+}
+
+
+def fill_mamba_state_with_noise(worker) -> int:
+    """Runs in vLLM's worker: every Mamba layer's conv and SSM state blocks get noise."""
+    from vllm.model_executor.layers.mamba.abstract import MambaBase
+
+    layers = [m for m in worker.model_runner.compilation_config.static_forward_context.values()
+              if isinstance(m, MambaBase)]
+    for layer in layers:
+        for state in layer.kv_cache:
+            state.copy_((torch.randn(state.shape, device=state.device) * 3).to(state.dtype))
+    return len(layers)
+
+
+def run_setting(case: dict, setting: str) -> str:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(case["ckpt"], **engine_test.ENGINE_KW, **SETTINGS[setting])
+    try:
+        if setting == "eager-dirty":
+            assert llm.collective_rpc(fill_mamba_state_with_noise)[0] > 0
+        inputs = [{"prompt_token_ids": p} for p in case["prompts"]]
+        outs = llm.generate(inputs, SamplingParams(max_tokens=engine_test.NEW_TOKENS,
+                                                   temperature=0, ignore_eos=True))
+        lp_outs = llm.generate(inputs, SamplingParams(max_tokens=1, temperature=0,
+                                                      prompt_logprobs=0))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    cells = []
+    for n, ref, out, ref_lp, lp_out, prompt in zip(engine_test.PROMPT_LENS, case["greedy"], outs,
+                                                   case["logprobs"], lp_outs, case["prompts"]):
+        got = list(out.outputs[0].token_ids)
+        where = "=" if got == ref else f"@{engine_test._first_difference(ref, got)}"
+        lp = torch.tensor([pos[tok].logprob for pos, tok in zip(lp_out.prompt_logprobs[1:],
+                                                                prompt[1:])])
+        err = (lp - ref_lp).abs().max().item() if n > 1 else 0.0
+        cells.append(f"{n}:{where}/{err:.0e}")
+    return " ".join(cells)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(function)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="+", choices=sorted(engine_test.VARIANTS),
+                   default=sorted(engine_test.VARIANTS))
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    args = p.parse_args(argv)
+    print("per prompt: length:(= equal | @first differing token)/max prompt-logprob error",
+          flush=True)
+    for variant in args.variants:
+        case = engine_test._reference_case(variant, Path(tempfile.mkdtemp()) / variant)
+        for setting in args.settings:
+            t0 = time.time()
+            try:
+                row = run_setting(case, setting)
+            except Exception as e:  # one setting failing to start must not hide the others
+                row = f"ERROR {type(e).__name__}: {str(e)[:300]}"
+            print(f"{variant:<7} {setting:<13} {time.time() - t0:5.0f} s  {row}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,10 +4,9 @@ Which kept library's SSD kernels should the GPU training path take (issue 38)? C
 the reference (:func:`vllm_mamba_hybrid.ops.ssd.ssd_chunk_scan`, unfused PyTorch), fla-core's
 ``chunk_simple_gla`` (:mod:`vllm_mamba_hybrid.ops.fla_ssd`; its backward is refused on
 Hopper with Triton < 3.7.1, then it is timed forward only), and mamba-ssm's Triton SSD
-(``mamba_chunk_scan_combined``, what the paper's training code calls). ``import mamba_ssm``
-needs its CUDA extension, which the lent GPU machine cannot build, so its Triton modules are
-loaded from an unpacked sdist (``--mamba-ssm-src DIR``, the folder holding ``mamba_ssm/``)
-without running the package's ``__init__``.
+(:mod:`vllm_mamba_hybrid.ops.mamba_ssm_ssd`, what the paper's training code calls), each where
+it imports. ``--mamba-ssm-src DIR`` (the folder holding ``mamba_ssm/``, e.g. an unpacked
+sdist) puts mamba-ssm's sources on the path where it is not installed.
 
 Every candidate's output, final state and input gradients are compared with the reference
 in float64 on the same rounded inputs (relative error printed), then timed (CUDA events).
@@ -19,41 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vllm_mamba_hybrid.ops import fla_ssd  # noqa: E402
+from vllm_mamba_hybrid.ops import fla_ssd, mamba_ssm_ssd  # noqa: E402
 from vllm_mamba_hybrid.ops.ssd import ssd_chunk_scan  # noqa: E402
 
 INPUTS = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
-
-
-def load_mamba_ssm_ssd(src: Path):
-    """mamba-ssm's ``mamba_chunk_scan_combined`` from the sources under ``src``, with the
-    ``mamba_ssm`` package registered by path (its ``__init__`` imports the CUDA extension)."""
-    for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton", "mamba_ssm.utils"):
-        module = types.ModuleType(name)
-        module.__path__ = [str(src / name.replace(".", "/"))]
-        sys.modules[name] = module
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    return mamba_chunk_scan_combined
-
-
-def mamba_ssm_scan(fn):
-    """The reference's contract on top of mamba-ssm's kernel (B and C share the group count
-    there, so a per-head C takes B expanded to heads)."""
-    def scan(x, dt, A, B, C, chunk_size=128, D=None, dt_bias=None, initial_state=None):
-        h = x.shape[2]
-        if C.shape[2] != B.shape[2]:
-            B = B.repeat_interleave(h // B.shape[2], dim=2)
-        y, final = fn(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
-                      initial_states=initial_state, dt_softplus=True, return_final_states=True)
-        return y, final.float()
-    return scan
 
 
 def inputs(b, l, h, g, p, n, dtype, device):
@@ -125,8 +99,10 @@ def main(argv=None) -> int:
     with torch.no_grad():
         if fla_ssd.unusable_reason(t["x"]) is None:     # the forward alone may still run
             candidates["fla"] = (fla_ssd.ssd_chunk_scan_fla, reason is None)
-    if args.mamba_ssm_src:
-        candidates["mamba-ssm"] = (mamba_ssm_scan(load_mamba_ssm_ssd(args.mamba_ssm_src)), True)
+    if args.mamba_ssm_src:   # found as Python would find an installed mamba_ssm
+        sys.path.insert(0, str(args.mamba_ssm_src))
+    if mamba_ssm_ssd.unusable_reason(t["x"]) is None:
+        candidates["mamba-ssm"] = (mamba_ssm_ssd.ssd_chunk_scan_mamba_ssm, True)
     rows = []
     for name, (scan, backward) in candidates.items():
         row = {"scan": name, "backward": backward,

@@ -45,7 +45,9 @@ def _grad_err(got, ref):
     return ((got.double() - ref).norm() / ref.norm().clamp_min(1.0)).item()
 
 
-def check_scan(device, dtype, b, l, h, g, p, n, with_state):
+def check_scan(device, dtype, b, l, h, g, p, n, with_state, scan=None):
+    """``scan`` (default: fla's) against the float64 reference; test_mamba_ssm_ssd.py too."""
+    scan = scan or fla_ssd.ssd_chunk_scan_fla
     base = _inputs(b, l, h, g, p, n)
     if not with_state:
         base.pop("initial_state")
@@ -53,7 +55,7 @@ def check_scan(device, dtype, b, l, h, g, p, n, with_state):
     ref = {k: v.double().requires_grad_() for k, v in low.items()}
     got = {k: v.to(device).requires_grad_() for k, v in low.items()}
     y_ref, s_ref = ssd_chunk_scan(**ref)
-    y, s = fla_ssd.ssd_chunk_scan_fla(**got)
+    y, s = scan(**got)
     assert y.dtype == dtype and s.dtype == torch.float32
     assert y.shape == y_ref.shape and s.shape == s_ref.shape
     tol_out, tol_grad = TOL[dtype]

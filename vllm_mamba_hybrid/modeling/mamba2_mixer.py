@@ -100,7 +100,7 @@ class Mamba2Mixer(nn.Module):
                                           self.D, self.dt_bias)
             y = y.unsqueeze(1)
         else:
-            scan = mamba2_scan(x)                        # fla's kernels on CUDA, else the reference
+            scan = mamba2_scan(x)                        # a fused kernel on CUDA, else the reference
             y, new_ssm = scan(x, dt, A, B, C, self.chunk_size, self.D, self.dt_bias,
                               initial_state=None if state is None else state.ssm)
         if state is not None:

@@ -11,13 +11,13 @@ scaling efficiency, and on a GPU the model FLOPs utilisation (MFU).
 
 By default the teacher is a random Llama with SmolLM2-135M's shape (no download);
 ``--shape 1b`` a random one of Llama-3.2-1B's shape, ``--shape tiny`` a toy for a CPU smoke
-run; ``--teacher DIR`` uses a real one. ``--scan reference fla`` times the Mamba2 student's
-training scan both ways in one run (Mamba1: ``reference triton``), one row per scan and
+run; ``--teacher DIR`` uses a real one. ``--scan reference mamba-ssm`` times the Mamba2
+student's training scan both ways in one run (also ``fla``; Mamba1: ``reference triton``), one row per scan and
 worker count, by setting ``MAMBA_HYBRID_SCAN`` (vllm_mamba_hybrid/ops/scan_impl.py) for
 the trainer; ``auto`` is what training uses by default.
 
     python benchmarks/distill_throughput.py --device cuda --dtype bfloat16 --workers 1 \
-        --seq-len 512 --batch-size 16 --scan reference fla --out scan_ab.json
+        --seq-len 512 --batch-size 16 --scan reference mamba-ssm --out scan_ab.json
 
 MFU counts matmul FLOPs only (2 per parameter per token forward, 4 backward for weights
 that train plus 2 for activations, attention scores added, SSM scan and elementwise work left out), so it is a

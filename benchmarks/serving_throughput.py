@@ -14,6 +14,11 @@ bytes. For every context length L:
   token), measured at the largest batch, then again after aborting requests down to
   each smaller offered batch (the contexts stay ~L: one prefill serves every batch).
 
+``--profile CTX:BATCH``: after that cell's timed decode, a few more decode steps run under
+the torch profiler inside vLLM's worker, and the device time per step is split into
+attention, Mamba scan / state update, conv, GEMM and other kernels (on the CPU engine: op
+self time), with the top kernels: where a hybrid's decode step spends what it saves.
+
 Prompts are bytes of the shared essays as token ids (real text, real lengths).
 Shapes: ``smollm2`` (SmolLM2-135M: 30 layers, hidden 576, 9/3 heads, vocab 49152) and
 ``llama3-8b`` (32 layers, hidden 4096, 32/8 heads, MLP 14336, vocab 128256). Weights:
@@ -157,6 +162,60 @@ def _max_concurrency(worker, lengths: list[int]) -> dict[int, float]:
     return out
 
 
+# Kernel / op name -> what it does; first match wins (names of vLLM 0.26-0.32, cuBLAS, torch).
+PROFILE_CATEGORIES = (
+    ("mamba", re.compile(r"selective_state_update|selective_scan|ssd|chunk_scan|chunk_state|"
+                         r"state_passing|bmm_chunk|chunk_cumsum|mamba|ssm|softplus", re.I)),
+    ("conv", re.compile(r"causal_conv1d|conv1d|short_conv", re.I)),
+    ("attention", re.compile(r"attn|attention|flash|fmha|paged|reshape_and_cache|kv_cache", re.I)),
+    ("gemm", re.compile(r"gemm|matmul|cutlass|nvjet|xmma|cublas|aten::(mm|addmm|bmm|linear)$|"
+                        r"onednn|mkl", re.I)),
+)
+PROFILE_STEPS = 8
+
+
+def profile_category(name: str) -> str:
+    return next((cat for cat, rx in PROFILE_CATEGORIES if rx.search(name)), "other")
+
+
+def _profile_start(worker) -> None:
+    """Runs in vLLM's worker: a torch profiler around the next engine steps."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    worker._serving_profile = torch.profiler.profile(activities=activities)
+    worker._serving_profile.__enter__()
+
+
+def _profile_stop(worker, steps: int) -> dict:
+    """Runs in vLLM's worker: device time per step by category (CPU engine: op self
+    time of the innermost ops), and the top 12 kernels / ops."""
+    import torch
+
+    prof = worker._serving_profile
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof.__exit__(None, None, None)
+    del worker._serving_profile
+    cuda = torch.cuda.is_available()
+    totals: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
+        if us > 0 and (not cuda or evt.device_type == torch.autograd.DeviceType.CUDA):
+            totals[evt.key] = totals.get(evt.key, 0.0) + us
+    by_cat: dict[str, float] = {}
+    for name, us in totals.items():
+        cat = profile_category(name)
+        by_cat[cat] = by_cat.get(cat, 0.0) + us / 1e3 / steps
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:12]
+    return {"timer": "device" if cuda else "cpu op self", "steps": steps,
+            "ms_per_step": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
+            "total_ms_per_step": sum(by_cat.values()),
+            "top": [[name[:120], us / 1e3 / steps, profile_category(name)] for name, us in top]}
+
+
 class _Stepper:
     """Drives ``llm.llm_engine`` step by step, timing every step and counting tokens."""
 
@@ -253,6 +312,12 @@ def worker(args) -> None:
                 tokens += run.step()
             r["decode"][str(b)] = {"running": keep,
                                    "tok_s": tokens / (time.perf_counter() - t)}
+            if (ctx, b) in args.profile:
+                llm.collective_rpc(_profile_start)
+                for _ in range(PROFILE_STEPS):
+                    run.step()
+                r["decode"][str(b)]["profile"] = llm.collective_rpc(
+                    _profile_stop, args=(PROFILE_STEPS,))[0]
         run.abort(ids)
         results[str(ctx)] = r
         print(f"  {ctx}: {json.dumps(r)}", flush=True)
@@ -270,6 +335,7 @@ def measure(model_dir: Path, args) -> dict:
            "--max-new", str(args.max_new), "--batched-tokens", str(args.batched_tokens),
            "--kv-bytes", str(args.kv_bytes), "--max-prefill-tokens", str(args.max_prefill_tokens)]
     cmd += ["--graphs"] if args.graphs else []
+    cmd += ["--profile", *(f"{c}:{b}" for c, b in args.profile)] if args.profile else []
     cmd += ["--dummy"] if args.dummy else []
     t0 = time.time()
     env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "PYTHONUNBUFFERED": "1"}
@@ -307,6 +373,25 @@ def print_table(results: dict, args) -> None:
                       f"{r['prefill_tok_s']:>14.0f}{ratio(r['prefill_tok_s'], t and t['prefill_tok_s'])}"
                       f"{r['ttft_s']:>8.3f}{ratio(r['ttft_s'], t and t['ttft_s'])}"
                       f"{r['fit']:>8.1f}{ratio(r['fit'], t and t['fit'])}")
+    for name, res in results.items():
+        for ctx, r in res["contexts"].items():
+            for b, d in r["decode"].items():
+                if "profile" in d:
+                    prof = d["profile"]
+                    split = "  ".join(f"{k} {v:.3f}" for k, v in prof["ms_per_step"].items())
+                    print(f"profile {name} ctx {ctx} batch {b}, {prof['timer']} ms per step: {split}")
+
+
+def parse_cell(cell: str, args, parser) -> tuple[int, int]:
+    """'CTX:BATCH' of --profile, one of the measured contexts and batch sizes."""
+    try:
+        ctx, batch = (int(v) for v in cell.split(":"))
+    except ValueError:
+        parser.error(f"--profile {cell!r}: expected CTX:BATCH, e.g. 8192:64")
+    if ctx not in args.contexts or batch not in args.batches:
+        parser.error(f"--profile {cell}: {ctx} must be one of --contexts {args.contexts} and "
+                     f"{batch} one of --batches {args.batches}")
+    return ctx, batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,15 +416,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="CUDA: vLLM's defaults (torch.compile + CUDA graphs) instead of eager")
     p.add_argument("--dummy", action="store_true",
                    help="random weights from vLLM's dummy loader (no checkpoint files)")
+    p.add_argument("--profile", nargs="+", default=[], metavar="CTX:BATCH",
+                   help="profile a few decode steps of these cells (kernel time by category)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per model")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/mamba_hybrid_bench"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.kv_bytes = int(args.kv_bytes)
-    if args.max_new < (WARM_STEPS + TIMED_STEPS) * len(args.batches):
+    args.profile = [parse_cell(cell, args, p) for cell in args.profile]
+    needed = (WARM_STEPS + TIMED_STEPS) * len(args.batches) + PROFILE_STEPS * len(args.profile)
+    if args.max_new < needed:
         p.error(f"--max-new {args.max_new} is too few for {len(args.batches)} batch sizes "
-                f"of {WARM_STEPS + TIMED_STEPS} steps each")
+                f"of {WARM_STEPS + TIMED_STEPS} steps each"
+                + (f" and {len(args.profile)} profiled cells of {PROFILE_STEPS}" if args.profile else ""))
     if args.worker:
         worker(args)
         return 0

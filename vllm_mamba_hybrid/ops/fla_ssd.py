@@ -38,7 +38,7 @@ import warnings
 import torch
 
 from ._dtype import no_autocast
-from .ssd import _heads, _prepare_dt
+from .ssd import _heads, _prepare_dt, check_scan_shapes
 
 FLA_CHUNK = 64  # fla's chunk length (its kernels are tuned for it); the scan's result
                 # does not depend on it, so the mixer's ssm_chunk_size is not passed on
@@ -133,19 +133,8 @@ def ssd_chunk_scan_fla(
     differentiable in every tensor input. ``chunk_size`` is accepted and not used
     (fla chunks by :data:`FLA_CHUNK`); float64 is not supported (use the reference)."""
     del chunk_size
-    b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    gc = C.shape[2] if C.dim() == 4 else h   # C may be grouped like B (the reference allows it)
-    want = {"dt": (dt, (b, l, h)), "A": (A, (h,)), "B": (B, (b, l, g, n)),
-            "C": (C, (b, l, gc, n)), "D": (D, (h,)), "dt_bias": (dt_bias, (h,)),
-            "initial_state": (initial_state, (b, h, p, n))}
-    for name, (t, shape) in want.items():
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"ssd_chunk_scan_fla: {name} is {tuple(t.shape)}, expected {shape} "
-                             f"for x {tuple(x.shape)} (b, l, h, p) with {g} B groups of d_state {n}")
-    if x.dtype == torch.float64:
-        raise TypeError("ssd_chunk_scan_fla computes in float32 or lower; "
-                        "use ssd_chunk_scan for float64")
+    check_scan_shapes("ssd_chunk_scan_fla", x, dt, A, B, C, D, dt_bias, initial_state)
+    h = x.shape[2]
     chunk_simple_gla = load()
     kd = x.dtype                                         # the kernels' operand dtype
     dtf = _prepare_dt(dt, dt_bias, dt_softplus)          # (b, l, h) float32

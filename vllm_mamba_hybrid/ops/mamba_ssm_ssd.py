@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ._dtype import no_autocast
-from .ssd import _heads
+from .ssd import _heads, check_scan_shapes
 
 ENTRY = "mamba_ssm.ops.triton.ssd_combined"
 # The packages the SSD modules import from (their own __init__ files import nothing we need).
@@ -116,21 +116,9 @@ def ssd_chunk_scan_mamba_ssm(
     ``(y (b, l, h, p) in x's dtype, final_state (b, h, p, n) float32)``, differentiable in
     every tensor input. mamba-ssm gives B and C one group count, so where they differ (the
     hybrids' per-head C) both are expanded to the heads."""
-    b, l, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    gc = C.shape[2]
-    want = {"dt": (dt, (b, l, h)), "A": (A, (h,)), "B": (B, (b, l, g, n)),
-            "C": (C, (b, l, gc, n)), "D": (D, (h,)), "dt_bias": (dt_bias, (h,)),
-            "initial_state": (initial_state, (b, h, p, n))}
-    for name, (t, shape) in want.items():
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"ssd_chunk_scan_mamba_ssm: {name} is {tuple(t.shape)}, expected "
-                             f"{shape} for x {tuple(x.shape)} (b, l, h, p) with {g} B groups "
-                             f"of d_state {n}")
-    if x.dtype == torch.float64:
-        raise TypeError("ssd_chunk_scan_mamba_ssm computes in float32 or lower; "
-                        "use ssd_chunk_scan for float64")
-    if gc != g:   # mamba-ssm takes one group count for both: expand both to the heads
+    check_scan_shapes("ssd_chunk_scan_mamba_ssm", x, dt, A, B, C, D, dt_bias, initial_state)
+    h = x.shape[2]
+    if C.shape[2] != B.shape[2]:   # mamba-ssm takes one group count: expand both to the heads
         B, C = _heads(B, h, 2), _heads(C, h, 2)
     y, final = load()(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
                       initial_states=initial_state, dt_softplus=dt_softplus,

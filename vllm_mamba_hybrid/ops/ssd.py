@@ -34,6 +34,24 @@ def _heads(t: torch.Tensor, nheads: int, dim: int) -> torch.Tensor:
     return t if g == nheads else t.repeat_interleave(nheads // g, dim=dim)
 
 
+def check_scan_shapes(caller: str, x, dt, A, B, C, D=None, dt_bias=None,
+                      initial_state=None) -> None:
+    """The scan contract's shapes (:func:`ssd_chunk_scan`), checked before a fused kernel
+    indexes memory by them; the error names the tensor."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    gc = C.shape[2] if C.dim() == 4 else h   # C may be grouped like B
+    want = {"dt": (dt, (b, l, h)), "A": (A, (h,)), "B": (B, (b, l, g, n)),
+            "C": (C, (b, l, gc, n)), "D": (D, (h,)), "dt_bias": (dt_bias, (h,)),
+            "initial_state": (initial_state, (b, h, p, n))}
+    for name, (t, shape) in want.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{caller}: {name} is {tuple(t.shape)}, expected {shape} for x "
+                             f"{tuple(x.shape)} (b, l, h, p) with {g} B groups of d_state {n}")
+    if x.dtype == torch.float64:
+        raise TypeError(f"{caller} computes in float32 or lower; use ssd_chunk_scan for float64")
+
+
 @no_autocast
 def ssd_chunk_scan(
     x: torch.Tensor,

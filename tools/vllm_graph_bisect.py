@@ -2,19 +2,24 @@
 
 On the H100 (vLLM 0.26, 2026-12-07) `test_chunked_prefill_batch_matches_reference` failed in
 graph mode for both variants (the 1-token prompt wrong from its first token) while eager
-mode and graph mode under forced preemption passed. This runs that test's case (same
-checkpoints, prompts, engine settings and reference) under one engine setting after another
-and prints, for every prompt, where its greedy tokens leave the reference and how far its
+mode and graph mode under forced preemption passed. The likely cause, reproduced on the CPU
+engine with a stale state block, is fixed in ``mamba_metadata.py``; this checks it on the
+GPU. It runs that test's case (same checkpoints, prompts, engine settings, reference, and
+Mamba state blocks filled with noise first) under one engine setting after another and
+prints, for every prompt, where its greedy tokens leave the reference and how far its
 prompt logprobs are off:
 
 * ``eager`` / ``graphs``: the test's two modes;
 * ``piecewise``, ``full-decode``, ``compile-only``: one of vLLM's CUDA-graph modes at a time
   (``cudagraph_mode`` PIECEWISE, FULL_DECODE_ONLY, NONE), torch.compile on;
-* ``eager-dirty``: eager, with every Mamba state block filled with noise before the first
-  request, as CUDA-graph capture or an earlier request leaves it: a path that reads state
-  it should not then diverges without any graph.
+* ``eager-clean``: eager, without the noise the others put into every Mamba state block
+  before the first request (as CUDA-graph capture or earlier requests leave them): a path
+  that reads state it should not diverges in the others, not here;
+* ``graphs-trace``: graph mode, and the first Mamba layer's metadata of its first eager
+  calls printed (decode/prefill split, state blocks, initial-state flags, and how far from
+  zero the prefill rows' state blocks are before the step): what the mixer was told.
 
-    python3 tools/vllm_graph_bisect.py --variants mamba1 --settings eager-dirty graphs piecewise
+    python3 tools/vllm_graph_bisect.py --variants mamba1 --settings eager-clean graphs piecewise
 """
 from __future__ import annotations
 
@@ -34,25 +39,53 @@ from tests.model_executor import test_vllm_engine as engine_test  # noqa: E402
 
 SETTINGS = {
     "eager": dict(enforce_eager=True),
-    "eager-dirty": dict(enforce_eager=True),
+    "eager-clean": dict(enforce_eager=True),
     "graphs": dict(enforce_eager=False),
     "piecewise": dict(enforce_eager=False, compilation_config={"cudagraph_mode": "PIECEWISE"}),
     "full-decode": dict(enforce_eager=False,
                         compilation_config={"cudagraph_mode": "FULL_DECODE_ONLY"}),
     "compile-only": dict(enforce_eager=False, compilation_config={"cudagraph_mode": "NONE"}),
+    "graphs-trace": dict(enforce_eager=False),
 }
+TRACED_CALLS = 4
 
 
-def fill_mamba_state_with_noise(worker) -> int:
-    """Runs in vLLM's worker: every Mamba layer's conv and SSM state blocks get noise."""
-    from vllm.model_executor.layers.mamba.abstract import MambaBase
+def trace_first_mixer(worker) -> int:
+    """Runs in vLLM's worker: from now on, the first Mamba layer records what its first
+    ``TRACED_CALLS`` eager calls were told (graph replays run no Python)."""
+    from vllm_mamba_hybrid.model_executor import mixers
 
-    layers = [m for m in worker.model_runner.compilation_config.static_forward_context.values()
-              if isinstance(m, MambaBase)]
-    for layer in layers:
-        for state in layer.kv_cache:
-            state.copy_((torch.randn(state.shape, device=state.device) * 3).to(state.dtype))
-    return len(layers)
+    cls = mixers._HybridMambaMixer
+    original = cls._metadata
+    cls.trace, first = [], []
+
+    def as_list(t):
+        return None if t is None else t.tolist()
+
+    def traced(self):
+        md = original(self)
+        if md is not None and len(cls.trace) < TRACED_CALLS and first in ([], [self.prefix]):
+            first[:] = [self.prefix]
+            conv, ssm = self._states()
+            rows = [] if md.state_indices_tensor_p is None else md.state_indices_tensor_p.tolist()
+            cls.trace.append(dict(
+                decodes=md.num_decodes, prefills=md.num_prefills,
+                decode_tokens=md.num_decode_tokens, prefill_tokens=md.num_prefill_tokens,
+                query_start_loc_p=as_list(md.query_start_loc_p),
+                has_initial_states_p=as_list(md.has_initial_states_p),
+                prep_initial_states=getattr(md, "prep_initial_states", None),
+                state_blocks_p=rows, state_blocks_d=as_list(md.state_indices_tensor_d),
+                state_abs_max_p=[(float(conv[i].abs().max()), float(ssm[i].abs().max()))
+                                 for i in rows]))
+        return md
+
+    cls._metadata = traced
+    return 1
+
+
+def mixer_trace(worker) -> list[dict]:
+    from vllm_mamba_hybrid.model_executor import mixers
+    return mixers._HybridMambaMixer.trace
 
 
 def run_setting(case: dict, setting: str) -> str:
@@ -60,11 +93,16 @@ def run_setting(case: dict, setting: str) -> str:
 
     llm = LLM(case["ckpt"], **engine_test.ENGINE_KW, **SETTINGS[setting])
     try:
-        if setting == "eager-dirty":
-            assert llm.collective_rpc(fill_mamba_state_with_noise)[0] > 0
+        if setting != "eager-clean":
+            assert llm.collective_rpc(engine_test.fill_mamba_state_with_noise)[0] > 0
+        if setting == "graphs-trace":
+            llm.collective_rpc(trace_first_mixer)
         inputs = [{"prompt_token_ids": p} for p in case["prompts"]]
         outs = llm.generate(inputs, SamplingParams(max_tokens=engine_test.NEW_TOKENS,
                                                    temperature=0, ignore_eos=True))
+        if setting == "graphs-trace":
+            for call in llm.collective_rpc(mixer_trace)[0]:
+                print("  trace", call, flush=True)
         lp_outs = llm.generate(inputs, SamplingParams(max_tokens=1, temperature=0,
                                                       prompt_logprobs=0))
     finally:

@@ -10,6 +10,7 @@ small for all sequences, which must preempt (recompute) and still match.
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -52,6 +53,23 @@ VARIANTS = {
 # go first, so running requests must grow into a full cache and get preempted (and
 # recomputed later).
 PREEMPT = dict(order=(6, 5, 4, 3, 7, 2, 1, 0), num_gpu_blocks_override=11)
+# collective_rpc with a function (the noise below) pickles it for vLLM's worker.
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+
+def fill_mamba_state_with_noise(worker) -> int:
+    """Runs in vLLM's worker: every Mamba layer's conv and SSM state blocks get noise, as
+    earlier requests or CUDA-graph capture leave them (vLLM zeroes no Mamba block): no
+    request may read a block's state before writing it. A new one-token prompt is the case
+    that did (mamba_metadata.py)."""
+    from vllm.model_executor.layers.mamba.abstract import MambaBase
+
+    layers = [m for m in worker.model_runner.compilation_config.static_forward_context.values()
+              if isinstance(m, MambaBase)]
+    for layer in layers:
+        for state in layer.kv_cache:
+            state.copy_((torch.randn(state.shape, device=state.device) * 3).to(state.dtype))
+    return len(layers)
 
 
 def _prompts() -> list[list[int]]:
@@ -95,11 +113,13 @@ def _reference_case(variant: str, ckpt) -> dict:
 
 def _run_engine(case, mode, order=tuple(range(len(PROMPT_LENS))), **engine_kw):
     """Greedy outputs (in prompt order), prompt logprobs and preemption count of one
-    engine instance in ``mode`` (ENGINE_MODES); prompts are submitted in ``order``."""
+    engine instance in ``mode`` (ENGINE_MODES); prompts are submitted in ``order``, on
+    state blocks filled with noise first."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(case["ckpt"], **ENGINE_KW, **ENGINE_MODES[mode], **engine_kw)
     try:
+        assert llm.collective_rpc(fill_mamba_state_with_noise)[0] > 0
         # vLLM enables prefix caching by default; the plugin must have turned it off.
         assert not llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
         inputs = [{"prompt_token_ids": p} for p in case["prompts"]]

@@ -11,7 +11,8 @@ the Mamba2-type metadata builder and one state layout,
 * Mamba1: channel c is row c % d_state of "head" c // d_state, which is the
   group whose B and C it reads, so the SSU kernels' head/group mapping holds.
 
-Tokens arrive decode rows first, then prefill rows (vLLM V1 ordering). With
+Tokens arrive decode rows first, then prefill rows (vLLM V1 ordering); a new prompt of
+one token arrives as a decode row with a zeroed state (``mamba_metadata``). With
 speculative decoding a decode row holds 1+k candidate tokens; the conv state is
 widened by k columns and every candidate gets its own SSM state block, as for
 vLLM's own Mamba2 mixer (``ssm_ops.SpecDecode``).
@@ -65,6 +66,7 @@ from vllm_mamba_hybrid.layout import (
     mamba2_in_proj_parts,
     shard_sizes,
 )
+from vllm_mamba_hybrid.model_executor.mamba_metadata import HybridMamba2Backend
 from vllm_mamba_hybrid.model_executor.ssm_ops import (
     SpecDecode,
     conv_update,
@@ -181,6 +183,9 @@ class _HybridMambaMixer(MambaBase, nn.Module):
     @property
     def mamba_type(self) -> MambaAttentionBackendEnum:
         return MambaAttentionBackendEnum.MAMBA2
+
+    def get_attn_backend(self):
+        return HybridMamba2Backend   # vLLM's, with one-token prompts as decodes (see there)
 
 
 class Mamba2Mixer(_HybridMambaMixer):

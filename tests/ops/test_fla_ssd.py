@@ -18,7 +18,7 @@ import torch
 
 from tests.ops.test_ops import rel_err
 from tests.utils import run_under_triton_interpreter
-from vllm_mamba_hybrid.ops import fla_ssd, scan_impl, ssd_chunk_scan
+from vllm_mamba_hybrid.ops import fla_ssd, mamba_ssm_ssd, scan_impl, ssd_chunk_scan
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
 # (outputs, gradients) relative tolerance by input dtype. float32: IEEE fp32 products with
@@ -180,15 +180,18 @@ def test_missing_fla_says_how_to_install(monkeypatch):
         fla_ssd.load()
 
 
+@pytest.mark.parametrize("scan", [fla_ssd.ssd_chunk_scan_fla,
+                                  mamba_ssm_ssd.ssd_chunk_scan_mamba_ssm])
 @pytest.mark.parametrize("name,bad", [("C", lambda t: t[..., :4]), ("A", lambda t: t[:1]),
-                                      ("dt", lambda t: t[:, :-1]),
+                                      ("dt", lambda t: t[:, :-1]), ("D", lambda t: t[:1]),
                                       ("initial_state", lambda t: t[..., :2])])
-def test_rejects_bad_shapes_by_name(name, bad):
-    """fla indexes by q/k/v's shapes, so a wrong one must stop before the kernels, named."""
-    t = _inputs(1, 5, 2, 1, 16, 8)
+def test_fused_scans_reject_bad_shapes_by_name(scan, name, bad):
+    """The fused kernels index memory by the inputs' shapes, so a wrong one must stop
+    before them, named (checked before the kernels are imported: no fla or mamba-ssm here)."""
+    t = _inputs(1, 5, 4, 2, 16, 8)
     t[name] = bad(t[name])
-    with pytest.raises(ValueError, match=f"ssd_chunk_scan_fla: {name} is "):
-        fla_ssd.ssd_chunk_scan_fla(**t)
+    with pytest.raises(ValueError, match=f"{scan.__name__}: {name} is "):
+        scan(**t)
 
 
 def test_a_gpu_where_fla_cannot_take_gradients_stops_forced_training(monkeypatch):

@@ -39,3 +39,14 @@ def test_profile_splits_a_hybrid_decode_step(tmp_path):
     assert abs(sum(split.values()) - prof["total_ms_per_step"]) < 1e-6 * prof["total_ms_per_step"]
     assert prof["steps"] > 0 and len(prof["top"]) > 0
     assert "profile mamba2-50% ctx 64 batch 2" in proc.stdout
+
+
+@pytest.mark.parametrize("cell,message", [
+    ("x", "--profile 'x': expected CTX:BATCH"),
+    ("99:1", "--profile 99:1: 99 must be one of --contexts"),
+    ("1024:3", "3 one of --batches")])
+def test_bad_profile_cells_are_refused_naming_the_flag(cell, message, capsys):
+    from benchmarks.serving_throughput import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--profile", cell])   # defaults: --contexts 1024 4096 --batches 1 4
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

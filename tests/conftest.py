@@ -24,6 +24,29 @@ collect_ignore = (NEEDS_VLLM_TO_IMPORT
                   if torch.cuda.is_available() and importlib.util.find_spec("vllm") is None else [])
 
 
+def pytest_addoption(parser):
+    parser.addoption("--failures-now", action="store_true",
+                     help="print each failure's report when it happens, not at the end "
+                          "(GPU jobs whose log is read before the run ends)")
+
+
+class _FailuresNow:
+    def __init__(self, config):
+        self.config = config
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed:
+            writer = self.config.get_terminal_writer()
+            writer.line()
+            writer.sep("!", f"{report.nodeid} failed in {report.when}")
+            writer.line(report.longreprtext)
+
+
+def pytest_configure(config):
+    if config.getoption("--failures-now"):
+        config.pluginmanager.register(_FailuresNow(config), "failures-now")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -165,6 +165,29 @@ def damaged_copy(src: Path, dst: Path, damage: str, name: str) -> tuple[str, ...
     return expect
 
 
+def first_difference(ref: list[int], got: list[int]) -> int:
+    """Index of the first token where ``got`` leaves ``ref`` (or where the shorter ends)."""
+    return next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+
+
+def assert_greedy_equal(label: str, prompt_lens, refs, outs, want_lens=None) -> None:
+    """Greedy outputs equal to their references, naming every prompt that diverged and
+    where, so one failing run (often a GPU run of minutes) shows the whole pattern.
+    ``want_lens``: tokens each output must have, where a reference may stop earlier (cut
+    before a near-tie); by default an output must equal its reference whole."""
+    bad = []
+    for i, (n, ref, got) in enumerate(zip(prompt_lens, refs, outs)):
+        want = len(ref) if want_lens is None else want_lens[i]
+        ref = ref[:want]
+        if len(got) != want or got[:len(ref)] != ref:
+            bad.append((n, ref, got, want))
+    summary = "; ".join(f"{n} tokens at token {first_difference(ref, got)}"
+                        + (f" ({len(got)} of {want} tokens)" if len(got) != want else "")
+                        for n, ref, got, want in bad)
+    details = "".join(f"\n{n} tokens:\n  ref  {ref}\n  got  {got}" for n, ref, got, _ in bad)
+    assert not bad, f"{label}: {len(bad)} of {len(refs)} prompts diverged: {summary}{details}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

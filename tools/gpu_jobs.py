@@ -28,7 +28,9 @@ from gpu_stage import staged_env
 REPO = Path(__file__).resolve().parents[1]
 JOBS_DIR = Path("/tmp/vllm_jobs")
 RESULTS = JOBS_DIR / "results"
-PYTEST = "python3 -m pytest -v -ra --durations=0 -p no:cacheprovider"  # -v: a cut-short log still names each case
+# -v: a cut-short log still names each case; --failures-now (tests/conftest.py): each
+# failure's report lands in the log when it happens, not when the whole run ends.
+PYTEST = "python3 -m pytest -v -ra --durations=0 -p no:cacheprovider --failures-now"
 TEACHER = "/tmp/smollm2/teacher"  # the real SmolLM2, imported from the staged GGUF
 BENCH_8B = ("python3 benchmarks/serving_throughput.py --shape llama3-8b --dummy --graphs "
             "--models {models} --contexts 1024 8192 32768 --batches 1 16 64 256 --kv-bytes 42e9 "
@@ -44,6 +46,14 @@ JOBS = {
     "tests-spec": f"{PYTEST} tests/spec_decode/test_vllm_spec_decode.py",
     "tests-spec-tiny": (f"{PYTEST} tests/spec_decode/test_vllm_spec_decode.py "
                         "-k 'ngram_matches or draft_proposer'"),
+    # Where speculative decoding parts from plain decoding on CUDA (2026-12-07 on the H100:
+    # every tiny case failed in graph mode; the reason was not yet in the log): one n-gram
+    # and one draft-proposer case of mamba1 in graph mode, with async scheduling off, eager.
+    "spec-bisect": " ; ".join(
+        f"{env} {PYTEST} tests/spec_decode/test_vllm_spec_decode.py "
+        "-k 'ngram_matches and mamba1-2 or draft_proposer and mamba1'"
+        for env in ("", "MAMBA_HYBRID_TEST_ENGINE_KW='{\"async_scheduling\": false}'",
+                    "MAMBA_HYBRID_TEST_MODE=eager")),
     "tests-server": f"{PYTEST} tests/integration/test_vllm_server.py tests/model_executor/test_vllm_checkpoints.py",
     "tests-gpu": f"{PYTEST} -m gpu tests/",
     # The fused Mamba2 training scan (fla-core, carried as .carry/fla: docs/gpu.md).
@@ -114,7 +124,7 @@ def _status() -> dict[str, str | None]:
 
 # What a reader needs from a long pytest / vLLM log: each case's verdict, the assertion
 # lines and the durations, besides its tail.
-_VERDICT = re.compile(r"(::\S+ (PASSED|FAILED|ERROR|SKIPPED))|^(FAILED|ERROR) |^E  |"
+_VERDICT = re.compile(r"(::\S+ (PASSED|FAILED|ERROR|SKIPPED))|^(FAILED|ERROR) |^E  |^!!!|"
                       r"^\d+\.\d+s (call|setup|teardown) |took|takes")
 
 

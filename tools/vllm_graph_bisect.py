@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.model_executor import test_vllm_engine as engine_test  # noqa: E402
+from tests.utils import first_difference  # noqa: E402
 
 SETTINGS = {
     "eager": dict(enforce_eager=True),
@@ -113,7 +114,7 @@ def run_setting(case: dict, setting: str) -> str:
     for n, ref, out, ref_lp, lp_out, prompt in zip(engine_test.PROMPT_LENS, case["greedy"], outs,
                                                    case["logprobs"], lp_outs, case["prompts"]):
         got = list(out.outputs[0].token_ids)
-        where = "=" if got == ref else f"@{engine_test._first_difference(ref, got)}"
+        where = "=" if got == ref else f"@{first_difference(ref, got)}"
         lp = torch.tensor([pos[tok].logprob for pos, tok in zip(lp_out.prompt_logprobs[1:],
                                                                 prompt[1:])])
         err = (lp - ref_lp).abs().max().item() if n > 1 else 0.0

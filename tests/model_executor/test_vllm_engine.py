@@ -10,6 +10,7 @@ small for all sequences, which must preempt (recompute) and still match.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.utils import DAMAGES, damaged_copy, make_random_hybrid
+from tests.utils import DAMAGES, assert_greedy_equal, damaged_copy, make_random_hybrid
 from vllm_mamba_hybrid import LlamaMambaHybridForCausalLM
 
 pytestmark = pytest.mark.vllm
@@ -38,7 +39,15 @@ ON_CUDA = torch.cuda.is_available()
 # Compiled graphs are what CUDA users run (vLLM's default); the CPU engine runs eager.
 ENGINE_MODES = {"eager": dict(enforce_eager=True),
                 **({"graphs": dict(enforce_eager=False)} if ON_CUDA else {})}
-DEFAULT_MODE = "graphs" if ON_CUDA else "eager"
+# Diagnosis on the GPU machine (tools/gpu_jobs.py, job spec-bisect): MAMBA_HYBRID_TEST_MODE
+# sets the mode of the tests that run one (speculative decoding, TP), and
+# MAMBA_HYBRID_TEST_ENGINE_KW, a JSON object, adds arguments to every LLM() these tests start
+# (e.g. '{"async_scheduling": false}').
+DEFAULT_MODE = os.environ.get("MAMBA_HYBRID_TEST_MODE", "graphs" if ON_CUDA else "eager")
+if DEFAULT_MODE not in ENGINE_MODES:
+    raise ValueError(f"MAMBA_HYBRID_TEST_MODE={DEFAULT_MODE!r}: this machine runs "
+                     f"{sorted(ENGINE_MODES)}")
+ENGINE_KW.update(json.loads(os.environ.get("MAMBA_HYBRID_TEST_ENGINE_KW", "{}")))
 # Prompt logprobs against the float32 reference (on CUDA with Triton's dots in IEEE
 # float32, see conftest.py; in TF32 they were 2.7e-3 off on an H100).
 LOGPROB_ATOL = 1e-3
@@ -141,21 +150,6 @@ def _run_engine(case, mode, order=tuple(range(len(PROMPT_LENS))), **engine_kw):
     return greedy, prompt_logprobs, preemptions
 
 
-def _first_difference(ref: list[int], got: list[int]) -> int:
-    return next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
-
-
-def _assert_greedy_equal(case, greedy):
-    """Names every prompt that diverged and where, so one failing run shows the pattern."""
-    diverged = [(n, ref, got) for n, ref, got in zip(PROMPT_LENS, case["greedy"], greedy)
-                if got != ref]
-    summary = "; ".join(f"{n} tokens at token {_first_difference(ref, got)}"
-                        for n, ref, got in diverged)
-    details = "".join(f"\n{n} tokens:\n  ref  {ref}\n  vllm {got}" for n, ref, got in diverged)
-    assert not diverged, (f"{case['variant']}: {len(diverged)} of {len(PROMPT_LENS)} prompts "
-                          f"diverged: {summary}{details}")
-
-
 def _assert_logprobs_close(case, prompt_logprobs):
     for n, ref, got in zip(PROMPT_LENS, case["logprobs"], prompt_logprobs):
         assert got.shape == ref.shape
@@ -168,7 +162,7 @@ def _assert_logprobs_close(case, prompt_logprobs):
 @pytest.mark.parametrize("mode", ENGINE_MODES)
 def test_chunked_prefill_batch_matches_reference(case, mode):
     greedy, prompt_logprobs, _ = _run_engine(case, mode)
-    _assert_greedy_equal(case, greedy)
+    assert_greedy_equal(case["variant"], PROMPT_LENS, case["greedy"], greedy)
     _assert_logprobs_close(case, prompt_logprobs)
 
 
@@ -176,7 +170,7 @@ def test_chunked_prefill_batch_matches_reference(case, mode):
 def test_preemption_matches_reference(case, mode):
     greedy, _, preemptions = _run_engine(case, mode, **PREEMPT)
     assert preemptions >= 1, "the small cache did not force a preemption"
-    _assert_greedy_equal(case, greedy)
+    assert_greedy_equal(case["variant"], PROMPT_LENS, case["greedy"], greedy)
 
 
 # ---- strict weight loading ---------------------------------------------------------

@@ -18,11 +18,12 @@ from tests.model_executor.test_vllm_engine import (  # noqa: F401  (case: a fixt
     DEFAULT_MODE,
     MODEL_KW,
     PREEMPT,
-    _assert_greedy_equal,
+    PROMPT_LENS,
     _assert_logprobs_close,
     _run_engine,
     case,
 )
+from tests.utils import assert_greedy_equal
 from vllm_mamba_hybrid import LlamaMambaHybridConfig
 from vllm_mamba_hybrid.layout import (
     check_tensor_parallel_size,
@@ -60,7 +61,7 @@ def test_tp2_matches_reference_under_chunked_prefill_and_preemption(case, monkey
         case, DEFAULT_MODE, tensor_parallel_size=TP, kv_cache_memory_bytes=KV_CACHE_BYTES,
         **PREEMPT)
     assert preemptions >= 1, "the small cache did not force a preemption"
-    _assert_greedy_equal(case, greedy)
+    assert_greedy_equal(case["variant"], PROMPT_LENS, case["greedy"], greedy)
     _assert_logprobs_close(case, prompt_logprobs)
 
 

@@ -18,6 +18,9 @@ close call than the float32 CPU reference. Every case runs one engine:
   draft (near-full acceptance: checks the proposer's prefix-keyed state), and
   on a SmolLM2-derived hybrid with a layer-subset draft of the teacher.
 * ``mamba-hybrid serve`` with n-gram speculation and concurrent requests.
+* vLLM 0.26's runner (no accepted-token counts on a step without drafts) put into the CPU
+  engine's worker, and vLLM's graph-mode resolution with the hybrid's Mamba backend
+  (``model_executor/mamba_metadata.py``, guards 2 and 3).
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from tests.model_executor.test_vllm_engine import (
     ON_CUDA,
     VARIANTS,
 )
-from tests.utils import make_random_hybrid, running_server
+from tests.utils import assert_greedy_equal, make_random_hybrid, running_server
 from vllm_mamba_hybrid import LlamaMambaHybridForCausalLM
 
 pytestmark = pytest.mark.vllm
@@ -85,9 +88,11 @@ def _reference_greedy(ckpt, prompts, dtype=torch.float32, min_gap=1e-3):
     return out
 
 
-def _run(ckpt, prompts, spec: dict | None, max_tokens=None, **engine_kw):
+def _run(ckpt, prompts, spec: dict | None, max_tokens=None, in_worker=None, **engine_kw):
     """Greedy outputs (prompt order), spec-decode metrics and preemption count;
-    ``max_tokens``: one per prompt (default NEW_TOKENS each)."""
+    ``max_tokens``: one per prompt (default NEW_TOKENS each); ``in_worker``: (before,
+    after) functions run in vLLM's worker around the generation, the second's result
+    returned in the metrics as "worker"."""
     from vllm import LLM, SamplingParams
 
     from vllm_mamba_hybrid.spec_decode import spec_decode_metrics
@@ -97,6 +102,8 @@ def _run(ckpt, prompts, spec: dict | None, max_tokens=None, **engine_kw):
     llm = LLM(str(ckpt), **{**ENGINE_KW, **ENGINE_MODES[DEFAULT_MODE], **engine_kw},
               speculative_config=spec)
     try:
+        if in_worker:
+            llm.collective_rpc(in_worker[0])
         outs = llm.generate([{"prompt_token_ids": prompts[i]} for i in ORDER],
                             [SamplingParams(max_tokens=max_tokens[i], temperature=0,
                                             ignore_eos=True) for i in ORDER])
@@ -104,6 +111,8 @@ def _run(ckpt, prompts, spec: dict | None, max_tokens=None, **engine_kw):
         for i, o in zip(ORDER, outs):
             greedy[i] = list(o.outputs[0].token_ids)
         metrics = spec_decode_metrics(llm)
+        if in_worker:
+            metrics["worker"] = llm.collective_rpc(in_worker[1])[0]
         preemptions = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
     finally:
         llm.llm_engine.engine_core.shutdown()
@@ -113,13 +122,8 @@ def _run(ckpt, prompts, spec: dict | None, max_tokens=None, **engine_kw):
 
 
 def _assert_matches(ref, got, label, max_tokens=None):
-    for i, (r, g) in enumerate(zip(ref, got)):
-        want = max_tokens[i] if max_tokens else NEW_TOKENS
-        assert len(g) == want, f"{label}: prompt {i} produced {len(g)} tokens, not {want}"
-        r = r[:want]
-        assert g[:len(r)] == r, (f"{label}: prompt of {len(_PROMPTS[i])} tokens diverged at "
-                                 f"{next(j for j, (a, b) in enumerate(zip(r, g)) if a != b)}"
-                                 f":\nref  {r}\nspec {g}")
+    assert_greedy_equal(label, PROMPT_LENS, ref, got,
+                        want_lens=max_tokens or [NEW_TOKENS] * len(ref))
 
 
 _PROMPTS = _repeating_prompts(VOCAB)
@@ -160,6 +164,49 @@ def test_ngram_matches_plain_greedy(tiny, k):
     assert 0 < m["acceptance_rate"] < 1, m
     if tiny["variant"] == "mamba1":  # its outputs loop: drafts accepted at every position
         assert len(m["accepted_per_position"]) == k and min(m["accepted_per_position"]) > 0, m
+
+
+def drop_counts_on_steps_without_drafts(worker) -> None:
+    """Runs in vLLM's worker: from now on the Mamba builder gets the accepted-token counts
+    only on steps where some request has drafts, as vLLM 0.26's runner passes them (0.32,
+    the CPU engine, on every step); steps without counts after an acceptance are counted."""
+    from vllm_mamba_hybrid.model_executor.mamba_metadata import HybridMamba2MetadataBuilder
+
+    builder_cls, inner = HybridMamba2MetadataBuilder, HybridMamba2MetadataBuilder.build
+    builder_cls.dropped_after_acceptance = 0
+
+    def build(self, common_prefix_len, md, fast_build=False, **kwargs):
+        drafts = kwargs.get("num_decode_draft_tokens_cpu")   # 0.26: none on such steps either
+        if drafts is None or not bool((drafts[:md.num_reqs] > 0).any()):   # no drafts at all
+            accepted = kwargs.pop("num_accepted_tokens", None)
+            if accepted is None:   # vLLM 0.26 itself: the counts the guard keeps
+                accepted = self._accepted_buffer
+            if accepted is not None:
+                builder_cls.dropped_after_acceptance += bool((accepted[:md.num_reqs] > 1).any())
+        return inner(self, common_prefix_len, md, fast_build, **kwargs)
+
+    builder_cls.build = build
+
+
+def steps_dropped_after_acceptance(worker) -> int:
+    from vllm_mamba_hybrid.model_executor.mamba_metadata import HybridMamba2MetadataBuilder
+
+    return HybridMamba2MetadataBuilder.dropped_after_acceptance
+
+
+def test_ngram_steps_without_drafts_resume_from_accepted_state(tiny):
+    """A step where no request has drafts, right after one that accepted some: the Mamba
+    layers must resume from the last accepted token's state (vLLM 0.26's runner passes no
+    accepted counts on such steps; mamba_metadata.py, guard 3). The CPU engine runs 0.32's
+    runner, so the 0.26 behaviour is put into its worker."""
+    k = 4
+    spec = {"method": NGRAM, "num_speculative_tokens": k, "prompt_lookup_max": 3,
+            "prompt_lookup_min": 1}
+    # One request a step: a step has no drafts whenever its n-gram lookup finds no match.
+    greedy, m, _ = _run(tiny["ckpt"], _PROMPTS, spec, max_num_seqs=1, in_worker=(
+        drop_counts_on_steps_without_drafts, steps_dropped_after_acceptance))
+    assert m["worker"] > 0, "no step without drafts followed an acceptance: nothing was checked"
+    _assert_matches(tiny["ref"], greedy, f"{tiny['variant']} ngram k={k}, 0.26 runner")
 
 
 @pytest.mark.parametrize("method", [NGRAM, "custom_class"])
@@ -311,3 +358,32 @@ def test_draft_model_method_is_refused_with_a_pointer_to_the_own_proposer(tmp_pa
                                           "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="HybridDraftProposer"):
         args.create_engine_config()
+
+
+# ---- CUDA graphs --------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [0, 2])
+def test_speculation_keeps_the_mixers_out_of_full_graphs(tmp_path, k):
+    """vLLM's graph-mode resolution with the hybrid's Mamba backend (mamba_metadata.py,
+    guard 2): full decode graphs without speculation; with it, piecewise graphs only (a
+    prompt chunk of 1 + k tokens would replay the decode graph and skip its prefill)."""
+    from vllm.config import CompilationConfig, CUDAGraphMode
+    from vllm.config.compilation import CompilationMode
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+
+    from vllm_mamba_hybrid.model_executor.mamba_metadata import HybridMamba2MetadataBuilder
+
+    load_general_plugins()   # adds the mixers' ops to vLLM's graph split points
+    make_random_hybrid(tmp_path, "mamba2", **MODEL_KW)
+    spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 3,
+            "prompt_lookup_min": 1} if k else None
+    vllm_config = EngineArgs(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32",
+                             enforce_eager=True, max_model_len=256,
+                             speculative_config=spec).create_engine_config()
+    support = HybridMamba2MetadataBuilder.get_cudagraph_support(vllm_config, None)
+    # What vLLM resolves on CUDA, where its default mode splits the graph at these ops.
+    compilation = CompilationConfig(mode=CompilationMode.VLLM_COMPILE,
+                                    cudagraph_mode="FULL_AND_PIECEWISE",
+                                    splitting_ops=list(CompilationConfig._attention_ops))
+    mode = compilation.resolve_cudagraph_mode_and_sizes(support, "HybridMamba2Backend", 1 + k)
+    assert mode == (CUDAGraphMode.PIECEWISE if k else CUDAGraphMode.FULL_AND_PIECEWISE)

@@ -1,23 +1,33 @@
-"""The Mamba metadata the mixers read: vLLM's Mamba2 backend, except that a new prompt of
-one token runs as a decode from a zeroed state block.
+"""The Mamba metadata the mixers read: vLLM's Mamba2 backend, with three guards for what
+vLLM's runner does around CUDA graphs and speculative decoding.
 
-Why: vLLM picks a full CUDA graph by the batch's shape alone, so a step whose requests
-all have one token (a new one-token prompt alone, or beside decodes) replays the captured
-decode graph. vLLM's Mamba builder keeps such a prompt a prefill (it has no state yet),
-and then leaves the graph's state-index buffer as the previous step left it: the captured
-decode kernels read and write some other block, and the prompt's first token comes out
-wrong (the H100, vLLM 0.26, graph mode, 2026-12-07: the 1-token prompt of
-tests/model_executor/test_vllm_engine.py). As a decode from a zeroed block the row gives
-the prefill's result exactly (one token after no history: the conv sees zeros, the SSM
-state starts at zero), and its block index is where the graph reads it. Eager steps take
-the same path, so the CPU engine tests it.
-
-Not with speculative decoding: there the decode graphs are captured for 1 + k tokens per
-request, which a one-token prompt never matches.
+1. A new prompt of one token runs as a decode from a zeroed state block. vLLM picks a full
+   CUDA graph by the batch's shape alone, so a step whose requests all have one token (a
+   new one-token prompt alone, or beside decodes) replays the captured decode graph.
+   vLLM's Mamba builder keeps such a prompt a prefill (it has no state yet) and then
+   leaves the graph's state-index buffer as the previous step left it: the captured decode
+   kernels read and write some other block, and the prompt's first token comes out wrong
+   (the H100, vLLM 0.26, graph mode, 2026-12-07). As a decode from a zeroed block the row
+   gives the prefill's result exactly (the conv sees zeros, the SSM state starts at zero),
+   and its index is where the graph reads it. Eager steps take the same path, so the CPU
+   engine tests it.
+2. With speculative decoding the decode graphs hold 1 + k tokens a request, and a prompt
+   chunk of 1 + k tokens matches that shape just as well: replayed as a decode it would
+   never run its prefill. No guard like (1) can turn a chunk of several tokens into a
+   decode (the next step would resume from its first token's state), so with speculation
+   the builder reports full graphs for single-token decodes only, and vLLM captures
+   piecewise graphs instead: the mixers run outside the graphs, on each step's metadata.
+3. vLLM 0.26 hands the builder the accepted-token counts only on steps where some request
+   has drafts (0.32 on every step; vLLM PR #52942 describes the gap). After a step that
+   accepted drafts, a step without any (an n-gram proposer that found no match for
+   anyone) would then read the state after the first accepted token instead of the last.
+   The builder keeps the runner's counts buffer from the steps that pass it and reads the
+   current counts there on steps that do not; the runner refreshes that buffer every step.
 """
 from __future__ import annotations
 
 import torch
+from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.mamba2_attn import (
     Mamba2AttentionBackend,
     Mamba2AttentionMetadataBuilder,
@@ -37,14 +47,41 @@ def first_token_rows(common_attn_metadata) -> list[int]:
 
 
 class HybridMamba2MetadataBuilder(Mamba2AttentionMetadataBuilder):
+    # (3): the runner's persistent accepted-counts buffer, once a step has passed a view of it.
+    _accepted_buffer: torch.Tensor | None = None
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        if vllm_config.num_speculative_tokens > 0:   # (2)
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return super().get_cudagraph_support(vllm_config, kv_cache_spec)
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False, **kwargs):
-        rows = first_token_rows(common_attn_metadata) if self.num_spec_tokens == 0 else []
-        if rows:
-            self._zero_state_blocks(common_attn_metadata.block_table_tensor[rows, 0])
-            is_prefilling = common_attn_metadata.is_prefilling.clone()
-            is_prefilling[rows] = False
-            common_attn_metadata = common_attn_metadata.replace(is_prefilling=is_prefilling)
+        if self.num_spec_tokens == 0:
+            common_attn_metadata = self._first_tokens_as_decodes(common_attn_metadata)
+        else:
+            kwargs = self._with_accepted_counts(common_attn_metadata, kwargs)
         return super().build(common_prefix_len, common_attn_metadata, fast_build, **kwargs)
+
+    def _first_tokens_as_decodes(self, common_attn_metadata):   # (1)
+        rows = first_token_rows(common_attn_metadata)
+        if not rows:
+            return common_attn_metadata
+        self._zero_state_blocks(common_attn_metadata.block_table_tensor[rows, 0])
+        is_prefilling = common_attn_metadata.is_prefilling.clone()
+        is_prefilling[rows] = False
+        return common_attn_metadata.replace(is_prefilling=is_prefilling)
+
+    def _with_accepted_counts(self, common_attn_metadata, kwargs: dict) -> dict:   # (3)
+        accepted = kwargs.get("num_accepted_tokens")
+        if accepted is not None:
+            if accepted._base is not None:   # a view of the runner's buffer, not a capture's own
+                self._accepted_buffer = accepted._base
+            return kwargs
+        if self._accepted_buffer is None:    # no step had drafts yet: every count is 1
+            return kwargs
+        return {**kwargs,
+                "num_accepted_tokens": self._accepted_buffer[:common_attn_metadata.num_reqs]}
 
     def _zero_state_blocks(self, blocks: torch.Tensor) -> None:
         """Conv and SSM state of ``blocks`` in every layer this builder serves."""

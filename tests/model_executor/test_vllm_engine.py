@@ -47,7 +47,21 @@ DEFAULT_MODE = os.environ.get("MAMBA_HYBRID_TEST_MODE", "graphs" if ON_CUDA else
 if DEFAULT_MODE not in ENGINE_MODES:
     raise ValueError(f"MAMBA_HYBRID_TEST_MODE={DEFAULT_MODE!r}: this machine runs "
                      f"{sorted(ENGINE_MODES)}")
-ENGINE_KW.update(json.loads(os.environ.get("MAMBA_HYBRID_TEST_ENGINE_KW", "{}")))
+
+
+def engine_kw_from_env(text: str) -> dict:
+    """MAMBA_HYBRID_TEST_ENGINE_KW's engine arguments, refused by name if not a JSON object."""
+    try:
+        kw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"MAMBA_HYBRID_TEST_ENGINE_KW is not JSON ({e}): {text!r}") from None
+    if not isinstance(kw, dict):
+        raise ValueError(f"MAMBA_HYBRID_TEST_ENGINE_KW must be a JSON object of engine "
+                         f"arguments, not {text!r}")
+    return kw
+
+
+ENGINE_KW.update(engine_kw_from_env(os.environ.get("MAMBA_HYBRID_TEST_ENGINE_KW", "{}")))
 # Prompt logprobs against the float32 reference (on CUDA with Triton's dots in IEEE
 # float32, see conftest.py; in TF32 they were 2.7e-3 off on an H100).
 LOGPROB_ATOL = 1e-3
@@ -171,6 +185,15 @@ def test_preemption_matches_reference(case, mode):
     greedy, _, preemptions = _run_engine(case, mode, **PREEMPT)
     assert preemptions >= 1, "the small cache did not force a preemption"
     assert_greedy_equal(case["variant"], PROMPT_LENS, case["greedy"], greedy)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{async_scheduling: false}", "is not JSON"), ('["enforce_eager"]', "must be a JSON object")])
+def test_bad_engine_kw_override_is_refused_naming_the_variable(text, message):
+    with pytest.raises(ValueError, match=message) as err:
+        engine_kw_from_env(text)
+    assert "MAMBA_HYBRID_TEST_ENGINE_KW" in str(err.value)
+    assert engine_kw_from_env('{"async_scheduling": false}') == {"async_scheduling": False}
 
 
 # ---- strict weight loading ---------------------------------------------------------

@@ -92,7 +92,8 @@ def _run(ckpt, prompts, spec: dict | None, max_tokens=None, in_worker=None, **en
     """Greedy outputs (prompt order), spec-decode metrics and preemption count;
     ``max_tokens``: one per prompt (default NEW_TOKENS each); ``in_worker``: (before,
     after) functions run in vLLM's worker around the generation, the second's result
-    returned in the metrics as "worker"."""
+    returned in the metrics as "worker". The metrics' "resumed" lists the requests
+    resumed after preemption (see ``record_resumptions``)."""
     from vllm import LLM, SamplingParams
 
     from vllm_mamba_hybrid.spec_decode import spec_decode_metrics
@@ -102,6 +103,7 @@ def _run(ckpt, prompts, spec: dict | None, max_tokens=None, in_worker=None, **en
     llm = LLM(str(ckpt), **{**ENGINE_KW, **ENGINE_MODES[DEFAULT_MODE], **engine_kw},
               speculative_config=spec)
     try:
+        llm.collective_rpc(record_resumptions)
         if in_worker:
             llm.collective_rpc(in_worker[0])
         outs = llm.generate([{"prompt_token_ids": prompts[i]} for i in ORDER],
@@ -111,6 +113,7 @@ def _run(ckpt, prompts, spec: dict | None, max_tokens=None, in_worker=None, **en
         for i, o in zip(ORDER, outs):
             greedy[i] = list(o.outputs[0].token_ids)
         metrics = spec_decode_metrics(llm)
+        metrics["resumed"] = llm.collective_rpc(resumptions)[0]
         if in_worker:
             metrics["worker"] = llm.collective_rpc(in_worker[1])[0]
         preemptions = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
@@ -121,9 +124,32 @@ def _run(ckpt, prompts, spec: dict | None, max_tokens=None, in_worker=None, **en
     return greedy, metrics, preemptions
 
 
-def _assert_matches(ref, got, label, max_tokens=None):
-    assert_greedy_equal(label, PROMPT_LENS, ref, got,
-                        want_lens=max_tokens or [NEW_TOKENS] * len(ref))
+def record_resumptions(worker) -> None:
+    """Runs in vLLM's worker: notes (prompt tokens, output tokens so far) of every request
+    resumed after preemption, so that a divergence report shows whether a prompt left its
+    reference where it was resumed (the 2026-12-07 H100 failures: docs/lab)."""
+    runner = worker.model_runner
+    inner, runner.resumptions = runner._update_states, []
+
+    def _update_states(scheduler_output):
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            if req_id in cached.resumed_req_ids:
+                runner.resumptions.append((len(runner.requests[req_id].prompt_token_ids),
+                                           cached.num_output_tokens[i]))
+        return inner(scheduler_output)
+
+    runner._update_states = _update_states
+
+
+def resumptions(worker) -> list[tuple[int, int]]:
+    return worker.model_runner.resumptions
+
+
+def _assert_matches(ref, got, label, metrics, max_tokens=None):
+    resumed = ", ".join(f"{n} tokens after {out}" for n, out in metrics["resumed"])
+    assert_greedy_equal(f"{label} (resumed after preemption: {resumed or 'none'})",
+                        PROMPT_LENS, ref, got, want_lens=max_tokens or [NEW_TOKENS] * len(ref))
 
 
 _PROMPTS = _repeating_prompts(VOCAB)
@@ -159,7 +185,7 @@ def test_ngram_matches_plain_greedy(tiny, k):
     spec = {"method": NGRAM, "num_speculative_tokens": k, "prompt_lookup_max": 3,
             "prompt_lookup_min": 1}
     greedy, m, preemptions = _run(tiny["ckpt"], _PROMPTS, spec, num_gpu_blocks_override=_blocks(k))
-    _assert_matches(tiny["ref"], greedy, f"{tiny['variant']} ngram k={k}")
+    _assert_matches(tiny["ref"], greedy, f"{tiny['variant']} ngram k={k}", m)
     assert preemptions >= 1, "the small cache did not force a preemption"
     assert 0 < m["acceptance_rate"] < 1, m
     if tiny["variant"] == "mamba1":  # its outputs loop: drafts accepted at every position
@@ -175,15 +201,17 @@ def drop_counts_on_steps_without_drafts(worker) -> None:
     builder_cls, inner = HybridMamba2MetadataBuilder, HybridMamba2MetadataBuilder.build
     builder_cls.dropped_after_acceptance = 0
 
-    def build(self, common_prefix_len, md, fast_build=False, **kwargs):
+    # vLLM 0.26's runner passes every argument by keyword: keep vLLM's parameter names.
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False, **kwargs):
+        num_reqs = common_attn_metadata.num_reqs
         drafts = kwargs.get("num_decode_draft_tokens_cpu")   # 0.26: none on such steps either
-        if drafts is None or not bool((drafts[:md.num_reqs] > 0).any()):   # no drafts at all
+        if drafts is None or not bool((drafts[:num_reqs] > 0).any()):   # no drafts at all
             accepted = kwargs.pop("num_accepted_tokens", None)
             if accepted is None:   # vLLM 0.26 itself: the counts the guard keeps
                 accepted = self._accepted_buffer
             if accepted is not None:
-                builder_cls.dropped_after_acceptance += bool((accepted[:md.num_reqs] > 1).any())
-        return inner(self, common_prefix_len, md, fast_build, **kwargs)
+                builder_cls.dropped_after_acceptance += bool((accepted[:num_reqs] > 1).any())
+        return inner(self, common_prefix_len, common_attn_metadata, fast_build, **kwargs)
 
     builder_cls.build = build
 
@@ -206,7 +234,7 @@ def test_ngram_steps_without_drafts_resume_from_accepted_state(tiny):
     greedy, m, _ = _run(tiny["ckpt"], _PROMPTS, spec, max_num_seqs=1, in_worker=(
         drop_counts_on_steps_without_drafts, steps_dropped_after_acceptance))
     assert m["worker"] > 0, "no step without drafts followed an acceptance: nothing was checked"
-    _assert_matches(tiny["ref"], greedy, f"{tiny['variant']} ngram k={k}, 0.26 runner")
+    _assert_matches(tiny["ref"], greedy, f"{tiny['variant']} ngram k={k}, 0.26 runner", m)
 
 
 @pytest.mark.parametrize("method", [NGRAM, "custom_class"])
@@ -225,7 +253,8 @@ def test_batch_size_schedule_matches_plain_greedy(tiny, method, monkeypatch):
         monkeypatch.setenv("VLLM_MAMBA_HYBRID_DRAFT", tiny["ckpt"])
     max_tokens = [NEW_TOKENS - 7 * i for i in range(len(_PROMPTS))]
     greedy, m, _ = _run(tiny["ckpt"], _PROMPTS, spec, max_tokens=max_tokens)
-    _assert_matches(tiny["ref"], greedy, f"{tiny['variant']} {method} by batch size", max_tokens)
+    _assert_matches(tiny["ref"], greedy, f"{tiny['variant']} {method} by batch size", m,
+                    max_tokens)
     assert m["num_drafts"] > 0, m   # the batch's tail speculated
     if method == "custom_class":    # its own greedy: every draft accepted
         assert m["acceptance_rate"] == 1.0, m
@@ -248,7 +277,7 @@ def test_draft_proposer(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_MAMBA_HYBRID_DRAFT", str(draft))
     spec = {"method": "custom_class", "model": DRAFT_CLASS, "num_speculative_tokens": k}
     greedy, m, preemptions = _run(tiny["ckpt"], _PROMPTS, spec, num_gpu_blocks_override=_blocks(k))
-    _assert_matches(tiny["ref"], greedy, f"{variant} draft k={k}")
+    _assert_matches(tiny["ref"], greedy, f"{variant} draft k={k}", m)
     assert preemptions >= 1, "the small cache did not force a preemption"
     if variant == "mamba2":
         assert 0 < m["acceptance_rate"] < 1, m

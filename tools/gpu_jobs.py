@@ -34,8 +34,10 @@ PYTEST = "python3 -m pytest -v -ra --durations=0 -p no:cacheprovider --failures-
 TEACHER = "/tmp/smollm2/teacher"  # the real SmolLM2, imported from the staged GGUF
 SPEC_TESTS = "tests/spec_decode/test_vllm_spec_decode.py"
 # The tiny-target speculative cases: n-gram and draft proposer under forced preemption,
-# steps without drafts, and vLLM's batch-size schedule (no forced preemption).
-SPEC_TINY = "ngram_matches or draft_proposer or steps_without_drafts or batch_size_schedule"
+# steps without drafts, a recompute tail after preemption, and vLLM's batch-size schedule
+# (no forced preemption).
+SPEC_TINY = ("ngram_matches or draft_proposer or steps_without_drafts or recompute_tail "
+             "or batch_size_schedule")
 BENCH_8B = ("python3 benchmarks/serving_throughput.py --shape llama3-8b --dummy --graphs "
             "--models {models} --contexts 1024 8192 32768 --batches 1 16 64 256 --kv-bytes 42e9 "
             "--batched-tokens 16384 --max-new 320 --max-prefill-tokens 1048576 "

@@ -211,3 +211,33 @@ def test_softplus_taken_before_vllms_cuda_step_is_exact_and_keeps_tied_views():
     assert step.stride(-1) == 0 and zero.stride() == (0, 0)
     torch.testing.assert_close(step.double(), torch.log1p(torch.exp(
         per_head.double() + head_bias.double())), rtol=2e-6, atol=0)
+
+
+def test_keep_last_token_state_moves_the_last_tokens_state_to_column_zero():
+    """A recompute chunk that ran as a decode row without drafts (mamba_metadata.py,
+    guard 4): afterwards its SSM state after the last token sits in block column 0 and
+    its conv window after the last token starts at column 0; other rows are untouched."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    k, width, dim, rows = 3, 4, 6, 4
+    blocks = 1 + rows * (1 + k)
+    indices = (torch.randperm(blocks - 1, generator=g) + 1)[: rows * (1 + k)].view(rows, 1 + k)
+    spec = SpecDecode(indices, torch.ones(rows, dtype=torch.int32),
+                      torch.arange(rows + 1, dtype=torch.int32))
+    # the conv state as the mixers see it: a (blocks, dim, width-1+k) view of (len, dim) storage
+    conv = torch.randn(blocks, width - 1 + k, dim, generator=g).transpose(-1, -2)
+    ssm = torch.randn(blocks, 2, 3, 5, generator=g)
+    conv_before, ssm_before = conv.clone(), ssm.clone()
+    moved, lens = torch.tensor([1, 3]), torch.tensor([3, 2], dtype=torch.int32)
+
+    ssm_ops.keep_last_token_state(conv, ssm, spec, moved, lens)
+
+    for b in range(rows):
+        first = indices[b, 0]
+        if b in moved.tolist():
+            t = int(lens[moved.tolist().index(b)]) - 1
+            torch.testing.assert_close(ssm[first], ssm_before[indices[b, t]], rtol=0, atol=0)
+            torch.testing.assert_close(conv[first, :, :width - 1],
+                                       conv_before[first, :, t:t + width - 1], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(ssm[first], ssm_before[first], rtol=0, atol=0)
+            torch.testing.assert_close(conv[first], conv_before[first], rtol=0, atol=0)

@@ -237,6 +237,66 @@ def test_ngram_steps_without_drafts_resume_from_accepted_state(tiny):
     _assert_matches(tiny["ref"], greedy, f"{tiny['variant']} ngram k={k}, 0.26 runner", m)
 
 
+def count_undrafted_rows(worker) -> None:
+    """Runs in vLLM's worker: counts the steps whose Mamba metadata carries recompute
+    chunks run as decode rows without drafts (mamba_metadata.py, guard 4)."""
+    from vllm_mamba_hybrid.model_executor.mamba_metadata import HybridMamba2MetadataBuilder
+
+    builder_cls, inner = HybridMamba2MetadataBuilder, HybridMamba2MetadataBuilder.build
+    builder_cls.undrafted_steps = 0
+
+    def build(self, *args, **kwargs):
+        md = inner(self, *args, **kwargs)
+        builder_cls.undrafted_steps += md.undrafted_rows is not None
+        return md
+
+    builder_cls.build = build
+
+
+def undrafted_steps(worker) -> int:
+    from vllm_mamba_hybrid.model_executor.mamba_metadata import HybridMamba2MetadataBuilder
+
+    return HybridMamba2MetadataBuilder.undrafted_steps
+
+
+@pytest.mark.parametrize("outputs", [2, 4])
+def test_recompute_tail_resumes_from_its_last_token(tiny, outputs):
+    """A request preempted after ``outputs`` tokens recomputes prompt + outputs; with the
+    prompt exactly one chunk, its outputs form a chunk of 2..1+k tokens past the prompt,
+    which vLLM runs as a decode row without drafts: the next step must resume from the
+    chunk's last token (mamba_metadata.py, guard 4; without it the output repeats a token
+    right after the resumption). Preemption is forced by resetting the running requests."""
+    from vllm import LLM, SamplingParams
+
+    k, new = 4, 24
+    prompt = _PROMPTS[-1][:ENGINE_KW["max_num_batched_tokens"]]
+    ref = (_plain_greedy if ON_CUDA else _reference_greedy)(tiny["ckpt"], [prompt])[0][:new]
+    spec = {"method": NGRAM, "num_speculative_tokens": k, "prompt_lookup_max": 3,
+            "prompt_lookup_min": 1}
+    llm = LLM(tiny["ckpt"], **{**ENGINE_KW, **ENGINE_MODES[DEFAULT_MODE]}, speculative_config=spec)
+    try:
+        llm.collective_rpc(count_undrafted_rows)
+        engine = llm.llm_engine
+        engine.add_request("r", {"prompt_token_ids": prompt},
+                           SamplingParams(max_tokens=len(ref), temperature=0, ignore_eos=True))
+        got, resumed_after = [], None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                got = list(out.outputs[0].token_ids)
+            if resumed_after is None and len(got) >= outputs:
+                resumed_after = len(got)
+                llm.reset_prefix_cache(reset_running_requests=True)   # preempt it now
+        steps = llm.collective_rpc(undrafted_steps)[0]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    assert 2 <= resumed_after <= 1 + k, f"preempted after {resumed_after} outputs, not 2..1+k"
+    assert steps > 0, "no recompute chunk ran as a decode row: nothing was checked"
+    assert_greedy_equal(f"{tiny['variant']} resumed after {resumed_after} outputs", [len(prompt)],
+                        [ref], [got])
+
+
 @pytest.mark.parametrize("method", [NGRAM, "custom_class"])
 def test_batch_size_schedule_matches_plain_greedy(tiny, method, monkeypatch):
     """vLLM's dynamic speculation (``num_speculative_tokens_per_batch_size``): k = 4

@@ -23,13 +23,23 @@ vLLM's runner does around CUDA graphs and speculative decoding.
    anyone) would then read the state after the first accepted token instead of the last.
    The builder keeps the runner's counts buffer from the steps that pass it and reads the
    current counts there on steps that do not; the runner refreshes that buffer every step.
+4. A request resumed after preemption recomputes its prompt and outputs; the last chunk,
+   past the prompt, is not "prefilling" to vLLM, so one of 2..1+k tokens becomes a decode
+   row without drafts. The speculative kernels store the state after its token t in block
+   column t, but the next step's count is 1 (nothing was accepted), so it would resume
+   from the state after the chunk's first token (vLLM 0.26 and 0.32 alike; reproduced on
+   the CPU engine). The builder marks such rows (``undrafted_rows``) and the mixers move
+   their last token's state to column 0 (``ssm_ops.keep_last_token_state``).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 import torch
 from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.mamba2_attn import (
     Mamba2AttentionBackend,
+    Mamba2AttentionMetadata,
     Mamba2AttentionMetadataBuilder,
 )
 
@@ -46,7 +56,27 @@ def first_token_rows(common_attn_metadata) -> list[int]:
     return rows.nonzero().flatten().tolist()
 
 
+@dataclass
+class HybridMamba2Metadata(Mamba2AttentionMetadata):
+    # (4): decode rows that ran several tokens without drafts, and their token counts.
+    undrafted_rows: torch.Tensor | None = None
+    undrafted_lens: torch.Tensor | None = None
+
+
+def undrafted_rows(query_start_loc_cpu: torch.Tensor, num_decodes: int,
+                   draft_counts_cpu: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, their token counts): decode rows with more than one token that are not a
+    token plus its drafts (vLLM marks a row's drafts in ``num_decode_draft_tokens_cpu``,
+    -1 for none; 0.26 passes no counts at all on a step without drafts)."""
+    query_lens = torch.diff(query_start_loc_cpu[:num_decodes + 1])
+    drafted = (torch.zeros_like(query_lens, dtype=torch.bool) if draft_counts_cpu is None
+               else draft_counts_cpu[:num_decodes] == query_lens - 1)
+    rows = ((query_lens > 1) & ~drafted).nonzero().flatten()
+    return rows, query_lens[rows]
+
+
 class HybridMamba2MetadataBuilder(Mamba2AttentionMetadataBuilder):
+    metadata_cls = HybridMamba2Metadata
     # (3): the runner's persistent accepted-counts buffer, once a step has passed a view of it.
     _accepted_buffer: torch.Tensor | None = None
 
@@ -59,9 +89,17 @@ class HybridMamba2MetadataBuilder(Mamba2AttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False, **kwargs):
         if self.num_spec_tokens == 0:
             common_attn_metadata = self._first_tokens_as_decodes(common_attn_metadata)
-        else:
-            kwargs = self._with_accepted_counts(common_attn_metadata, kwargs)
-        return super().build(common_prefix_len, common_attn_metadata, fast_build, **kwargs)
+            return super().build(common_prefix_len, common_attn_metadata, fast_build, **kwargs)
+        kwargs = self._with_accepted_counts(common_attn_metadata, kwargs)
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build, **kwargs)
+        if md.num_decodes == 0 or md.num_accepted_tokens is None:   # no speculative rows
+            return md
+        rows, lens = undrafted_rows(common_attn_metadata.query_start_loc_cpu, md.num_decodes,
+                                    kwargs.get("num_decode_draft_tokens_cpu"))
+        if rows.numel() == 0:   # (4)
+            return md
+        device = md.num_accepted_tokens.device
+        return replace(md, undrafted_rows=rows.to(device), undrafted_lens=lens.to(device))
 
     def _first_tokens_as_decodes(self, common_attn_metadata):   # (1)
         rows = first_token_rows(common_attn_metadata)

@@ -54,7 +54,6 @@ from vllm.utils.torch_utils import (
     _resolve_layer_name,
     direct_register_custom_op,
 )
-from vllm.v1.attention.backends.mamba2_attn import Mamba2AttentionMetadata
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from vllm_mamba_hybrid.config import LlamaMambaHybridConfig
@@ -66,10 +65,14 @@ from vllm_mamba_hybrid.layout import (
     mamba2_in_proj_parts,
     shard_sizes,
 )
-from vllm_mamba_hybrid.model_executor.mamba_metadata import HybridMamba2Backend
+from vllm_mamba_hybrid.model_executor.mamba_metadata import (
+    HybridMamba2Backend,
+    HybridMamba2Metadata,
+)
 from vllm_mamba_hybrid.model_executor.ssm_ops import (
     SpecDecode,
     conv_update,
+    keep_last_token_state,
     mamba1_prefill_scan,
     ssm_update,
 )
@@ -141,7 +144,7 @@ class _HybridMambaMixer(MambaBase, nn.Module):
         groups = t.view(t.shape[0], -1, self.d_state)
         return groups.repeat_interleave(self.repeat_group, dim=1)
 
-    def _metadata(self) -> Mamba2AttentionMetadata | None:
+    def _metadata(self) -> HybridMamba2Metadata | None:
         attn_metadata = get_forward_context().attn_metadata
         if attn_metadata is None:
             return None  # profile run
@@ -149,12 +152,21 @@ class _HybridMambaMixer(MambaBase, nn.Module):
         return attn_metadata.get(self.prefix)
 
     @staticmethod
-    def _spec(md: Mamba2AttentionMetadata) -> SpecDecode | None:
+    def _spec(md: HybridMamba2Metadata) -> SpecDecode | None:
         """The decode rows' speculative metadata, None without speculation."""
         if md.num_accepted_tokens is None:
             return None
         return SpecDecode(md.state_indices_tensor_d, md.num_accepted_tokens,
                           md.query_start_loc_d)
+
+    @staticmethod
+    def _keep_undrafted_rows(md: HybridMamba2Metadata, spec: SpecDecode | None,
+                             conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
+        """Recompute chunks that ran as decode rows without drafts resume from their last
+        token (mamba_metadata.py, guard 4)."""
+        if spec is not None and md.undrafted_rows is not None:
+            keep_last_token_state(conv_state, ssm_state, spec, md.undrafted_rows,
+                                  md.undrafted_lens)
 
     def _states(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(conv_state as (blocks, dim, width-1), ssm_state) views of the cache."""
@@ -163,7 +175,7 @@ class _HybridMambaMixer(MambaBase, nn.Module):
             conv_state = conv_state.transpose(-1, -2)
         return conv_state, self.kv_cache[1]
 
-    def _conv_prefill(self, x: torch.Tensor, md: Mamba2AttentionMetadata,
+    def _conv_prefill(self, x: torch.Tensor, md: HybridMamba2Metadata,
                       conv_state: torch.Tensor) -> torch.Tensor:
         return causal_conv1d_fn(
             x.transpose(0, 1), self.conv_weights, self.conv1d.bias, activation="silu",
@@ -267,6 +279,7 @@ class Mamba2Mixer(_HybridMambaMixer):
                 self.D[:, None].expand(-1, p), self.dt_bias[:, None].expand(-1, p),
                 None, idx, output[:nd].view(nd, self.nheads, p), per_head_params=True,
                 spec=spec)
+            self._keep_undrafted_rows(md, spec, conv_state, ssm_state)
 
 
 class Mamba1Mixer(_HybridMambaMixer):
@@ -348,6 +361,7 @@ class Mamba1Mixer(_HybridMambaMixer):
                 self._repeat_groups(B[:nd]), C[:nd].reshape(heads), self.D.view(-1, n),
                 dt_bias.view(-1, n), z[:nd].reshape(heads), idx, output[:nd].view(heads),
                 per_head_params=False, spec=spec)
+            self._keep_undrafted_rows(md, spec, conv_state, ssm_state)
 
 
 def _layer(layer_name: LayerNameType):

@@ -194,6 +194,24 @@ def ssm_update(
         out[p[valid[:, t]]] = y[valid[:, t]]
 
 
+def keep_last_token_state(conv_state: torch.Tensor, ssm_state: torch.Tensor,
+                          spec: SpecDecode, rows: torch.Tensor, lens: torch.Tensor) -> None:
+    """After a verify step, for decode ``rows`` whose ``lens`` tokens had no drafts (a
+    recompute chunk: mamba_metadata.py, guard 4): make the state after their last token
+    the one the next step reads with an accepted count of 1. The SSM state after token t
+    is in block ``indices[b, t]``, and the conv window after it starts at column t of
+    block ``indices[b, 0]``; both move to where the count 1 points (column 0)."""
+    blocks = spec.indices[rows]                                   # (rows, 1+k)
+    last = (lens - 1).long()
+    first = blocks[:, 0]
+    ssm_state[first] = ssm_state[blocks.gather(1, last[:, None]).squeeze(1)]
+    window = conv_state.shape[-1] - (spec.indices.shape[1] - 1)   # width - 1
+    cols = last[:, None] + torch.arange(window, device=last.device)  # (rows, width-1)
+    conv = conv_state[first]                                      # (rows, dim, width-1+k)
+    conv_state[first, :, :window] = conv.gather(
+        2, cols[:, None, :].expand(-1, conv.shape[1], -1))
+
+
 def softplus_dt(dt: torch.Tensor, dt_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(softplus(dt + dt_bias) in float32, a zero bias) for vLLM's CUDA step kernel, which
     takes softplus as log(exp(dt) + 1): 4e-4 relative off at dt = -10 and 9e-3 at -12,

@@ -241,3 +241,17 @@ def test_keep_last_token_state_moves_the_last_tokens_state_to_column_zero():
         else:
             torch.testing.assert_close(ssm[first], ssm_before[first], rtol=0, atol=0)
             torch.testing.assert_close(conv[first], conv_before[first], rtol=0, atol=0)
+
+
+def test_undrafted_rows_are_multi_token_decode_rows_without_their_drafts():
+    """Guard 4's row choice, hand-computed: decode rows of 1, 3, 2 and 3 tokens; vLLM marks
+    rows 1 and 3 as a token plus 2 drafts, so only row 2 (2 tokens, -1 drafts) is a
+    recompute chunk; 0.26 passes no draft counts on a step without drafts, where every
+    multi-token decode row is one. Rows past ``num_decodes`` (prefills) are never chosen."""
+    from vllm_mamba_hybrid.model_executor.mamba_metadata import undrafted_rows
+
+    qsl = torch.tensor([0, 1, 4, 6, 9, 40], dtype=torch.int32)
+    rows, lens = undrafted_rows(qsl, 4, torch.tensor([-1, 2, -1, 2, -1], dtype=torch.int32))
+    assert rows.tolist() == [2] and lens.tolist() == [2]
+    rows, lens = undrafted_rows(qsl, 4, None)
+    assert rows.tolist() == [1, 2, 3] and lens.tolist() == [3, 2, 3]

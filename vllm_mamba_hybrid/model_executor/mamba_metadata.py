@@ -1,4 +1,4 @@
-"""The Mamba metadata the mixers read: vLLM's Mamba2 backend, with three guards for what
+"""The Mamba metadata the mixers read: vLLM's Mamba2 backend, with four guards for what
 vLLM's runner does around CUDA graphs and speculative decoding.
 
 1. A new prompt of one token runs as a decode from a zeroed state block. vLLM picks a full

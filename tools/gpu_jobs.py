@@ -89,6 +89,9 @@ JOBS = {
     # profile of every model where the 50% goal was missed (8k, batch 64).
     "bench-8b-25": BENCH_8B.format(models="teacher mamba1-50% mamba2-25% mamba1-25%",
                                    out="llama3_8b_25_cuda") + " --profile 8192:64",
+    # The two 25% hybrids beside the teacher alone, for a loan too short for bench-8b-25.
+    "bench-8b-25-lean": BENCH_8B.format(models="teacher mamba2-25% mamba1-25%",
+                                        out="llama3_8b_25_lean_cuda"),
     "bench-smollm2": (f"python3 benchmarks/serving_throughput.py --teacher {TEACHER} "
                       "--graphs --contexts 1024 8192 32768 --batches 1 16 64 256 --kv-bytes 42e9 "
                       "--batched-tokens 16384 --max-new 320 --max-prefill-tokens 1048576 "

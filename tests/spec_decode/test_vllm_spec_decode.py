@@ -41,7 +41,12 @@ from tests.model_executor.test_vllm_engine import (
     ON_CUDA,
     VARIANTS,
 )
-from tests.utils import assert_greedy_equal, make_random_hybrid, running_server
+from tests.utils import (
+    assert_greedy_equal,
+    first_difference,
+    make_random_hybrid,
+    running_server,
+)
 from vllm_mamba_hybrid import LlamaMambaHybridForCausalLM
 
 pytestmark = pytest.mark.vllm
@@ -93,7 +98,8 @@ def _run(ckpt, prompts, spec: dict | None, max_tokens=None, in_worker=None, **en
     ``max_tokens``: one per prompt (default NEW_TOKENS each); ``in_worker``: (before,
     after) functions run in vLLM's worker around the generation, the second's result
     returned in the metrics as "worker". The metrics' "resumed" lists the requests
-    resumed after preemption (see ``record_resumptions``)."""
+    resumed after preemption (see ``record_resumptions``), "steps" each step's Mamba rows
+    (``record_steps``)."""
     from vllm import LLM, SamplingParams
 
     from vllm_mamba_hybrid.spec_decode import spec_decode_metrics
@@ -104,6 +110,7 @@ def _run(ckpt, prompts, spec: dict | None, max_tokens=None, in_worker=None, **en
               speculative_config=spec)
     try:
         llm.collective_rpc(record_resumptions)
+        llm.collective_rpc(record_steps)
         if in_worker:
             llm.collective_rpc(in_worker[0])
         outs = llm.generate([{"prompt_token_ids": prompts[i]} for i in ORDER],
@@ -114,6 +121,7 @@ def _run(ckpt, prompts, spec: dict | None, max_tokens=None, in_worker=None, **en
             greedy[i] = list(o.outputs[0].token_ids)
         metrics = spec_decode_metrics(llm)
         metrics["resumed"] = llm.collective_rpc(resumptions)[0]
+        metrics["steps"] = llm.collective_rpc(recorded_steps)[0]
         if in_worker:
             metrics["worker"] = llm.collective_rpc(in_worker[1])[0]
         preemptions = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
@@ -146,10 +154,76 @@ def resumptions(worker) -> list[tuple[int, int]]:
     return worker.model_runner.resumptions
 
 
+def record_steps(worker) -> None:
+    """Runs in vLLM's worker: every step's rows as the Mamba metadata builder saw them, so
+    that a divergence report shows the schedule around the diverging token (what a GPU run
+    of minutes must answer at once). A row: (prompt tokens, tokens computed as the runner
+    holds them, tokens scheduled, drafts or None, decode row, the accepted-token count the
+    mixers read, run as a decode row without drafts). The counts stay on the device until
+    the end: reading them per step would synchronise an async-scheduled runner."""
+    from vllm_mamba_hybrid.model_executor.mamba_metadata import HybridMamba2MetadataBuilder
+
+    runner = worker.model_runner
+    builder_cls, inner = HybridMamba2MetadataBuilder, HybridMamba2MetadataBuilder.build
+    runner.step_rows, traced = [], []   # traced: the one builder recorded (one per group)
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False, **kwargs):
+        md = inner(self, common_prefix_len, common_attn_metadata, fast_build, **kwargs)
+        if not traced:
+            traced.append(self)
+        if self is not traced[0]:
+            return md
+        num_reqs, batch = common_attn_metadata.num_reqs, runner.input_batch
+        query_lens = torch.diff(common_attn_metadata.query_start_loc_cpu[:num_reqs + 1]).tolist()
+        drafts = kwargs.get("num_decode_draft_tokens_cpu")
+        undrafted = set() if md.undrafted_rows is None else set(md.undrafted_rows.tolist())
+        rows = [(len(runner.requests[batch.req_ids[i]].prompt_token_ids),
+                 int(batch.num_computed_tokens_cpu[i]), query_lens[i],
+                 None if drafts is None else int(drafts[i]), i < md.num_decodes, i in undrafted)
+                for i in range(num_reqs)]
+        accepted = (md.num_accepted_tokens[:md.num_decodes].clone()
+                    if md.num_accepted_tokens is not None and md.num_decodes else None)
+        runner.step_rows.append((rows, accepted))
+        return md
+
+    builder_cls.build = build
+
+
+def recorded_steps(worker) -> list[list[tuple]]:
+    out = []
+    for rows, accepted in worker.model_runner.step_rows:
+        counts = [] if accepted is None else accepted.tolist()
+        out.append([(*row, counts[i] if i < len(counts) else None)
+                    for i, row in enumerate(rows)])
+    return out
+
+
+def _schedule_near(prompt_len: int, output: int, steps: list[list[tuple]], span: int = 12) -> str:
+    """The steps that computed tokens of the ``prompt_len`` request within ``span`` tokens
+    before its output ``output`` (and the one after)."""
+    at = prompt_len + output   # that output's position in the sequence
+    lines = []
+    for s, rows in enumerate(steps):
+        for n, computed, scheduled, drafts, decode, undrafted, accepted in rows:
+            if n == prompt_len and at - span <= computed + scheduled and computed <= at + 1:
+                lines.append(f"    step {s}: computed {computed}, +{scheduled} tokens, "
+                             f"drafts {drafts}, {'decode' if decode else 'prefill'}, "
+                             f"accepted {accepted}" + (", undrafted" if undrafted else ""))
+    return "\n".join(lines)
+
+
 def _assert_matches(ref, got, label, metrics, max_tokens=None):
     resumed = ", ".join(f"{n} tokens after {out}" for n, out in metrics["resumed"])
-    assert_greedy_equal(f"{label} (resumed after preemption: {resumed or 'none'})",
-                        PROMPT_LENS, ref, got, want_lens=max_tokens or [NEW_TOKENS] * len(ref))
+    want = max_tokens or [NEW_TOKENS] * len(ref)
+    try:
+        assert_greedy_equal(f"{label} (resumed after preemption: {resumed or 'none'})",
+                            PROMPT_LENS, ref, got, want_lens=want)
+    except AssertionError as failure:
+        near = "".join(
+            f"\n  {n} tokens, the steps before output {first_difference(r[:w], g)}:\n"
+            + _schedule_near(n, first_difference(r[:w], g), metrics["steps"])
+            for n, r, g, w in zip(PROMPT_LENS, ref, got, want) if g != r[:w])
+        raise AssertionError(f"{failure}\nSchedule near each divergence:{near}") from None
 
 
 _PROMPTS = _repeating_prompts(VOCAB)

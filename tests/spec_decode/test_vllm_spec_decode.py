@@ -99,7 +99,7 @@ def _run(ckpt, prompts, spec: dict | None, max_tokens=None, in_worker=None, **en
     after) functions run in vLLM's worker around the generation, the second's result
     returned in the metrics as "worker". The metrics' "resumed" lists the requests
     resumed after preemption (see ``record_resumptions``), "steps" each step's Mamba rows
-    (``record_steps``)."""
+    (``record_steps``), "logprobs" each output token's log-probability."""
     from vllm import LLM, SamplingParams
 
     from vllm_mamba_hybrid.spec_decode import spec_decode_metrics
@@ -115,11 +115,13 @@ def _run(ckpt, prompts, spec: dict | None, max_tokens=None, in_worker=None, **en
             llm.collective_rpc(in_worker[0])
         outs = llm.generate([{"prompt_token_ids": prompts[i]} for i in ORDER],
                             [SamplingParams(max_tokens=max_tokens[i], temperature=0,
-                                            ignore_eos=True) for i in ORDER])
-        greedy = [None] * len(prompts)
+                                            ignore_eos=True, logprobs=0) for i in ORDER])
+        greedy, logprobs = [None] * len(prompts), [None] * len(prompts)
         for i, o in zip(ORDER, outs):
             greedy[i] = list(o.outputs[0].token_ids)
+            logprobs[i] = [lp[t].logprob for t, lp in zip(greedy[i], o.outputs[0].logprobs)]
         metrics = spec_decode_metrics(llm)
+        metrics["logprobs"] = logprobs
         metrics["resumed"] = llm.collective_rpc(resumptions)[0]
         metrics["steps"] = llm.collective_rpc(recorded_steps)[0]
         if in_worker:
@@ -212,17 +214,36 @@ def _schedule_near(prompt_len: int, output: int, steps: list[list[tuple]], span:
     return "\n".join(lines)
 
 
-def _assert_matches(ref, got, label, metrics, max_tokens=None):
+def _logprob_drift(bar: list[float], got: list[float], upto: int) -> str:
+    """|got - bar| of the same tokens' log-probabilities before output ``upto``: a drift
+    that grows token by token is arithmetic, one that jumps at a step is a state error."""
+    drift = [abs(a - b) for a, b in zip(bar[:upto], got[:upto])]
+    head, tail = drift[:-8], drift[-8:]
+    return ((f"max {max(head):.1e} before output {len(head)}, then " if head else "")
+            + ", ".join(f"{d:.1e}" for d in tail))
+
+
+def _assert_matches(tiny, got, label, metrics, max_tokens=None):
+    """``got`` equals the fixture's bar (``tiny["ref"]``); a failure names the requests
+    resumed after preemption, the schedule near each divergence and, where the bar has
+    log-probabilities (vLLM's plain run, on CUDA), their drift before it."""
+    ref, ref_logprobs = tiny["ref"], tiny.get("ref_logprobs")
     resumed = ", ".join(f"{n} tokens after {out}" for n, out in metrics["resumed"])
     want = max_tokens or [NEW_TOKENS] * len(ref)
     try:
         assert_greedy_equal(f"{label} (resumed after preemption: {resumed or 'none'})",
                             PROMPT_LENS, ref, got, want_lens=want)
     except AssertionError as failure:
-        near = "".join(
-            f"\n  {n} tokens, the steps before output {first_difference(r[:w], g)}:\n"
-            + _schedule_near(n, first_difference(r[:w], g), metrics["steps"])
-            for n, r, g, w in zip(PROMPT_LENS, ref, got, want) if g != r[:w])
+        near = ""
+        for i, (n, r, g, w) in enumerate(zip(PROMPT_LENS, ref, got, want)):
+            if g == r[:w]:
+                continue
+            at = first_difference(r[:w], g)
+            near += f"\n  {n} tokens, the steps before output {at}:\n" + _schedule_near(
+                n, at, metrics["steps"])
+            if ref_logprobs is not None:
+                near += "\n    logprob drift: " + _logprob_drift(ref_logprobs[i],
+                                                                metrics["logprobs"][i], at)
         raise AssertionError(f"{failure}\nSchedule near each divergence:{near}") from None
 
 
@@ -244,9 +265,11 @@ def tiny(request, tmp_path_factory):
                        **TINY_VARIANTS[variant])
     ref = _reference_greedy(ckpt, _PROMPTS)
     assert all(len(r) == NEW_TOKENS for r in ref), "tiny reference has a near-tie"
+    bar = dict(variant=variant, ckpt=str(ckpt), ref=ref)
     if ON_CUDA:
-        ref = _plain_greedy(ckpt, _PROMPTS)
-    return dict(variant=variant, ckpt=str(ckpt), ref=ref)
+        bar["ref"], m, _ = _run(ckpt, _PROMPTS, None)
+        bar["ref_logprobs"] = m["logprobs"]
+    return bar
 
 
 def _plain_greedy(ckpt, prompts, **engine_kw) -> list[list[int]]:
@@ -259,7 +282,7 @@ def test_ngram_matches_plain_greedy(tiny, k):
     spec = {"method": NGRAM, "num_speculative_tokens": k, "prompt_lookup_max": 3,
             "prompt_lookup_min": 1}
     greedy, m, preemptions = _run(tiny["ckpt"], _PROMPTS, spec, num_gpu_blocks_override=_blocks(k))
-    _assert_matches(tiny["ref"], greedy, f"{tiny['variant']} ngram k={k}", m)
+    _assert_matches(tiny, greedy, f"{tiny['variant']} ngram k={k}", m)
     assert preemptions >= 1, "the small cache did not force a preemption"
     assert 0 < m["acceptance_rate"] < 1, m
     if tiny["variant"] == "mamba1":  # its outputs loop: drafts accepted at every position
@@ -308,7 +331,7 @@ def test_ngram_steps_without_drafts_resume_from_accepted_state(tiny):
     greedy, m, _ = _run(tiny["ckpt"], _PROMPTS, spec, max_num_seqs=1, in_worker=(
         drop_counts_on_steps_without_drafts, steps_dropped_after_acceptance))
     assert m["worker"] > 0, "no step without drafts followed an acceptance: nothing was checked"
-    _assert_matches(tiny["ref"], greedy, f"{tiny['variant']} ngram k={k}, 0.26 runner", m)
+    _assert_matches(tiny, greedy, f"{tiny['variant']} ngram k={k}, 0.26 runner", m)
 
 
 def count_undrafted_rows(worker) -> None:
@@ -388,7 +411,7 @@ def test_batch_size_schedule_matches_plain_greedy(tiny, method, monkeypatch):
         monkeypatch.setenv("VLLM_MAMBA_HYBRID_DRAFT", tiny["ckpt"])
     max_tokens = [NEW_TOKENS - 7 * i for i in range(len(_PROMPTS))]
     greedy, m, _ = _run(tiny["ckpt"], _PROMPTS, spec, max_tokens=max_tokens)
-    _assert_matches(tiny["ref"], greedy, f"{tiny['variant']} {method} by batch size", m,
+    _assert_matches(tiny, greedy, f"{tiny['variant']} {method} by batch size", m,
                     max_tokens)
     assert m["num_drafts"] > 0, m   # the batch's tail speculated
     if method == "custom_class":    # its own greedy: every draft accepted
@@ -412,7 +435,7 @@ def test_draft_proposer(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_MAMBA_HYBRID_DRAFT", str(draft))
     spec = {"method": "custom_class", "model": DRAFT_CLASS, "num_speculative_tokens": k}
     greedy, m, preemptions = _run(tiny["ckpt"], _PROMPTS, spec, num_gpu_blocks_override=_blocks(k))
-    _assert_matches(tiny["ref"], greedy, f"{variant} draft k={k}", m)
+    _assert_matches(tiny, greedy, f"{variant} draft k={k}", m)
     assert preemptions >= 1, "the small cache did not force a preemption"
     if variant == "mamba2":
         assert 0 < m["acceptance_rate"] < 1, m

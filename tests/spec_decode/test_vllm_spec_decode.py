@@ -123,7 +123,7 @@ def _run(ckpt, prompts, spec: dict | None, max_tokens=None, in_worker=None, **en
         metrics = spec_decode_metrics(llm)
         metrics["logprobs"] = logprobs
         metrics["resumed"] = llm.collective_rpc(resumptions)[0]
-        metrics["steps"] = llm.collective_rpc(recorded_steps)[0]
+        metrics["steps"], metrics["trace_error"] = llm.collective_rpc(recorded_steps)[0]
         if in_worker:
             metrics["worker"] = llm.collective_rpc(in_worker[1])[0]
         preemptions = next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
@@ -162,42 +162,55 @@ def record_steps(worker) -> None:
     of minutes must answer at once). A row: (prompt tokens, tokens computed as the runner
     holds them, tokens scheduled, drafts or None, decode row, the accepted-token count the
     mixers read, run as a decode row without drafts). The counts stay on the device until
-    the end: reading them per step would synchronise an async-scheduled runner."""
+    the end: reading them per step would synchronise an async-scheduled runner. A hook
+    that fails stops recording, not the engine (the 2026-12-07 H100 run lost its cases to
+    graph-padded rows), and the report names its error."""
     from vllm_mamba_hybrid.model_executor.mamba_metadata import HybridMamba2MetadataBuilder
 
     runner = worker.model_runner
     builder_cls, inner = HybridMamba2MetadataBuilder, HybridMamba2MetadataBuilder.build
-    runner.step_rows, traced = [], []   # traced: the one builder recorded (one per group)
+    runner.step_rows, runner.step_trace_error = [], None
+    traced = []   # the one builder recorded (a builder per KV-cache group)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False, **kwargs):
         md = inner(self, common_prefix_len, common_attn_metadata, fast_build, **kwargs)
         if not traced:
             traced.append(self)
-        if self is not traced[0]:
-            return md
-        num_reqs, batch = common_attn_metadata.num_reqs, runner.input_batch
-        query_lens = torch.diff(common_attn_metadata.query_start_loc_cpu[:num_reqs + 1]).tolist()
-        drafts = kwargs.get("num_decode_draft_tokens_cpu")
-        undrafted = set() if md.undrafted_rows is None else set(md.undrafted_rows.tolist())
-        rows = [(len(runner.requests[batch.req_ids[i]].prompt_token_ids),
-                 int(batch.num_computed_tokens_cpu[i]), query_lens[i],
-                 None if drafts is None else int(drafts[i]), i < md.num_decodes, i in undrafted)
-                for i in range(num_reqs)]
-        accepted = (md.num_accepted_tokens[:md.num_decodes].clone()
-                    if md.num_accepted_tokens is not None and md.num_decodes else None)
-        runner.step_rows.append((rows, accepted))
+        if self is traced[0] and runner.step_trace_error is None:
+            try:
+                runner.step_rows.append(_step_rows(runner, md, common_attn_metadata, kwargs))
+            except Exception as e:   # noqa: BLE001 - reported with the divergence
+                runner.step_trace_error = repr(e)
         return md
 
     builder_cls.build = build
 
 
-def recorded_steps(worker) -> list[list[tuple]]:
-    out = []
-    for rows, accepted in worker.model_runner.step_rows:
+def _step_rows(runner, md, common_attn_metadata, kwargs) -> tuple[list[tuple], object]:
+    """The scheduled requests' rows (graph padding left out) and the decode rows'
+    accepted counts, still on the device."""
+    batch = runner.input_batch
+    num_reqs = batch.num_reqs   # <= the metadata's rows, which a graph may pad
+    query_lens = torch.diff(common_attn_metadata.query_start_loc_cpu[:num_reqs + 1]).tolist()
+    drafts = kwargs.get("num_decode_draft_tokens_cpu")
+    undrafted = set() if md.undrafted_rows is None else set(md.undrafted_rows.tolist())
+    rows = [(len(runner.requests[batch.req_ids[i]].prompt_token_ids),
+             int(batch.num_computed_tokens_cpu[i]), query_lens[i],
+             None if drafts is None else int(drafts[i]), i < md.num_decodes, i in undrafted)
+            for i in range(num_reqs)]
+    accepted = (md.num_accepted_tokens[:md.num_decodes].clone()
+                if md.num_accepted_tokens is not None and md.num_decodes else None)
+    return rows, accepted
+
+
+def recorded_steps(worker) -> tuple[list[list[tuple]], str | None]:
+    """(every recorded step's rows with their accepted counts, the hook's error if any)."""
+    runner, steps = worker.model_runner, []
+    for rows, accepted in runner.step_rows:
         counts = [] if accepted is None else accepted.tolist()
-        out.append([(*row, counts[i] if i < len(counts) else None)
-                    for i, row in enumerate(rows)])
-    return out
+        steps.append([(*row, counts[i] if i < len(counts) else None)
+                      for i, row in enumerate(rows)])
+    return steps, runner.step_trace_error
 
 
 def _schedule_near(prompt_len: int, output: int, steps: list[list[tuple]], span: int = 12) -> str:
@@ -244,7 +257,9 @@ def _assert_matches(tiny, got, label, metrics, max_tokens=None):
             if ref_logprobs is not None:
                 near += "\n    logprob drift: " + _logprob_drift(ref_logprobs[i],
                                                                 metrics["logprobs"][i], at)
-        raise AssertionError(f"{failure}\nSchedule near each divergence:{near}") from None
+        stopped = (f" (recording stopped at step {len(metrics['steps'])}: "
+                   f"{metrics['trace_error']})" if metrics["trace_error"] else "")
+        raise AssertionError(f"{failure}\nSchedule near each divergence{stopped}:{near}") from None
 
 
 _PROMPTS = _repeating_prompts(VOCAB)

@@ -7,6 +7,7 @@ a later call collects them:
     python3 tools/gpu_jobs.py start tests-engine tests-spec   # returns at once
     python3 tools/gpu_jobs.py wait --max-s 500                 # until done or time is up
     python3 tools/gpu_jobs.py collect                          # logs + results -> $OUT
+    python3 tools/gpu_jobs.py stop                             # end every chain now
 
 Jobs run with the staged vLLM on the path (tools/gpu_stage.py env) and write under
 /tmp/vllm_jobs/NAME.{log,rc}; their JSON results under /tmp/vllm_jobs/results/.
@@ -28,6 +29,7 @@ from gpu_stage import staged_env
 REPO = Path(__file__).resolve().parents[1]
 JOBS_DIR = Path("/tmp/vllm_jobs")
 RESULTS = JOBS_DIR / "results"
+CHAINS = JOBS_DIR / "chains"   # process-group ids of the chains started, one a line
 # -v: a cut-short log still names each case; --failures-now (tests/conftest.py): each
 # failure's report lands in the log when it happens, not when the whole run ends.
 PYTEST = "python3 -m pytest -v -ra --durations=0 -p no:cacheprovider --failures-now"
@@ -123,11 +125,47 @@ def start(names: list[str]) -> None:
     chain = f"exec 9>{JOBS_DIR}/chain.lock; flock 9\n" + "\n".join(steps)  # after earlier chains
     # The device call runs us in the background, where SIGINT comes in ignored: give the
     # jobs the default back, so `kill -INT` stops pytest with its failure reports.
-    subprocess.Popen(["bash", "-c", chain], cwd=REPO, env=_env(),
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True,
-                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(["bash", "-c", chain], cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    with open(CHAINS, "a") as f:   # the chain leads its own process group: `stop` ends it
+        f.write(f"{proc.pid}\n")
     print("started, in order: " + ", ".join(names), flush=True)
+
+
+def stop(grace_s: float = 20) -> None:
+    """End every chain with its jobs and their vLLM engines (each chain is one process
+    group): SIGINT first, so pytest still writes its failure reports, SIGKILL after
+    ``grace_s``. Jobs left without an exit code are marked "stopped". (A device call's
+    `pkill -f NAME` matches the call's own shell, whose command line holds NAME.)"""
+    groups = [int(pid) for pid in CHAINS.read_text().split()] if CHAINS.exists() else []
+
+    def alive() -> list[int]:
+        left = []
+        for pgid in groups:
+            try:
+                os.waitpid(pgid, os.WNOHANG)   # reap the chain where it is our child
+            except ChildProcessError:
+                pass
+            try:
+                os.killpg(pgid, 0)
+                left.append(pgid)
+            except ProcessLookupError:
+                pass
+        return left
+
+    for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGKILL, 5)):
+        for pgid in alive():
+            os.killpg(pgid, sig)
+        deadline = time.time() + wait_s
+        while alive() and time.time() < deadline:
+            time.sleep(0.5)
+    for name, rc in _status().items():
+        if rc is None:
+            (JOBS_DIR / f"{name}.rc").write_text("stopped\n")
+    CHAINS.unlink(missing_ok=True)
+    print(f"stopped {len(groups)} chain(s); still alive: {alive() or 'none'}", flush=True)
 
 
 def _status() -> dict[str, str | None]:
@@ -170,11 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("names", nargs="*", help="jobs to wait for (default: all)")
     w.add_argument("--max-s", type=float, default=480)
     sub.add_parser("collect")
+    sub.add_parser("stop")
     args = p.parse_args(argv)
     if args.cmd == "start":
         start(args.names)
     elif args.cmd == "wait":
         wait(args.max_s, args.names)
+    elif args.cmd == "stop":
+        stop()
     else:
         collect()
     return 0

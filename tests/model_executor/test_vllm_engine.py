@@ -113,8 +113,8 @@ def case(request, tmp_path_factory):
     return _CASES[variant]
 
 
-def _reference_case(variant: str, ckpt) -> dict:
-    make_random_hybrid(ckpt, variant, **MODEL_KW, **VARIANTS[variant])
+def _reference_case(variant: str, ckpt, **hybrid_kw) -> dict:
+    make_random_hybrid(ckpt, variant, **MODEL_KW, **{**VARIANTS[variant], **hybrid_kw})
     ref = LlamaMambaHybridForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     prompts = _prompts()
     greedy, logprobs = [], []
@@ -185,6 +185,19 @@ def test_preemption_matches_reference(case, mode):
     greedy, _, preemptions = _run_engine(case, mode, **PREEMPT)
     assert preemptions >= 1, "the small cache did not force a preemption"
     assert_greedy_equal(case["variant"], PROMPT_LENS, case["greedy"], greedy)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_several_mamba_cache_groups_match_reference(variant, tmp_path):
+    """Three Mamba layers to one attention layer: vLLM gives each Mamba layer a KV-cache
+    group of its own and derives the later groups' metadata from the first's
+    (``update_block_table``, no ``build``). A new one-token prompt runs from zeroed state
+    blocks (mamba_metadata.py, guard 1) in every group, not only the first: on blocks
+    that hold noise its output would otherwise start wrong."""
+    case = _reference_case(variant, tmp_path / "ckpt", attn_layers=(1,))
+    greedy, _, _ = _run_engine(case, DEFAULT_MODE)
+    assert_greedy_equal(f"{variant}, three Mamba cache groups", PROMPT_LENS, case["greedy"],
+                        greedy)
 
 
 @pytest.mark.parametrize("text,message", [

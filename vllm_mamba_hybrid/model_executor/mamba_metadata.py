@@ -10,7 +10,10 @@ vLLM's runner does around CUDA graphs and speculative decoding.
    (the H100, vLLM 0.26, graph mode, 2026-12-07). As a decode from a zeroed block the row
    gives the prefill's result exactly (the conv sees zeros, the SSM state starts at zero),
    and its index is where the graph reads it. Eager steps take the same path, so the CPU
-   engine tests it.
+   engine tests it. A hybrid with more Mamba than attention layers has several Mamba
+   KV-cache groups, and vLLM derives the second group's metadata from the first's
+   (``update_block_table``, no ``build``): that is where each further group zeroes its own
+   blocks of those rows, or their state would be whatever the blocks last held.
 2. With speculative decoding the decode graphs hold 1 + k tokens a request, and a prompt
    chunk of 1 + k tokens matches that shape just as well: replayed as a decode it would
    never run its prefill. No guard like (1) can turn a chunk of several tokens into a
@@ -58,6 +61,8 @@ def first_token_rows(common_attn_metadata) -> list[int]:
 
 @dataclass
 class HybridMamba2Metadata(Mamba2AttentionMetadata):
+    # (1): rows of new one-token prompts run as decodes from zeroed state blocks.
+    first_token_rows: list[int] | None = None
     # (4): decode rows that ran several tokens without drafts, and their token counts.
     undrafted_rows: torch.Tensor | None = None
     undrafted_lens: torch.Tensor | None = None
@@ -88,8 +93,11 @@ class HybridMamba2MetadataBuilder(Mamba2AttentionMetadataBuilder):
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False, **kwargs):
         if self.num_spec_tokens == 0:
-            common_attn_metadata = self._first_tokens_as_decodes(common_attn_metadata)
-            return super().build(common_prefix_len, common_attn_metadata, fast_build, **kwargs)
+            rows = first_token_rows(common_attn_metadata)
+            if rows:
+                common_attn_metadata = self._first_tokens_as_decodes(common_attn_metadata, rows)
+            md = super().build(common_prefix_len, common_attn_metadata, fast_build, **kwargs)
+            return replace(md, first_token_rows=rows) if rows else md
         kwargs = self._with_accepted_counts(common_attn_metadata, kwargs)
         md = super().build(common_prefix_len, common_attn_metadata, fast_build, **kwargs)
         if md.num_decodes == 0 or md.num_accepted_tokens is None:   # no speculative rows
@@ -101,10 +109,12 @@ class HybridMamba2MetadataBuilder(Mamba2AttentionMetadataBuilder):
         device = md.num_accepted_tokens.device
         return replace(md, undrafted_rows=rows.to(device), undrafted_lens=lens.to(device))
 
-    def _first_tokens_as_decodes(self, common_attn_metadata):   # (1)
-        rows = first_token_rows(common_attn_metadata)
-        if not rows:
-            return common_attn_metadata
+    def update_block_table(self, metadata, blk_table, slot_mapping):   # (1), further groups
+        if metadata.first_token_rows:
+            self._zero_state_blocks(blk_table[metadata.first_token_rows, 0])
+        return super().update_block_table(metadata, blk_table, slot_mapping)
+
+    def _first_tokens_as_decodes(self, common_attn_metadata, rows: list[int]):   # (1)
         self._zero_state_blocks(common_attn_metadata.block_table_tensor[rows, 0])
         is_prefilling = common_attn_metadata.is_prefilling.clone()
         is_prefilling[rows] = False

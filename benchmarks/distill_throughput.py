@@ -43,7 +43,7 @@ from distillation.job import TrainJob  # noqa: E402
 from distillation.launch import run_job  # noqa: E402
 from distillation.tokens import save_examples  # noqa: E402
 from distillation.reporting import read_progress  # noqa: E402
-from vllm_mamba_hybrid.ops.scan_impl import ENV as SCAN_ENV  # noqa: E402
+from vllm_mamba_hybrid.ops.scan_impl import ENV as SCAN_ENV, KERNELS  # noqa: E402
 
 # SmolLM2-135M-Instruct's shape (see shared/ENVIRONMENT.md).
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -58,7 +58,7 @@ TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_l
             num_attention_heads=4, num_key_value_heads=2, head_dim=32,
             tie_word_embeddings=True, max_position_embeddings=4096, rms_norm_eps=1e-5)
 SHAPES = {"smollm2": SMOLLM2, "1b": LLAMA_1B, "tiny": TINY}
-SCANS = {"mamba1": ("auto", "reference", "triton"), "mamba2": ("auto", "reference", "fla")}
+SCANS = {variant: ("auto", "reference", *kernels) for variant, kernels in KERNELS.items()}
 # Dense bf16 peak of the GPUs we are lent (datasheet, SXM).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
@@ -180,8 +180,9 @@ def main(argv=None) -> int:
                    help="random teacher's shape (default SmolLM2-135M; tiny: CPU smoke run)")
     p.add_argument("--variant", default="mamba2", choices=("mamba1", "mamba2"))
     p.add_argument("--scan", nargs="+", default=["auto"],
-                   help="training scans to time, one row each: auto, reference, and fla "
-                        "(mamba2) or triton (mamba1); the first is the speedup's base")
+                   help="training scans to time, one row each: auto, reference, and "
+                        + " or ".join(f"{'/'.join(k)} ({v})" for v, k in KERNELS.items())
+                        + "; the first is the speedup's base")
     p.add_argument("--attn-fraction", type=float, default=0.5)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch-size", type=int, default=2, help="sequences per worker")

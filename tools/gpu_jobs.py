@@ -74,10 +74,12 @@ JOBS = {
     # Mamba2's training scan: reference vs fla vs mamba-ssm's Triton SSD (carry .carry/mssm
     # and .carry/fla: docs/gpu.md); no vLLM needed, but kept out of an engine's start-up.
     # distill-scan-ab: the whole distillation step, old scan vs mamba-ssm's (issue 38, item 2).
-    "distill-scan-ab": " && ".join(
+    "distill-scan-ab": " ; ".join(
         f"PYTHONPATH=.carry/mssm:$PYTHONPATH python3 benchmarks/distill_throughput.py "
-        f"--device cuda --dtype bfloat16 --workers 1 {shape} --seq-len 512 --batch-size {bs} "
-        f"--scan reference mamba-ssm --out {RESULTS}/distill_scan_ab_{name}.json"
+        f"--device cuda --dtype bfloat16 --workers 1 --variant {variant} {shape} --seq-len 512 "
+        f"--batch-size {bs} --steps 8 --scan reference {kernel} "
+        f"--out {RESULTS}/distill_scan_ab_{variant}_{name}.json"
+        for variant, kernel in (("mamba2", "mamba-ssm"), ("mamba1", "triton"))
         for name, shape, bs in (("smollm2", "", 16), ("1b", "--shape 1b", 8))),
     "ssd-scan": ("pip install -q --no-index --no-deps --target /tmp/fla_site .carry/fla/*.whl && "
                  "PYTHONPATH=/tmp/fla_site:$PYTHONPATH python3 benchmarks/ssd_training_scan.py "

@@ -5,9 +5,11 @@ import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -186,6 +188,21 @@ def assert_greedy_equal(label: str, prompt_lens, refs, outs, want_lens=None) -> 
                         for n, ref, got, want in bad)
     details = "".join(f"\n{n} tokens:\n  ref  {ref}\n  got  {got}" for n, ref, got, _ in bad)
     assert not bad, f"{label}: {len(bad)} of {len(refs)} prompts diverged: {summary}{details}"
+
+
+def kill_stage_worker(stage_dir: Path, step: int, killed: dict, stop: threading.Event) -> None:
+    """SIGKILL the stage's last worker, as its workers.json names it, once the stage has a
+    checkpoint of ``step`` or later: a real crash for Ray to recover from. Polled often:
+    the last steps of a tiny stage take ~0.1 s each, and a kill after its end proves
+    nothing (the tests then fail). Run it in a thread; ``killed`` receives the worker."""
+    from distillation import checkpoint as ckpt
+    from distillation.trainer import WORKERS
+    while not stop.wait(0.02):
+        last = ckpt.latest_checkpoint(stage_dir / "checkpoints")
+        if last is not None and int(last.name.removeprefix("step_")) >= step:
+            killed.update(json.loads((stage_dir / WORKERS).read_text())["workers"][-1])
+            os.kill(killed["pid"], signal.SIGKILL)
+            return
 
 
 def free_port() -> int:

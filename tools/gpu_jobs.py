@@ -67,6 +67,9 @@ JOBS = {
                     "MAMBA_HYBRID_TEST_MODE=eager")),
     "tests-server": f"{PYTEST} tests/integration/test_vllm_server.py tests/model_executor/test_vllm_checkpoints.py",
     "tests-gpu": f"{PYTEST} -m gpu tests/",
+    # The distillation's `ray` backend on one GPU worker, killed and resumed (issue 38, item 4;
+    # Ray is the staged `ray` archive, parts 03-05).
+    "tests-ray-gpu": f"{PYTEST} -m gpu tests/distillation/test_distill_resume.py",
     # The fused Mamba2 training scan (fla-core, carried as .carry/fla: docs/gpu.md).
     "tests-fla": ("pip install -q --no-index --no-deps --target /tmp/fla_site .carry/fla/*.whl && "
                   f"PYTHONPATH=/tmp/fla_site:$PYTHONPATH {PYTEST} -m gpu tests/ops/test_fla_ssd.py "

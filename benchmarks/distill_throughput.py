@@ -122,6 +122,15 @@ def run(args) -> dict:
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
+    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch_threads_per_worker": args.threads or torch.get_num_threads(),
+            "teacher": args.teacher or f"random, {args.shape} shape", "variant": args.variant,
+            "attn_layers": hcfg.attn_layers, "batch_size_per_worker": args.batch_size,
+            "seq_len": args.seq_len, "mixed_lengths": args.mixed_lengths,
+            "length_grouping_steps": args.length_grouping_steps,
+            "dtype": args.dtype, "strategy": args.strategy, "compile": args.compile,
+            "student_params": n_student, "teacher_params": n_teacher,
+            "matmul_flops_per_token": flops_tok, "peak_tflops": peak}
     rows = []
     saved_scan = os.environ.get(SCAN_ENV)
     for scan, workers in [(s, w) for s in args.scan for w in args.workers]:
@@ -150,27 +159,25 @@ def run(args) -> dict:
         if "max_memory_gb" in recs[-1]:
             row["max_memory_gb"] = max(r["max_memory_gb"] for r in recs)
         rows.append(row)
+        _compare(rows, args.scan[0])
+        if args.out:   # after every row: a run cut short keeps the rows it finished
+            Path(args.out).write_text(json.dumps({**info, "results": rows}, indent=1))
     if saved_scan is None:
         os.environ.pop(SCAN_ENV, None)
     else:
         os.environ[SCAN_ENV] = saved_scan
-    for scan in args.scan:   # scaling against the same scan's first worker count
-        mine = [r for r in rows if r["scan"] == scan]
-        base = mine[0]["tokens_per_s"] / mine[0]["workers"]
-        for r in mine:
-            r["scaling_efficiency"] = r["tokens_per_s"] / (base * r["workers"])
-            r["speedup_vs_first_scan"] = r["tokens_per_s"] / next(
-                q["tokens_per_s"] for q in rows
-                if q["scan"] == args.scan[0] and q["workers"] == r["workers"])
-    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "torch_threads_per_worker": args.threads or torch.get_num_threads(),
-            "teacher": args.teacher or f"random, {args.shape} shape", "variant": args.variant,
-            "attn_layers": hcfg.attn_layers, "batch_size_per_worker": args.batch_size,
-            "seq_len": args.seq_len, "mixed_lengths": args.mixed_lengths,
-            "length_grouping_steps": args.length_grouping_steps,
-            "dtype": args.dtype, "strategy": args.strategy, "compile": args.compile,
-            "student_params": n_student, "teacher_params": n_teacher,
-            "matmul_flops_per_token": flops_tok, "peak_tflops": peak, "results": rows}
+    return {**info, "results": rows}
+
+
+def _compare(rows: list[dict], base_scan: str) -> None:
+    """Scaling against the same scan's first worker count, speedup against ``base_scan``
+    at the same worker count, for the rows measured so far."""
+    for r in rows:
+        mine = [q for q in rows if q["scan"] == r["scan"]]
+        r["scaling_efficiency"] = r["tokens_per_s"] / (mine[0]["tokens_per_s"] / mine[0]["workers"]
+                                                       * r["workers"])
+        base = next((q for q in rows if q["scan"] == base_scan and q["workers"] == r["workers"]), None)
+        r["speedup_vs_first_scan"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
 
 
 def main(argv=None) -> int:
@@ -220,8 +227,6 @@ def main(argv=None) -> int:
         print(f"{r['scan']:>10} {r['workers']:>7} {r['step_time_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
               f"{r['tokens_per_s_per_worker']:>13.0f} {r['scaling_efficiency']:>8.2f} "
               f"{r['speedup_vs_first_scan']:>7.2f}x {mfu:>7} {mem:>8}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
 
 

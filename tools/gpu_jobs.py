@@ -84,6 +84,15 @@ JOBS = {
         f"--out {RESULTS}/distill_scan_ab_{variant}_{name}.json"
         for variant, kernel in (("mamba2", "mamba-ssm"), ("mamba1", "triton"))
         for name, shape, bs in (("smollm2", "", 16), ("1b", "--shape 1b", 8))),
+    # The same at SmolLM2's shape with compiled decoder layers (training.compile, the quality
+    # study's setting; the fused scans are graph breaks): eager reference vs compiled kernels
+    # is the issue's "old vs new step".
+    "distill-compile-ab": " ; ".join(
+        f"PYTHONPATH=.carry/mssm:$PYTHONPATH python3 benchmarks/distill_throughput.py "
+        f"--device cuda --dtype bfloat16 --workers 1 --variant {variant} --seq-len 512 "
+        f"--batch-size 16 --steps 8 --warmup 2 --compile --scan reference {kernel} "
+        f"--out {RESULTS}/distill_compile_ab_{variant}_smollm2.json"
+        for variant, kernel in (("mamba2", "mamba-ssm"), ("mamba1", "triton"))),
     "ssd-scan": ("pip install -q --no-index --no-deps --target /tmp/fla_site .carry/fla/*.whl && "
                  "PYTHONPATH=/tmp/fla_site:$PYTHONPATH python3 benchmarks/ssd_training_scan.py "
                  f"--mamba-ssm-src .carry/mssm --out {RESULTS}/ssd_training_scan_cuda.json"),

@@ -73,22 +73,24 @@ def _trimmed(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in VLLM_TRIM)
 
 
-def _requirements(path: Path = REQUIREMENTS) -> list[str]:
-    lines = path.read_text().splitlines()
-    return [ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip()]
+def _install_pinned(site: Path, wheels: Path, requirements: Path, *also: str) -> None:
+    """Download the pins of ``requirements`` (and ``also``) for the GPU image's Python into
+    ``wheels``; install the pins into ``site``."""
+    lines = requirements.read_text().splitlines()
+    pins = [ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip()]
+    wheels.mkdir(parents=True, exist_ok=True)
+    _pip("download", "-q", "--no-deps", *PLATFORM_ARGS, "-d", str(wheels), *also, *pins)
+    _pip("install", "-q", "--no-deps", "--no-index", "--find-links", str(wheels), "--no-compile",
+         "--target", str(site), *PLATFORM_ARGS, "-r", str(requirements))
 
 
 def _build_vllm_site(site: Path) -> None:
     wheels = CACHE / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    _pip("download", "-q", "--no-deps", *PLATFORM_ARGS, "-d", str(wheels),
-         f"vllm=={VLLM_VERSION}", *_requirements())
+    _install_pinned(site, wheels, REQUIREMENTS, f"vllm=={VLLM_VERSION}")
     (vllm_wheel,) = wheels.glob(f"vllm-{VLLM_VERSION}-*.whl")
     with zipfile.ZipFile(vllm_wheel) as zf:
         members = [m for m in zf.namelist() if not _trimmed(m)]
         zf.extractall(site, members)
-    _pip("install", "-q", "--no-deps", "--no-index", "--find-links", str(wheels), "--no-compile",
-         "--target", str(site), *PLATFORM_ARGS, "-r", str(REQUIREMENTS))
 
 
 def _build_smollm2_site(site: Path) -> None:
@@ -100,12 +102,7 @@ def _build_smollm2_site(site: Path) -> None:
 
 
 def _build_ray_site(site: Path) -> None:
-    wheels = CACHE / "ray"
-    wheels.mkdir(parents=True, exist_ok=True)
-    _pip("download", "-q", "--no-deps", *PLATFORM_ARGS, "-d", str(wheels),
-         *_requirements(RAY_REQUIREMENTS))
-    _pip("install", "-q", "--no-deps", "--no-index", "--find-links", str(wheels), "--no-compile",
-         "--target", str(site), *PLATFORM_ARGS, "-r", str(RAY_REQUIREMENTS))
+    _install_pinned(site, CACHE / "ray", RAY_REQUIREMENTS)
 
 
 # The archives in the order their bytes are laid into the parts: one appended at the end

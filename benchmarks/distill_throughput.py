@@ -133,39 +133,41 @@ def run(args) -> dict:
             "matmul_flops_per_token": flops_tok, "peak_tflops": peak}
     rows = []
     saved_scan = os.environ.get(SCAN_ENV)
-    for scan, workers in [(s, w) for s in args.scan for w in args.workers]:
-        os.environ[SCAN_ENV] = scan     # read by the mixers in every worker process
-        stage = root / f"{scan}-w{workers}"
-        job = TrainJob(stage=f"bench-{scan}-{workers}w", stage_dir=str(stage),
-                       init_dir=str(student_dir),
-                       data_file=str(root / "examples.pt"), objective="kd",
-                       teacher_dir=str(teacher_dir), steps=args.warmup + args.steps, lr=1e-5,
-                       batch_size=args.batch_size, grad_accum=1, max_length=args.seq_len,
-                       checkpoint_every=10 ** 9, dtype=args.dtype, device=device,
-                       length_grouping_steps=args.length_grouping_steps,
-                       threads=args.threads, strategy=args.strategy, compile=args.compile)
-        backend = BackendConfig(kind="local" if workers == 1 else "torchrun", num_workers=workers,
-                                threads_per_worker=args.threads, device=device)
-        run_job(job, backend)
-        recs = read_progress(stage)
-        first_step_s = recs[0]["step_time_s"]   # with --compile: includes compiling
-        recs = recs[args.warmup:]
-        step_s = statistics.median(r["step_time_s"] for r in recs)
-        tokens_per_s = statistics.median(r["tokens_per_s"] for r in recs)  # real tokens, no padding
-        row = {"scan": scan, "workers": workers, "step_time_s": step_s, "tokens_per_s": tokens_per_s,
-               "tokens_per_s_per_worker": tokens_per_s / workers, "first_step_s": first_step_s}
-        if peak:
-            row["mfu"] = row["tokens_per_s_per_worker"] * flops_tok / (peak * 1e12)
-        if "max_memory_gb" in recs[-1]:
-            row["max_memory_gb"] = max(r["max_memory_gb"] for r in recs)
-        rows.append(row)
-        _compare(rows, args.scan[0])
-        if args.out:   # after every row: a run cut short keeps the rows it finished
-            Path(args.out).write_text(json.dumps({**info, "results": rows}, indent=1))
-    if saved_scan is None:
-        os.environ.pop(SCAN_ENV, None)
-    else:
-        os.environ[SCAN_ENV] = saved_scan
+    try:
+        for scan, workers in [(s, w) for s in args.scan for w in args.workers]:
+            os.environ[SCAN_ENV] = scan     # read by the mixers in every worker process
+            stage = root / f"{scan}-w{workers}"
+            job = TrainJob(stage=f"bench-{scan}-{workers}w", stage_dir=str(stage),
+                           init_dir=str(student_dir),
+                           data_file=str(root / "examples.pt"), objective="kd",
+                           teacher_dir=str(teacher_dir), steps=args.warmup + args.steps, lr=1e-5,
+                           batch_size=args.batch_size, grad_accum=1, max_length=args.seq_len,
+                           checkpoint_every=10 ** 9, dtype=args.dtype, device=device,
+                           length_grouping_steps=args.length_grouping_steps,
+                           threads=args.threads, strategy=args.strategy, compile=args.compile)
+            backend = BackendConfig(kind="local" if workers == 1 else "torchrun", num_workers=workers,
+                                    threads_per_worker=args.threads, device=device)
+            run_job(job, backend)
+            recs = read_progress(stage)
+            first_step_s = recs[0]["step_time_s"]   # with --compile: includes compiling
+            recs = recs[args.warmup:]
+            step_s = statistics.median(r["step_time_s"] for r in recs)
+            tokens_per_s = statistics.median(r["tokens_per_s"] for r in recs)  # real tokens, no padding
+            row = {"scan": scan, "workers": workers, "step_time_s": step_s, "tokens_per_s": tokens_per_s,
+                   "tokens_per_s_per_worker": tokens_per_s / workers, "first_step_s": first_step_s}
+            if peak:
+                row["mfu"] = row["tokens_per_s_per_worker"] * flops_tok / (peak * 1e12)
+            if "max_memory_gb" in recs[-1]:
+                row["max_memory_gb"] = max(r["max_memory_gb"] for r in recs)
+            rows.append(row)
+            _compare(rows, args.scan[0])
+            if args.out:   # after every row: a run cut short keeps the rows it finished
+                Path(args.out).write_text(json.dumps({**info, "results": rows}, indent=1))
+    finally:   # a failed row leaves the caller's setting as it was
+        if saved_scan is None:
+            os.environ.pop(SCAN_ENV, None)
+        else:
+            os.environ[SCAN_ENV] = saved_scan
     return {**info, "results": rows}
 
 

@@ -44,6 +44,16 @@ BENCH_8B = ("python3 benchmarks/serving_throughput.py --shape llama3-8b --dummy 
             "--models {models} --contexts 1024 8192 32768 --batches 1 16 64 256 --kv-bytes 42e9 "
             "--batched-tokens 16384 --max-new 320 --max-prefill-tokens 1048576 "
             f"--out {RESULTS}/serving_throughput_{{out}}.json")
+# The whole distillation step, reference scan vs the fused kernel scan_impl picks first on
+# CUDA (Mamba2: mamba-ssm's SSD, carried as .carry/mssm; Mamba1: the Triton walk).
+DISTILL_SCAN_AB = {
+    f"distill-scan-ab-{variant}-{name}": (
+        f"PYTHONPATH=.carry/mssm:$PYTHONPATH python3 benchmarks/distill_throughput.py "
+        f"--device cuda --dtype bfloat16 --workers 1 --variant {variant} {shape} --seq-len 512 "
+        f"--batch-size {bs} --steps 8 --scan reference {kernel} "
+        f"--out {RESULTS}/distill_scan_ab_{variant}_{name}.json")
+    for variant, kernel in (("mamba2", "mamba-ssm"), ("mamba1", "triton"))
+    for name, shape, bs in (("smollm2", "", 16), ("1b", "--shape 1b", 8))}
 JOBS = {
     "teacher": f"python3 -m vllm_mamba_hybrid.cli import-teacher {TEACHER}",
     "tests-engine": f"{PYTEST} tests/model_executor/test_vllm_engine.py",
@@ -76,14 +86,10 @@ JOBS = {
                   "tests/modeling/test_model.py tests/ops/test_triton_scan.py"),
     # Mamba2's training scan: reference vs fla vs mamba-ssm's Triton SSD (carry .carry/mssm
     # and .carry/fla: docs/gpu.md); no vLLM needed, but kept out of an engine's start-up.
-    # distill-scan-ab: the whole distillation step, old scan vs mamba-ssm's (issue 38, item 2).
-    "distill-scan-ab": " ; ".join(
-        f"PYTHONPATH=.carry/mssm:$PYTHONPATH python3 benchmarks/distill_throughput.py "
-        f"--device cuda --dtype bfloat16 --workers 1 --variant {variant} {shape} --seq-len 512 "
-        f"--batch-size {bs} --steps 8 --scan reference {kernel} "
-        f"--out {RESULTS}/distill_scan_ab_{variant}_{name}.json"
-        for variant, kernel in (("mamba2", "mamba-ssm"), ("mamba1", "triton"))
-        for name, shape, bs in (("smollm2", "", 16), ("1b", "--shape 1b", 8))),
+    # distill-scan-ab: the whole distillation step, old scan vs the fused one (issue 38, item 2),
+    # one job a variant and shape (distill-scan-ab-mamba1-1b, ...) and all four in one.
+    **DISTILL_SCAN_AB,
+    "distill-scan-ab": " ; ".join(DISTILL_SCAN_AB.values()),
     # The same at SmolLM2's shape with compiled decoder layers (training.compile, the quality
     # study's setting; the fused scans are graph breaks): eager reference vs compiled kernels
     # is the issue's "old vs new step".

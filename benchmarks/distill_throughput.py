@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distillation.config import BackendConfig  # noqa: E402
 from distillation.job import TrainJob  # noqa: E402
-from distillation.launch import run_job  # noqa: E402
+from distillation.launch import TrainingFailed, run_job  # noqa: E402
 from distillation.tokens import save_examples  # noqa: E402
 from distillation.reporting import read_progress  # noqa: E402
 from vllm_mamba_hybrid.ops.scan_impl import ENV as SCAN_ENV, KERNELS  # noqa: E402
@@ -147,7 +147,13 @@ def run(args) -> dict:
                            threads=args.threads, strategy=args.strategy, compile=args.compile)
             backend = BackendConfig(kind="local" if workers == 1 else "torchrun", num_workers=workers,
                                     threads_per_worker=args.threads, device=device)
-            run_job(job, backend)
+            try:
+                run_job(job, backend)
+            except TrainingFailed as e:   # e.g. out of memory: the other scans still run
+                rows.append({"scan": scan, "workers": workers, "error": str(e).splitlines()[0]})
+                print(f"{scan} x {workers} failed: {rows[-1]['error']}", file=sys.stderr)
+                _write(args.out, info, rows)
+                continue
             recs = read_progress(stage)
             first_step_s = recs[0]["step_time_s"]   # with --compile: includes compiling
             recs = recs[args.warmup:]
@@ -161,8 +167,7 @@ def run(args) -> dict:
                 row["max_memory_gb"] = max(r["max_memory_gb"] for r in recs)
             rows.append(row)
             _compare(rows, args.scan[0])
-            if args.out:   # after every row: a run cut short keeps the rows it finished
-                Path(args.out).write_text(json.dumps({**info, "results": rows}, indent=1))
+            _write(args.out, info, rows)
     finally:   # a failed row leaves the caller's setting as it was
         if saved_scan is None:
             os.environ.pop(SCAN_ENV, None)
@@ -171,14 +176,21 @@ def run(args) -> dict:
     return {**info, "results": rows}
 
 
+def _write(out: str | None, info: dict, rows: list[dict]) -> None:
+    """After every row: a run cut short keeps the rows it finished."""
+    if out:
+        Path(out).write_text(json.dumps({**info, "results": rows}, indent=1))
+
+
 def _compare(rows: list[dict], base_scan: str) -> None:
     """Scaling against the same scan's first worker count, speedup against ``base_scan``
-    at the same worker count, for the rows measured so far."""
-    for r in rows:
-        mine = [q for q in rows if q["scan"] == r["scan"]]
+    at the same worker count, for the rows measured so far (failed rows have neither)."""
+    done = [r for r in rows if "error" not in r]
+    for r in done:
+        mine = [q for q in done if q["scan"] == r["scan"]]
         r["scaling_efficiency"] = r["tokens_per_s"] / (mine[0]["tokens_per_s"] / mine[0]["workers"]
                                                        * r["workers"])
-        base = next((q for q in rows if q["scan"] == base_scan and q["workers"] == r["workers"]), None)
+        base = next((q for q in done if q["scan"] == base_scan and q["workers"] == r["workers"]), None)
         r["speedup_vs_first_scan"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
 
 
@@ -224,12 +236,17 @@ def main(argv=None) -> int:
     print(f"{'scan':>10} {'workers':>7} {'step s':>8} {'tokens/s':>10} {'tok/s/worker':>13} "
           f"{'scaling':>8} {'speedup':>8} {'MFU':>7} {'peak GB':>8}")
     for r in result["results"]:
+        if "error" in r:
+            print(f"{r['scan']:>10} {r['workers']:>7}   failed: {r['error']}")
+            continue
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         mem = f"{r['max_memory_gb']:.1f}" if "max_memory_gb" in r else "-"
+        speedup = (f"{r['speedup_vs_first_scan']:>7.2f}x" if r["speedup_vs_first_scan"]
+                   else f"{'-':>8}")
         print(f"{r['scan']:>10} {r['workers']:>7} {r['step_time_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
               f"{r['tokens_per_s_per_worker']:>13.0f} {r['scaling_efficiency']:>8.2f} "
-              f"{r['speedup_vs_first_scan']:>7.2f}x {mfu:>7} {mem:>8}")
-    return 0
+              f"{speedup} {mfu:>7} {mem:>8}")
+    return 1 if any("error" in r for r in result["results"]) else 0
 
 
 if __name__ == "__main__":

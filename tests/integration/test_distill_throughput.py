@@ -1,12 +1,11 @@
 """benchmarks/distill_throughput.py: the scans it accepts follow scan_impl, its speedup and
-scaling arithmetic, and a run that fails part-way keeps the rows it finished."""
+scaling arithmetic, and a row that fails is recorded while the others still run."""
 import json
 import os
 
 import pytest
 
 from benchmarks.distill_throughput import SCANS, _compare, main
-from distillation.launch import TrainingFailed
 from vllm_mamba_hybrid.ops.scan_impl import ENV, KERNELS
 
 
@@ -28,15 +27,17 @@ def test_compare_by_hand():
     assert rows[2]["speedup_vs_first_scan"] is None
 
 
-def test_failed_row_keeps_finished_rows_and_scan_setting(tmp_path, monkeypatch):
-    """On the CPU the forced mamba-ssm scan stops its row (it needs CUDA); the reference
-    row before it is already in the JSON, and MAMBA_HYBRID_SCAN is the caller's again."""
+def test_failed_row_is_recorded_and_the_other_scans_still_run(tmp_path, monkeypatch):
+    """On the CPU the forced mamba-ssm scan fails its row (it needs CUDA), as an out-of-memory
+    row does on a GPU: the JSON names the error, the reference row after it still runs (no
+    base for a speedup), the exit code says a row failed, and MAMBA_HYBRID_SCAN is the
+    caller's again."""
     monkeypatch.setenv(ENV, "auto")
     out = tmp_path / "bench.json"
-    with pytest.raises(TrainingFailed, match=f"{ENV}=mamba-ssm needs CUDA tensors"):
-        main(["--shape", "tiny", "--device", "cpu", "--workers", "1", "--steps", "1",
-              "--threads", "1", "--scan", "reference", "mamba-ssm", "--out", str(out)])
+    assert main(["--shape", "tiny", "--device", "cpu", "--workers", "1", "--steps", "1",
+                 "--threads", "1", "--scan", "mamba-ssm", "reference", "--out", str(out)]) == 1
     rows = json.loads(out.read_text())["results"]
-    assert [r["scan"] for r in rows] == ["reference"]
-    assert rows[0]["tokens_per_s"] > 0 and rows[0]["speedup_vs_first_scan"] == 1.0
+    assert [r["scan"] for r in rows] == ["mamba-ssm", "reference"]
+    assert f"{ENV}=mamba-ssm needs CUDA tensors" in rows[0]["error"]
+    assert rows[1]["tokens_per_s"] > 0 and rows[1]["speedup_vs_first_scan"] is None
     assert os.environ[ENV] == "auto"

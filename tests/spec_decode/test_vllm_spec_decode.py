@@ -229,11 +229,26 @@ def _schedule_near(prompt_len: int, output: int, steps: list[list[tuple]], span:
 
 def _logprob_drift(bar: list[float], got: list[float], upto: int) -> str:
     """|got - bar| of the same tokens' log-probabilities before output ``upto``: a drift
-    that grows token by token is arithmetic, one that jumps at a step is a state error."""
+    that grows token by token is arithmetic, one that jumps at a step is a state error.
+    Output 0 comes from the prompt's last prefill chunk, the rest from decode steps, so it
+    is shown apart (on 2026-12-07 the H100 reports had it inside a maximum)."""
     drift = [abs(a - b) for a, b in zip(bar[:upto], got[:upto])]
-    head, tail = drift[:-8], drift[-8:]
-    return ((f"max {max(head):.1e} before output {len(head)}, then " if head else "")
-            + ", ".join(f"{d:.1e}" for d in tail))
+    if not drift:
+        return "nothing before the divergence"
+    head, tail = drift[1:-8], drift[max(1, len(drift) - 8):]
+    return (f"output 0 (prefill) {drift[0]:.1e}"
+            + (f"; max {max(head):.1e} over outputs 1-{len(head)}" if head else "")
+            + (f"; then {', '.join(f'{d:.1e}' for d in tail)}" if tail else ""))
+
+
+def test_logprob_drift_shows_the_prefill_output_apart():
+    bar = [-1.0] * 12
+    got = [-1.5] + [-1.0 - 1e-3 * i for i in range(1, 12)]
+    assert _logprob_drift(bar, got, 12) == (
+        "output 0 (prefill) 5.0e-01; max 3.0e-03 over outputs 1-3; then "
+        + ", ".join(f"{1e-3 * i:.1e}" for i in range(4, 12)))
+    assert _logprob_drift(bar, got, 3) == "output 0 (prefill) 5.0e-01; then 1.0e-03, 2.0e-03"
+    assert _logprob_drift(bar, got, 0) == "nothing before the divergence"
 
 
 def _assert_matches(tiny, got, label, metrics, max_tokens=None):
@@ -290,6 +305,20 @@ def tiny(request, tmp_path_factory):
 def _plain_greedy(ckpt, prompts, **engine_kw) -> list[list[int]]:
     """vLLM's greedy outputs without speculation (the bar on CUDA, see module doc)."""
     return _run(ckpt, prompts, None, **engine_kw)[0]
+
+
+def test_speculative_engine_that_never_drafts_matches_plain_greedy(tiny):
+    """A speculative engine whose batch-size schedule drafts at no batch size decodes as
+    plain decoding does: the widened conv state, the speculative metadata path (guards 2
+    and 3), the graph mode speculation selects and forced preemption, with no draft ever
+    verified. On CUDA, where every drafting case parts from plain decoding (2026-12-07,
+    docs/lab/2026-12-07-vllm-cuda-8.md), this tells the speculative machinery's fault from
+    the drafts' rollback."""
+    spec = {"method": NGRAM, "num_speculative_tokens": 2, "prompt_lookup_max": 3,
+            "prompt_lookup_min": 1, "num_speculative_tokens_per_batch_size": [[1, 8, 0]]}
+    greedy, m, _ = _run(tiny["ckpt"], _PROMPTS, spec, num_gpu_blocks_override=_blocks(2))
+    _assert_matches(tiny, greedy, f"{tiny['variant']} speculative engine, no drafts", m)
+    assert m["num_drafts"] == 0, m
 
 
 @pytest.mark.parametrize("k", [2, 4])

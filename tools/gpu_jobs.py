@@ -80,6 +80,12 @@ JOBS = {
         f"{env} {PYTEST} {SPEC_TESTS} -k 'mamba1 and ({SPEC_TINY})'"
         for env in ("MAMBA_HYBRID_TEST_ENGINE_KW='{\"async_scheduling\": false}'",
                     "MAMBA_HYBRID_TEST_MODE=eager")),
+    # One request at a time speculates right on the H100, eight at once do not (2026-12-07,
+    # docs/lab/2026-12-07-vllm-cuda-8.md): the never-drafting and n-gram mamba1 cases with
+    # at most 2, then 4 requests a step (the plain bar runs with the same limit).
+    "spec-seqs-bisect": " ; ".join(
+        f"MAMBA_HYBRID_TEST_ENGINE_KW='{{\"max_num_seqs\": {n}}}' {PYTEST} {SPEC_TESTS} "
+        "-k 'mamba1 and (never_drafts or ngram_matches)'" for n in (2, 4)),
     "tests-server": f"{PYTEST} tests/integration/test_vllm_server.py tests/model_executor/test_vllm_checkpoints.py",
     "tests-gpu": f"{PYTEST} -m gpu tests/",
     # The distillation's `ray` backend on one GPU worker, killed and resumed (issue 38, item 4;

@@ -49,8 +49,8 @@ BENCH_8B = ("python3 benchmarks/serving_throughput.py --shape llama3-8b --dummy 
             f"--out {RESULTS}/serving_throughput_{{out}}.json")
 # The whole distillation step, reference scan vs the fused kernel scan_impl picks first on
 # CUDA (Mamba2: mamba-ssm's SSD, carried as .carry/mssm; Mamba1: the Triton walk). Mamba1's
-# reference scan holds (batch, d, n, chunk, chunk) float32 temporaries: at SmolLM2's shape it ran out
-# of the H100's 80 GB at 16 x 512 (2026-12-07), so its batches are 4 and 2.
+# reference scan holds (batch, d, n, chunk, chunk) float32 temporaries: at SmolLM2's shape
+# it ran out of the H100's 80 GB at 16 x 512 (2026-12-07), so its batches are 4 and 2.
 DISTILL_SCAN_AB = {
     f"distill-scan-ab-{variant}-{name}": (
         f"PYTHONPATH=.carry/mssm:$PYTHONPATH python3 benchmarks/distill_throughput.py "

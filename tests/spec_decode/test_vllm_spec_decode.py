@@ -311,9 +311,9 @@ def test_speculative_engine_that_never_drafts_matches_plain_greedy(tiny):
     """A speculative engine whose batch-size schedule drafts at no batch size decodes as
     plain decoding does: the widened conv state, the speculative metadata path (guards 2
     and 3), the graph mode speculation selects and forced preemption, with no draft ever
-    verified. On CUDA, where every drafting case parts from plain decoding (2026-12-07,
-    docs/lab/2026-12-07-vllm-cuda-8.md), this tells the speculative machinery's fault from
-    the drafts' rollback."""
+    verified. On CUDA, where the drafting cases with several requests at once part from
+    plain decoding (2026-12-07, docs/lab/2026-12-07-vllm-cuda-8.md), this tells the
+    speculative machinery's fault from the drafts' rollback."""
     spec = {"method": NGRAM, "num_speculative_tokens": 2, "prompt_lookup_max": 3,
             "prompt_lookup_min": 1, "num_speculative_tokens_per_batch_size": [[1, 8, 0]]}
     greedy, m, _ = _run(tiny["ckpt"], _PROMPTS, spec, num_gpu_blocks_override=_blocks(2))

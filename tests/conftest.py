@@ -16,8 +16,9 @@ if torch.cuda.is_available():
     # reference need IEEE float32 there (prompt logprobs were 2.7e-3 off in TF32).
     os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
-# The lent GPU machine has no vLLM; these modules import it at load time and hold no GPU
-# test, so there `pytest -m gpu tests/` skips them instead of stopping at collection.
+# The lent GPU machine has no vLLM until it is staged (tools/gpu_stage.py); these modules
+# import it at load time, so without it `pytest -m gpu tests/` skips them there instead of
+# stopping at collection (test_ssm_ops' GPU cases need the staged vLLM).
 # Anywhere else (CI) a vLLM that cannot be found stays a collection error.
 NEEDS_VLLM_TO_IMPORT = ["model_executor/test_ssm_ops.py", "spec_decode/test_draft_proposer.py"]
 collect_ignore = (NEEDS_VLLM_TO_IMPORT

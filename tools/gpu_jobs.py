@@ -86,6 +86,9 @@ JOBS = {
     "spec-seqs-bisect": " ; ".join(
         f"MAMBA_HYBRID_TEST_ENGINE_KW='{{\"max_num_seqs\": {n}}}' {PYTEST} {SPEC_TESTS} "
         "-k 'mamba1 and (never_drafts or ngram_matches)'" for n in (2, 4)),
+    # The mixers' calls into vLLM's CUDA SSU and conv-update kernels against the per-token
+    # reference (seconds; on CPU: tools/interpret_vllm_kernels.py).
+    "tests-ssm-ops": f"{PYTEST} -m gpu tests/model_executor/test_ssm_ops.py",
     "tests-server": f"{PYTEST} tests/integration/test_vllm_server.py tests/model_executor/test_vllm_checkpoints.py",
     "tests-gpu": f"{PYTEST} -m gpu tests/",
     # The distillation's `ray` backend on one GPU worker, killed and resumed (issue 38, item 4;

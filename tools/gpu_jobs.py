@@ -72,14 +72,13 @@ JOBS = {
     # mode on the H100, a Mamba1 engine ~1 min): mamba1 answers first in a short loan.
     **{f"tests-spec-tiny-{variant}": f"{PYTEST} {SPEC_TESTS} -k '{variant} and ({SPEC_TINY})'"
        for variant in ("mamba1", "mamba2")},
-    # Where speculative decoding parts from plain decoding on CUDA (2026-12-07 on the H100
-    # every tiny mamba1 case failed in graph mode, the prompts leaving plain decoding at
-    # different tokens; docs/lab/2026-12-07-vllm-cuda-5.md): the mamba1 cases with async
-    # scheduling off, then eager.
+    # Where speculative decoding parts from plain decoding on CUDA with several requests a
+    # step (docs/lab/2026-12-07-vllm-cuda-8.md): the never-drafting and n-gram mamba1 cases
+    # in eager mode (no piecewise graphs), then in graph mode on the mixers' PyTorch path
+    # (MAMBA_HYBRID_TORCH_OPS: none of vLLM's SSU/conv-update kernels, nor its Mamba1 scan).
     "spec-bisect": " ; ".join(
-        f"{env} {PYTEST} {SPEC_TESTS} -k 'mamba1 and ({SPEC_TINY})'"
-        for env in ("MAMBA_HYBRID_TEST_ENGINE_KW='{\"async_scheduling\": false}'",
-                    "MAMBA_HYBRID_TEST_MODE=eager")),
+        f"{env} {PYTEST} {SPEC_TESTS} -k 'mamba1 and (never_drafts or ngram_matches)'"
+        for env in ("MAMBA_HYBRID_TEST_MODE=eager", "MAMBA_HYBRID_TORCH_OPS=1")),
     # One request at a time speculates right on the H100, eight at once do not (2026-12-07,
     # docs/lab/2026-12-07-vllm-cuda-8.md): the never-drafting and n-gram mamba1 cases with
     # at most 2, then 4 requests a step (the plain bar runs with the same limit).

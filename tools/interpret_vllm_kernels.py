@@ -81,13 +81,15 @@ def main(argv=None) -> int:
 
     vllm_ssu.selective_state_update = ssm.selective_state_update
     vllm_conv.causal_conv1d_update = conv.causal_conv1d_update
-    ssm_ops._ON_CPU = False   # the CUDA branch, on CPU tensors
+    ssm_ops._VLLM_KERNELS = True   # the CUDA branch, on CPU tensors
     for _ in range(args.trials):
         for per_head, with_z in ((True, False), (False, True), (False, False)):
             checks.check_spec_ssm_update(per_head, with_z, device="cpu")
         checks.check_spec_conv_update(device="cpu")
+        checks.check_conv_update_without_counts(device="cpu")
     print(f"vLLM 0.26's SSU and conv-update kernels follow ssm_ops' contract "
-          f"({args.trials} trials of 3 SSU layouts and the conv)")
+          f"({args.trials} trials of 3 SSU layouts, the speculative conv and the conv "
+          f"without counts on a widened buffer)")
     return 0
 
 

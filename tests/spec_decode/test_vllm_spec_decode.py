@@ -323,20 +323,28 @@ def test_speculative_engine_that_never_drafts_matches_plain_greedy(tiny):
     assert m["num_drafts"] == 0, m
 
 
-def test_vllm_llama_speculates_like_its_plain_greedy(tmp_path):
+# 128-token blocks for the control's Llama: the longest request fits alone (5), all eight
+# at once do not (16), so requests are preempted.
+_LLAMA_BLOCKS = 9
+
+
+@pytest.mark.parametrize("preempt", [False, True], ids=["roomy", "preempting"])
+def test_vllm_llama_speculates_like_its_plain_greedy(tmp_path, preempt):
     """The control for the hybrid cases: vLLM's own Llama (a random teacher of the tiny
     targets' shape, attention only, not the plugin) with n-gram k = 4, the eight prompts at
-    once, equals its own plain greedy output. Where a hybrid case fails and this passes,
-    the fault is the hybrid's; where this fails too, vLLM's speculation itself parts from
-    plain decoding on this machine."""
+    once, with and without forced preemption, equals its own plain greedy output. Where a
+    hybrid case fails and this passes, the fault is the hybrid's; where this fails too,
+    vLLM's speculation itself parts from plain decoding on this machine."""
     ckpt = tmp_path / "llama"
     make_random_llama(ckpt, tokenizer=False, seed=9, scale=4.0,
                       **{**MODEL_KW, "vocab_size": VOCAB, "tie_word_embeddings": True})
     spec = {"method": NGRAM, "num_speculative_tokens": 4, "prompt_lookup_max": 3,
             "prompt_lookup_min": 1}
-    plain = _plain_greedy(ckpt, _PROMPTS)
-    greedy, m, _ = _run(ckpt, _PROMPTS, spec)
+    cache = {"num_gpu_blocks_override": _LLAMA_BLOCKS} if preempt else {}
+    plain = _plain_greedy(ckpt, _PROMPTS, **cache)
+    greedy, m, preemptions = _run(ckpt, _PROMPTS, spec, **cache)
     assert m["num_accepted_tokens"] > 0, m
+    assert (preemptions > 0) == preempt, preemptions
     try:
         assert_greedy_equal("vLLM's Llama, ngram k=4", PROMPT_LENS, plain, greedy)
     except AssertionError as failure:   # a near-tie flip, or a real fault?

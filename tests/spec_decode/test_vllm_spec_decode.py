@@ -362,6 +362,9 @@ def _llama_margins(ckpt, plain, greedy) -> str:
             if p == g:
                 continue
             at = first_difference(p, g)
+            if at >= min(len(p), len(g)):
+                lines.append(f"  {n} tokens: {len(p)} plain outputs, {len(g)} speculative")
+                continue
             logits = model(torch.tensor([prompt + p[:at]])).logits[0, -1]
             lines.append(f"  {n} tokens at output {at}: plain's token leads by "
                          f"{float(logits[p[at]] - logits[g[at]]):.3g} logits")

@@ -203,7 +203,7 @@ def ssm_update(
     for t in range(pos.shape[1]):
         p = pos[:, t]
         _ssm_step(state, x[p], dt[p], A, B[p], C[p], D, dt_bias,
-                      None if z is None else z[p], y, per_head_params)
+                  None if z is None else z[p], y, per_head_params)
         dst = spec.indices[:, t]
         keep = valid[:, t] & (dst > 0)
         ssm_state[dst[keep]] = state[keep].to(ssm_state.dtype)

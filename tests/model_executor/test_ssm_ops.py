@@ -166,6 +166,13 @@ def test_torch_ops_env_turns_vllms_kernels_off():
         assert run.stdout.split()[-1] == want, run.stdout
 
 
+def test_torch_ops_env_refuses_a_value_it_does_not_know():
+    code = "import vllm_mamba_hybrid.model_executor.ssm_ops"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, ssm_ops.TORCH_OPS_ENV: "yes"})
+    assert run.returncode != 0 and "MAMBA_HYBRID_TORCH_OPS='yes'" in run.stderr, run.stderr
+
+
 def check_conv_update_without_counts(device: str) -> None:
     """A step without accepted counts on a widened (speculative) buffer, as vLLM 0.26 runs
     a step in which no request has drafts: each row's window is the first width-1 columns,

@@ -45,7 +45,16 @@ from vllm.platforms import current_platform
 from vllm_mamba_hybrid.ops.verify import cpp_kernels
 
 TORCH_OPS_ENV = "MAMBA_HYBRID_TORCH_OPS"
-_VLLM_KERNELS = not current_platform.is_cpu() and os.environ.get(TORCH_OPS_ENV) != "1"
+
+
+def _torch_ops_requested() -> bool:
+    value = os.environ.get(TORCH_OPS_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{TORCH_OPS_ENV}={value!r}: use 1 (the PyTorch path) or 0 / unset")
+    return value == "1"
+
+
+_VLLM_KERNELS = not _torch_ops_requested() and not current_platform.is_cpu()
 
 
 def _cpp_kernels_for(t: torch.Tensor):
